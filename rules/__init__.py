@@ -1,0 +1,1 @@
+"""Built-in policy files (TOML). Shipped inside the wheel as ``safeload.rules``."""

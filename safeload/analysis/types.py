@@ -1,0 +1,67 @@
+"""What the opcode walker reports about one stream. Knows nothing of policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from safeload.model import Use
+
+
+@dataclass
+class ImportSite:
+    module: str  # after the Python 2 name mapping (protocol < 3)
+    name: str  # may be dotted (protocol 4 walks attributes)
+    offset: int  # byte offset of the opcode inside the stream
+    opcode: str  # GLOBAL, STACK_GLOBAL, INST, EXT1, ...
+    uses: set[Use] = field(default_factory=set)
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    code: str  # a code from safeload.codes (SL102, SL104, SL107, SL200, SL201, SL202, SL203, ...)
+    offset: int
+    message: str
+    global_name: str | None = None
+
+
+@dataclass(frozen=True)
+class PersistentIdSite:
+    offset: int
+    value: object  # constant-folded Python value (tuples/str/int/...), or UNKNOWN where not constant
+
+
+class _Unknown:
+    """A value the walker cannot know statically (the result of a call, a dynamic lookup...)."""
+
+    _instance: _Unknown | None = None
+
+    def __new__(cls) -> _Unknown:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<unknown>"
+
+
+UNKNOWN = _Unknown()
+
+
+@dataclass
+class WalkResult:
+    imports: list[ImportSite] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    persistent_ids: list[PersistentIdSite] = field(default_factory=list)
+    protocol: int | None = None
+    opcodes: int = 0
+    pickles: int = 0  # complete pickles (STOP reached)
+    end: int = 0  # offset just after the last STOP reached (bytes consumed)
+    complete: bool = False  # every byte was parsed as complete pickles
+
+    @property
+    def import_keys(self) -> list[tuple[str, str]]:
+        return [(i.module, i.name) for i in self.imports]

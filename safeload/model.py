@@ -1,0 +1,133 @@
+"""Result types: what a scan found and what it concluded. Frozen pydantic models."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from safeload.codes import Effect, Severity, rule
+from safeload.text import escape
+
+SCHEMA_VERSION = 1
+
+
+class Verdict(str, Enum):
+    SAFE = "SAFE"
+    UNSAFE = "UNSAFE"
+    UNSCANNABLE = "UNSCANNABLE"
+
+
+class Use(str, Enum):
+    """How the unpickler would use an imported global."""
+
+    REFERENCED = "referenced"  # pushed, never called (e.g. returned, stored)
+    CALLED = "called"  # REDUCE target
+    INSTANTIATED = "instantiated"  # INST / OBJ / NEWOBJ / NEWOBJ_EX class
+    BUILD_TARGET = "build_target"  # an instance of it receives BUILD (may call __setstate__)
+    ARGUMENT = "argument"  # passed as an argument to a call
+    PERSISTENT_ID = "persistent_id"  # appears inside a persistent id
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Finding(_Frozen):
+    code: str = Field(description="Rule code from the catalogue, e.g. SL101")
+    rule: str = Field(description="Rule name, e.g. disallowed-global")
+    severity: Severity
+    message: str
+    member: str | None = Field(default=None, description="Member inside the file (archive path), if any")
+    offset: int | None = Field(default=None, description="Byte offset inside the member's pickle stream")
+    file_offset: int | None = Field(default=None, description="Absolute byte offset in the file, when known")
+    global_name: str | None = Field(default=None, description="Qualified global, e.g. os.system")
+    uses: tuple[Use, ...] = ()
+    remedy: str | None = Field(default=None, description="What the user can do; None for floor hits")
+    waived: bool = False
+    waiver_reason: str | None = None
+
+    @property
+    def effect(self) -> Effect:
+        if self.waived:
+            return Effect.NONE
+        return rule(self.code).effect
+
+    def render(self) -> str:
+        """One finding as text, every attacker-controlled string escaped."""
+        head = f"[{self.severity.value.upper()}] {self.code} {self.rule}: {escape(self.message, 500)}"
+        where = []
+        if self.member:
+            where.append(f"member {escape(self.member)}")
+        if self.offset is not None:
+            where.append(f"offset {self.offset}")
+        if self.file_offset is not None and self.file_offset != self.offset:
+            where.append(f"file offset {self.file_offset}")
+        if self.global_name:
+            where.append(f"global {escape(self.global_name)}")
+        if self.uses:
+            where.append("used as " + "/".join(u.value for u in self.uses))
+        text = head
+        if where:
+            text += "\n    " + ", ".join(where)
+        if self.waived:
+            text += f"\n    WAIVED: {escape(self.waiver_reason or '')}"
+        if self.remedy:
+            text += "\n    remedy: " + self.remedy
+        return text
+
+
+def make_finding(code: str, message: str, **kw: object) -> Finding:
+    """A finding whose rule name and severity come from the catalogue."""
+    r = rule(code)
+    kw.setdefault("severity", r.severity)
+    return Finding(code=r.code, rule=r.name, message=message, **kw)  # type: ignore[arg-type]
+
+
+class GlobalUse(_Frozen):
+    """One import the unpickler would make, as the scanner resolved it."""
+
+    name: str
+    member: str | None = None
+    offset: int
+    opcode: str
+    uses: tuple[Use, ...] = ()
+    allowed: bool
+
+
+class StreamReport(_Frozen):
+    member: str | None = Field(description="Member holding the stream; None for a whole-file pickle")
+    file_offset: int | None = Field(default=None, description="Where the stream starts in the file, if stored")
+    length: int
+    protocol: int | None = None
+    opcodes: int = 0
+    globals: tuple[GlobalUse, ...] = ()
+    explanation: str | None = Field(default=None, description="Decompiled Python of a flagged stream (fickling)")
+
+
+class ScanReport(_Frozen):
+    schema_version: int = SCHEMA_VERSION
+    path: str
+    sha256: str
+    size: int
+    formats: tuple[str, ...] = ()
+    streams: tuple[StreamReport, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    verdict: Verdict
+    policy: str
+    policy_hash: str
+    versions: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def globals(self) -> list[str]:
+        return sorted({g.name for s in self.streams for g in s.globals})
+
+
+def decide(findings: tuple[Finding, ...] | list[Finding]) -> Verdict:
+    """UNSAFE wins over UNSCANNABLE wins over SAFE."""
+    effects = {f.effect for f in findings}
+    if Effect.UNSAFE in effects:
+        return Verdict.UNSAFE
+    if Effect.INCOMPLETE in effects:
+        return Verdict.UNSCANNABLE
+    return Verdict.SAFE

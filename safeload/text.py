@@ -1,0 +1,31 @@
+"""Printing attacker-controlled strings safely."""
+
+from __future__ import annotations
+
+_MAX = 300
+
+
+def escape(value: object, limit: int = _MAX) -> str:
+    """Render a string from a file with control and non-printable characters escaped.
+
+    Names from files reach terminals, logs and reports; a raw ESC or newline could forge output.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    out = []
+    for ch in text:
+        if ch.isprintable() and ch not in "\\":
+            out.append(ch)
+        elif ch == "\\":
+            out.append("\\\\")
+        else:
+            code = ord(ch)
+            if code < 0x100:
+                out.append(f"\\x{code:02x}")
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+    result = "".join(out)
+    if len(result) > limit:
+        result = result[: limit - 3] + "..."
+    return result
