@@ -61,6 +61,9 @@ class WalkResult:
     pickles: int = 0  # complete pickles (STOP reached)
     end: int = 0  # offset just after the last STOP reached (bytes consumed)
     complete: bool = False  # every byte was parsed as complete pickles
+    # Constant-folded value each complete pickle returned (UNKNOWN where not constant): readers of
+    # small structural pickles (legacy torch magic number, storage keys) use it without unpickling.
+    values: list[object] = field(default_factory=list)
 
     @property
     def import_keys(self) -> list[tuple[str, str]]:

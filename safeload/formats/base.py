@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from safeload.limits import Limits
 from safeload.model import Finding
 
 # Separates nesting levels in a member path: "outer.tar!inner.zip!archive/data.pkl".
@@ -72,4 +73,61 @@ class Container:
     storages: dict[str, StorageEntry] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     # Format facts the loader needs (torch zip record prefix, byte order, legacy storage layout ...).
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+class Budget:
+    """Decompressed-bytes budget shared by every reader working on one file (zip bombs)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Account for n more decompressed bytes; False when that would exceed the limit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    @property
+    def left(self) -> int:
+        return max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    """Where a reader's buffer sits: its member path, its place in the file, the nesting depth."""
+
+    path: str  # the file's path (for messages)
+    member: str | None  # member path of this buffer (None: the file itself)
+    file_offset: int | None  # absolute offset of buf[0] in the file; None once decompressed
+    depth: int  # archive-in-archive nesting depth (0: the file)
+    limits: Limits
+    budget: Budget
+    encoding: tuple[str, ...] = ()
+
+    def child_member(self, name: str) -> str:
+        return name if self.member is None else f"{self.member}{NEST_SEP}{name}"
+
+
+@dataclass(frozen=True)
+class Child:
+    """A member a wrapper (gzip, tar, zip, 7z ...) hands back to detection, to be read by content."""
+
+    name: str
+    data: memoryview
+    file_offset: int | None  # absolute, when stored uncompressed in the file
+    encoding: tuple[str, ...] = ()
+
+
+@dataclass
+class ReadResult:
+    """What one reader produced for one buffer; detection merges these into a Container."""
+
+    format: str
+    streams: list[PickleStream] = field(default_factory=list)
+    storages: dict[str, StorageEntry] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)
