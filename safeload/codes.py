@@ -88,6 +88,10 @@ _RULES = [
          "An archive, compressed stream or member could not be opened or decompressed to its end."),
     Rule("SL206", "read-error", "The file could not be read", Severity.HIGH, Effect.INCOMPLETE,
          "An operating-system error stopped the read."),
+    Rule("SL207", "internal-error", "safeload failed while analysing this input", Severity.HIGH,
+         Effect.INCOMPLETE,
+         "A bug in safeload stopped the analysis. The file was not judged; please report it with the "
+         "file's sha256 (see SECURITY.md)."),
     # -- container anomalies (what real writers never produce) --------------------------------------
     Rule("SL300", "zip-crc-mismatch", "Zip member CRC does not match", Severity.HIGH, Effect.UNSAFE,
          "Python's zipfile refuses the member but torch's reader loads it: a known scanner evasion."),

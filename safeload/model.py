@@ -108,7 +108,7 @@ class StreamReport(_Frozen):
 class ScanReport(_Frozen):
     schema_version: int = SCHEMA_VERSION
     path: str
-    sha256: str
+    sha256: str | None = Field(description="sha256 of the file; None when hashing was skipped")
     size: int
     formats: tuple[str, ...] = ()
     streams: tuple[StreamReport, ...] = ()
@@ -131,3 +131,15 @@ def decide(findings: tuple[Finding, ...] | list[Finding]) -> Verdict:
     if Effect.INCOMPLETE in effects:
         return Verdict.UNSCANNABLE
     return Verdict.SAFE
+
+
+class ScanRun(_Frozen):
+    """One CLI run over several inputs: the envelope of the JSON report."""
+
+    schema_version: int = SCHEMA_VERSION
+    tool: str = "safeload"
+    version: str
+    policy: str
+    reports: tuple[ScanReport, ...] = ()
+    skipped: tuple[str, ...] = Field(default=(), description="Files in walked directories that are no model format")
+    exit_code: int = Field(description="0 clean, 1 unsafe, 2 incomplete, 3 usage or policy error")

@@ -1,0 +1,3 @@
+from safeload.cli import entry
+
+entry()

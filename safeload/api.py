@@ -1,0 +1,290 @@
+"""Orchestration: source -> container -> streams -> walker -> findings -> verdict -> (loader)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from safeload import __version__
+from safeload.analysis.evaluate import evaluate_stream
+from safeload.analysis.replay import differential, replay_imports
+from safeload.analysis.types import WalkResult
+from safeload.analysis.walker import walk
+from safeload.codes import Effect
+from safeload.errors import (
+    DisallowedGlobalError,
+    LimitExceededError,
+    MalformedPickleError,
+    SafeloadError,
+    ScanError,
+    UnsafeModelError,
+    UnsupportedFormatError,
+)
+from safeload.explain import explain
+from safeload.formats.base import Container, PickleStream
+from safeload.formats.detect import open_container
+from safeload.model import Finding, GlobalUse, ScanReport, StreamReport, Verdict, decide, make_finding
+from safeload.policy import Policy, load_policy
+from safeload.source import Source, from_bytes, open_source
+
+PolicySpec = str | os.PathLike[str] | Policy
+
+
+@dataclass
+class StreamAnalysis:
+    stream: PickleStream
+    walk: WalkResult
+    globals: list[GlobalUse]
+
+
+@dataclass
+class Analysis:
+    """A scan's full result: the report, plus what the loader needs to go on from the same bytes."""
+
+    report: ScanReport
+    source: Source
+    container: Container
+    policy: Policy
+    streams: list[StreamAnalysis] = field(default_factory=list)
+
+
+def resolve_policy(policy: PolicySpec, allow: Iterable[str] = ()) -> Policy:
+    return load_policy(policy, allow=tuple(allow))
+
+
+def analyse(source: Source, policy: Policy, *, sha256: bool | None = None, explain_streams: bool = True) -> Analysis:
+    """Scan one read-once buffer. Never raises for bad bytes: problems become findings.
+
+    sha256: True computes the file's hash, False skips it, None computes it only when the policy
+    has waivers (hashing costs more than scanning a large checkpoint).
+    """
+    want_hash = sha256 if sha256 is not None else bool(policy.waivers)
+    digest = source.sha256() if want_hash else None
+    findings: list[Finding] = []
+    stream_analyses: list[StreamAnalysis] = []
+    stream_reports: list[StreamReport] = []
+    container = Container()
+    try:
+        container = open_container(source.buffer, path=source.path, limits=policy.limits)
+        findings.extend(container.findings)
+        for stream in container.streams:
+            analysed, stream_findings, report = _analyse_stream(stream, policy, explain_streams)
+            stream_analyses.append(analysed)
+            findings.extend(stream_findings)
+            stream_reports.append(report)
+    except SafeloadError as exc:
+        findings.append(_finding_from_error(exc))
+    except (MemoryError, RecursionError) as exc:
+        findings.append(make_finding("SL203", f"resource exhausted while analysing: {type(exc).__name__}"))
+    except Exception as exc:  # a safeload bug must fail closed, never pass or crash with a traceback
+        findings.append(make_finding("SL207", f"{type(exc).__name__}: {exc}"))
+    if digest is not None:
+        findings = [_apply_waiver(f, digest, policy) for f in findings]
+    report = ScanReport(
+        path=source.path,
+        sha256=digest,
+        size=source.size,
+        formats=tuple(container.formats),
+        streams=tuple(stream_reports),
+        findings=tuple(findings),
+        verdict=decide(findings),
+        policy=policy.name,
+        policy_hash=policy.hash,
+        versions=_versions(),
+    )
+    return Analysis(report=report, source=source, container=container, policy=policy, streams=stream_analyses)
+
+
+def _analyse_stream(
+    stream: PickleStream, policy: Policy, explain_streams: bool
+) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
+    result = walk(stream.data, limits=policy.limits, multi=stream.multi, joblib_arrays=stream.joblib_arrays)
+    if not any(a.code == "SL203" for a in result.anomalies):
+        replays = replay_imports(stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays)
+        result.anomalies.extend(differential(result, replays))
+    findings, globals_ = evaluate_stream(
+        result,
+        policy=policy,
+        member=stream.member,
+        file_offset=stream.file_offset,
+        persistent_scheme=stream.persistent_scheme,
+    )
+    explanation = None
+    flagged = {f.global_name for f in findings if f.effect is Effect.UNSAFE and f.global_name}
+    if explain_streams and any(f.effect is Effect.UNSAFE for f in findings):
+        explanation = explain(stream.data, focus=flagged)
+    report = StreamReport(
+        member=stream.member,
+        file_offset=stream.file_offset,
+        length=len(stream.data),
+        protocol=result.protocol,
+        opcodes=result.opcodes,
+        globals=tuple(globals_),
+        explanation=explanation,
+    )
+    return StreamAnalysis(stream=stream, walk=result, globals=globals_), findings, report
+
+
+def _finding_from_error(exc: SafeloadError) -> Finding:
+    code = "SL203" if isinstance(exc, LimitExceededError) else "SL206"
+    return make_finding(code, exc.message, member=exc.member, offset=exc.offset, remedy=exc.remedy)
+
+
+def _apply_waiver(finding: Finding, digest: str, policy: Policy) -> Finding:
+    if finding.effect is Effect.NONE:
+        return finding
+    waiver = policy.waiver_for(digest, finding.code, finding.global_name)
+    if waiver is None:
+        return finding
+    return finding.model_copy(update={"waived": True, "waiver_reason": waiver.reason})
+
+
+def _versions() -> dict[str, str]:
+    out = {"safeload": __version__, "python": platform.python_version()}
+    for dist in ("fickling", "numpy", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def unreadable_report(path: str, exc: SafeloadError, policy: Policy) -> ScanReport:
+    """A report for an input that could not even be read (missing file, over the size limit)."""
+    findings = (_finding_from_error(exc),)
+    return ScanReport(
+        path=path,
+        sha256=None,
+        size=0,
+        findings=findings,
+        verdict=decide(findings),
+        policy=policy.name,
+        policy_hash=policy.hash,
+        versions=_versions(),
+    )
+
+
+# -- public API ---------------------------------------------------------------------------------
+
+
+def scan(
+    path: str | os.PathLike[str],
+    *,
+    policy: PolicySpec = "default",
+    allow: Iterable[str] = (),
+    sha256: bool | None = None,
+) -> ScanReport:
+    """Scan a file without importing or running anything it names."""
+    resolved = resolve_policy(policy, allow)
+    try:
+        source = open_source(path, use_mmap=True, max_bytes=resolved.limits.max_file_bytes)
+    except SafeloadError as exc:
+        return unreadable_report(os.fsdecode(path), exc, resolved)
+    return analyse(source, resolved, sha256=sha256).report
+
+
+def scan_bytes(
+    data: bytes | bytearray | memoryview,
+    *,
+    name: str = "<bytes>",
+    policy: PolicySpec = "default",
+    allow: Iterable[str] = (),
+    sha256: bool | None = True,
+) -> ScanReport:
+    resolved = resolve_policy(policy, allow)
+    if len(data) > resolved.limits.max_file_bytes:
+        exc = LimitExceededError(f"input is {len(data)} bytes, over the limit", path=name)
+        return unreadable_report(name, exc, resolved)
+    return analyse(from_bytes(data, name), resolved, sha256=sha256).report
+
+
+def load(
+    f: Any,
+    map_location: Any = None,
+    pickle_module: Any = None,
+    *,
+    policy: PolicySpec = "default",
+    allow: Iterable[str] = (),
+    mmap: bool | None = None,
+    framework: str = "auto",
+    weights_only: bool | None = None,
+    **pickle_load_args: Any,
+) -> Any:
+    """A drop-in, safe ``torch.load``: scan the bytes, then unpickle those same bytes under the policy.
+
+    ``weights_only`` is accepted for signature compatibility; safeload always restricts loading to
+    the policy, whatever it says. ``pickle_module`` must be None: safeload uses its own unpickler.
+    """
+    if pickle_module is not None:
+        raise TypeError("safeload.load does not take pickle_module: it always uses its restricted unpickler")
+    resolved = resolve_policy(policy, allow)
+    source = open_source(f, use_mmap=bool(mmap), max_bytes=resolved.limits.max_file_bytes)
+    return _load_source(source, resolved, map_location, bool(mmap), framework, pickle_load_args)
+
+
+def loads(
+    data: bytes | bytearray | memoryview,
+    *,
+    policy: PolicySpec = "default",
+    allow: Iterable[str] = (),
+    map_location: Any = None,
+    framework: str = "auto",
+    name: str = "<bytes>",
+    **pickle_load_args: Any,
+) -> Any:
+    resolved = resolve_policy(policy, allow)
+    source = from_bytes(data, name)
+    return _load_source(source, resolved, map_location, False, framework, pickle_load_args)
+
+
+def _load_source(
+    source: Source,
+    policy: Policy,
+    map_location: Any,
+    mmap: bool,
+    framework: str,
+    pickle_load_args: dict[str, Any],
+) -> Any:
+    analysis = analyse(source, policy, explain_streams=False)
+    if analysis.report.verdict is not Verdict.SAFE:
+        raise refusal(analysis.report)
+    from safeload.loader import unpickle
+
+    return unpickle(analysis, map_location=map_location, mmap=mmap, framework=framework, **pickle_load_args)
+
+
+def refusal(report: ScanReport) -> SafeloadError:
+    """The exception for a report that is not SAFE, built from its first blocking finding."""
+    blocking = [f for f in report.findings if f.effect is not Effect.NONE]
+    unsafe = [f for f in blocking if f.effect is Effect.UNSAFE]
+    first = (unsafe or blocking)[0]
+    where = {
+        "path": report.path,
+        "member": first.member,
+        "offset": first.offset,
+        "global_name": first.global_name,
+        "remedy": first.remedy,
+    }
+    if report.verdict is Verdict.UNSAFE:
+        if first.code in ("SL100", "SL101"):
+            return DisallowedGlobalError(
+                f"refusing to load: {first.message}",
+                report=report,
+                policy=report.policy,
+                on_floor=first.code == "SL100",
+                **where,
+            )
+        return UnsafeModelError(f"refusing to load: {first.message}", report=report, **where)
+    error_type: type[ScanError] = {
+        "SL200": MalformedPickleError,
+        "SL201": MalformedPickleError,
+        "SL203": LimitExceededError,
+        "SL204": UnsupportedFormatError,
+    }.get(first.code, ScanError)
+    error = error_type(f"cannot load: the file could not be fully analysed: {first.message}", **where)
+    error.report = report  # type: ignore[attr-defined]
+    return error

@@ -1,0 +1,209 @@
+"""Command line. The only module that reads argv, prints or exits.
+
+Exit codes: 0 clean, 1 unsafe (wins over 2), 2 something could not be fully analysed,
+3 usage or policy error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from safeload import __version__
+
+EXIT_CLEAN = 0
+EXIT_UNSAFE = 1
+EXIT_INCOMPLETE = 2
+EXIT_USAGE = 3
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 on bad usage; 2 means "incomplete scan" here, so usage errors become 3.
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="safeload",
+        description="Scan and safely load pickle-based model files without running their code.",
+        epilog="Exit codes: 0 clean, 1 unsafe (wins over 2), 2 could not be fully analysed, 3 usage or policy error.",
+    )
+    parser.add_argument("--version", action="version", version=f"safeload {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    scan = sub.add_parser(
+        "scan",
+        help="scan files and directories; the format is decided by content, not extension",
+        description="Scan files and directories. Directories are walked; in them, files that are no "
+        "model format (by content) are skipped. A named file that is no known format gives exit 2.",
+    )
+    scan.add_argument("paths", nargs="+", metavar="PATH")
+    _add_policy_args(scan)
+    scan.add_argument("--format", choices=_formats(), default="text", help="report format (default: text)")
+    scan.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
+    scan.add_argument("--sha256", action="store_true", help="hash every file (identity for reports and waivers)")
+    scan.add_argument("-v", "--verbose", action="store_true", help="list every global of every stream")
+
+    policy = sub.add_parser("policy", help="show, validate or suggest policies")
+    psub = policy.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
+    show = psub.add_parser("show", help="print a resolved policy (built-in name or file) as TOML")
+    show.add_argument("name", metavar="NAME|FILE")
+    validate = psub.add_parser("validate", help="validate policy files; exit 3 on the first invalid one")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    psub.add_parser("list", help="list the built-in policies")
+
+    try:
+        from safeload import cli_audit
+    except ImportError:
+        pass
+    else:
+        cli_audit.register(sub)
+    return parser
+
+
+def _formats() -> list[str]:
+    from safeload.report import FORMATS
+
+    return sorted(FORMATS)
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--policy",
+        default="default",
+        metavar="NAME|FILE",
+        help="built-in policy name (strict, default, pack-...) or a policy TOML file (default: default)",
+    )
+    p.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also allow this exact global, e.g. mypkg.layers.Scale (repeatable); never imported by safeload",
+    )
+
+
+def iter_inputs(paths: Sequence[str]) -> Iterator[tuple[str, bool]]:
+    """Yield (path, named): named is False for files found by walking a directory."""
+    seen: set[str] = set()
+    for given in paths:
+        if os.path.isdir(given):
+            for root, dirs, files in os.walk(given):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(root, name)
+                    key = os.path.realpath(path)
+                    if key not in seen and os.path.isfile(path):
+                        seen.add(key)
+                        yield path, False
+        else:
+            key = os.path.realpath(given)
+            if key not in seen:
+                seen.add(key)
+                yield given, True
+
+
+def exit_code_for(verdicts: Sequence[str]) -> int:
+    if "UNSAFE" in verdicts:
+        return EXIT_UNSAFE
+    if "UNSCANNABLE" in verdicts:
+        return EXIT_INCOMPLETE
+    return EXIT_CLEAN
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from safeload.api import resolve_policy, scan
+    from safeload.model import ScanRun
+    from safeload.report import render
+
+    policy = resolve_policy(args.policy, args.allow)
+    reports = []
+    skipped = []
+    for path, named in iter_inputs(args.paths):
+        report = scan(path, policy=policy, sha256=True if args.sha256 else None)
+        if not named and _no_model_format(report):
+            skipped.append(path)
+            continue
+        reports.append(report)
+    code = exit_code_for([r.verdict.value for r in reports])
+    run = ScanRun(version=__version__, policy=policy.name, reports=tuple(reports), skipped=tuple(skipped), exit_code=code)
+    _emit(render(run, args.format, verbose=args.verbose), args.output)
+    return code
+
+
+def _no_model_format(report: object) -> bool:
+    findings = report.findings  # type: ignore[attr-defined]
+    return bool(findings) and all(f.code == "SL204" for f in findings)
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    target = Path(output)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)  # never a half-written report
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from safeload.policy import builtin_policy_names, load_policy, policy_to_toml
+
+    if args.policy_command == "show":
+        sys.stdout.write(policy_to_toml(load_policy(args.name)))
+        return EXIT_CLEAN
+    if args.policy_command == "validate":
+        for file in args.files:
+            policy = load_policy(Path(file))
+            print(f"{file}: valid policy {policy.name!r} ({len(policy.allowed)} allowed globals)")
+        return EXIT_CLEAN
+    if args.policy_command == "list":
+        for name in builtin_policy_names():
+            print(name)
+        return EXIT_CLEAN
+    raise UsageError("safeload policy: choose an action: show, validate, list")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from safeload.errors import PolicyError, SafeloadError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "scan":
+            return _cmd_scan(args)
+        if args.command == "policy":
+            return _cmd_policy(args)
+        if args.command == "audit":
+            from safeload import cli_audit
+
+            return cli_audit.run(args)
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except PolicyError as exc:
+        print(f"safeload: policy error: {exc.diagnostics()}", file=sys.stderr)
+        return EXIT_USAGE
+    except SafeloadError as exc:
+        print(f"safeload: {exc.diagnostics()}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except KeyboardInterrupt:
+        print("safeload: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_INCOMPLETE
+
+
+def entry() -> NoReturn:
+    sys.exit(main())

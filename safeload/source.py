@@ -1,0 +1,140 @@
+"""Read the input once: a path, PathLike or binary file object becomes one buffer.
+
+The scanner and the loader both work on this buffer, so what is loaded is exactly what was scanned
+(no second open of the path, no time-of-check/time-of-use gap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap as mmap_module
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from safeload.errors import LimitExceededError, ScanError
+
+_CHUNK = 8 << 20
+
+
+@dataclass
+class Source:
+    buffer: memoryview
+    path: str  # for messages: the path, or a description of the object
+    size: int
+    mapped: bool  # buffer is a read-only mapping of the file (pages load on touch)
+    _holders: list[Any] = field(default_factory=list, repr=False)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        for start in range(0, self.size, _CHUNK):
+            digest.update(self.buffer[start : start + _CHUNK])
+        return digest.hexdigest()
+
+
+def describe(f: object) -> str:
+    if isinstance(f, (str, os.PathLike)):
+        return os.fsdecode(f)
+    name = getattr(f, "name", None)
+    if isinstance(name, (str, bytes)):
+        return os.fsdecode(name)
+    return f"<{type(f).__name__}>"
+
+
+def open_source(f: object, *, use_mmap: bool, max_bytes: int) -> Source:
+    """Read or map `f` once. Raises ScanError (with the path) when it cannot be read."""
+    if isinstance(f, (str, os.PathLike)):
+        return _from_path(os.fsdecode(f), use_mmap=use_mmap, max_bytes=max_bytes)
+    if hasattr(f, "read"):
+        if use_mmap:
+            raise ScanError(
+                "mmap=True needs a file path, as with torch.load",
+                path=describe(f),
+                remedy="pass the path instead of an open file object, or leave mmap unset",
+            )
+        return _from_file_object(f, max_bytes=max_bytes)  # type: ignore[arg-type]
+    raise TypeError(f"expected a path, PathLike or binary file object, not {type(f).__name__}")
+
+
+def from_bytes(data: bytes | bytearray | memoryview, name: str) -> Source:
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    return Source(buffer=view, path=name, size=len(view), mapped=False, _holders=[data])
+
+
+def _from_path(path: str, *, use_mmap: bool, max_bytes: int) -> Source:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        raise ScanError(f"cannot open: {exc.strerror}", path=path) from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ScanError("is a directory", path=path)
+        regular = stat.S_ISREG(info.st_mode)
+        if regular and info.st_size > max_bytes:
+            raise LimitExceededError(
+                f"file is {info.st_size} bytes, over the limit of {max_bytes}",
+                path=path,
+                remedy="raise limits.max_file_bytes in a policy file if you expect files this large",
+            )
+        if regular and use_mmap and info.st_size > 0:
+            mapped = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_READ)
+            view = memoryview(mapped)
+            return Source(buffer=view, path=path, size=len(view), mapped=True, _holders=[mapped])
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as raw:
+            data = _read_bounded(raw, max_bytes, path, info.st_size if regular else None)
+        return Source(buffer=memoryview(data), path=path, size=len(data), mapped=False, _holders=[data])
+    except OSError as exc:
+        raise ScanError(f"cannot read: {exc.strerror or exc}", path=path) from exc
+    finally:
+        os.close(fd)
+
+
+def _from_file_object(f: IO[bytes], *, max_bytes: int) -> Source:
+    name = describe(f)
+    try:
+        data = _read_bounded(f, max_bytes, name, None)
+    except OSError as exc:
+        raise ScanError(f"cannot read: {exc}", path=name) from exc
+    return Source(buffer=memoryview(data), path=name, size=len(data), mapped=False, _holders=[data])
+
+
+def _read_bounded(f: IO[bytes], max_bytes: int, name: str, expected: int | None) -> bytearray:
+    """Read to EOF into one writable buffer (tensors can then share it without a copy)."""
+    if expected is not None:
+        data = bytearray(expected)
+        view = memoryview(data)
+        got = 0
+        while got < expected:
+            n = f.readinto(view[got:]) if hasattr(f, "readinto") else _readinto(f, view[got:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            got += n
+        view.release()
+        del data[got:]
+        extra = f.read(1)  # the file grew while we read it: keep reading, bounded
+        if not extra:
+            return data
+        data += extra
+    else:
+        data = bytearray()
+    while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            return data
+        if not isinstance(chunk, (bytes, bytearray)):
+            raise ScanError("file object returned text, not bytes; open it in binary mode ('rb')", path=name)
+        data += chunk
+        if len(data) > max_bytes:
+            raise LimitExceededError(
+                f"input is over the limit of {max_bytes} bytes",
+                path=name,
+                remedy="raise limits.max_file_bytes in a policy file if you expect inputs this large",
+            )
+
+
+def _readinto(f: IO[bytes], view: memoryview) -> int:
+    chunk = f.read(len(view))
+    view[: len(chunk)] = chunk
+    return len(chunk)
