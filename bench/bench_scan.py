@@ -1,0 +1,93 @@
+"""Scan speed of safeload against picklescan, modelscan and fickling, on the same files, same run.
+
+    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--small 1000]
+
+Prints seconds, MB/s, peak RSS and each peer's time as a ratio to safeload's (>1: safeload faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, TOOLS, run_tool, table  # noqa: E402
+
+
+def make_torch_zip(path: Path, size_mb: int) -> None:
+    import torch
+
+    n = max(1, size_mb // 16)
+    state = {f"layer{i}.weight": torch.zeros(4 * 1024 * 1024) for i in range(n)}  # 16 MB each
+    torch.save(state, path)
+
+
+def make_raw_pickle(path: Path, size_mb: int) -> None:
+    chunk = os.urandom(1 << 20)
+    blobs = {f"blob{i}": chunk + i.to_bytes(4, "little") for i in range(size_mb)}
+    path.write_bytes(pickle.dumps(blobs, protocol=4))
+
+
+def make_small(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        p = folder / f"small{i}.pkl"
+        p.write_bytes(pickle.dumps({"step": i, "lr": 0.1, "hist": list(range(50))}, protocol=(i % 5) + 1))
+        names.append(str(p))
+    listing = folder / "list.txt"
+    listing.write_text("\n".join(names))
+    return listing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size-mb", type=int, default=1024, help="torch zip checkpoint size")
+    ap.add_argument("--raw-mb", type=int, default=200, help="raw pickle with large byte payloads")
+    ap.add_argument("--small", type=int, default=1000, help="number of small pickles")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    cases = []
+    tz = OUT / f"ckpt_{args.size_mb}mb.pt"
+    if not tz.exists():
+        make_torch_zip(tz, args.size_mb)
+    cases.append((f"torch zip {args.size_mb} MB", str(tz), tz.stat().st_size))
+    tz_small = OUT / "ckpt_16mb.pt"
+    if not tz_small.exists():
+        make_torch_zip(tz_small, 16)
+    cases.append(("torch zip 16 MB (same layout)", str(tz_small), tz_small.stat().st_size))
+    raw = OUT / f"raw_{args.raw_mb}mb.pkl"
+    if not raw.exists():
+        make_raw_pickle(raw, args.raw_mb)
+    cases.append((f"raw pickle {args.raw_mb} MB", str(raw), raw.stat().st_size))
+    listing = make_small(OUT / "small", args.small)
+    small_bytes = sum(Path(p).stat().st_size for p in listing.read_text().split("\n"))
+    cases.append((f"{args.small} small pickles", "@" + str(listing), small_bytes))
+
+    rows = []
+    for label, target, size in cases:
+        results = {tool: run_tool(tool, target, args.repeat) for tool in TOOLS}
+        base = results["safeload"]
+        for tool in TOOLS:
+            r = results[tool]
+            if isinstance(r, str):
+                rows.append([label, tool, r, "", "", ""])
+                continue
+            ratio = r["seconds"] / base["seconds"] if isinstance(base, dict) and base["seconds"] else float("nan")
+            rows.append([
+                label,
+                tool,
+                f"{r['seconds']:.4f}",
+                f"{size / 1e6 / r['seconds']:.0f}" if r["seconds"] else "inf",
+                f"{r['peak_rss'] / 1e6:.0f}",
+                "1.00 (base)" if tool == "safeload" else f"{ratio:.2f}",
+            ])
+    print(table(rows, ["case", "tool", "seconds", "MB/s", "peak RSS MB", "time vs safeload"]))
+
+
+if __name__ == "__main__":
+    main()

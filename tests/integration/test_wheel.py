@@ -1,0 +1,49 @@
+"""The wheel ships rules/ and works outside the source tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHECK = r"""
+import importlib.resources, pathlib, sys
+import safeload
+from safeload.policy import builtin_policy_names, load_policy
+assert "site-packages" in safeload.__file__, safeload.__file__
+names = builtin_policy_names()
+assert {"floor", "strict", "default"} <= set(names) | {"floor"}, names
+files = sorted(p.name for p in importlib.resources.files("safeload.rules").iterdir() if p.name.endswith(".toml"))
+assert "strict.toml" in files and "default.toml" in files and "floor.toml" in files, files
+for n in names:
+    p = load_policy(n)
+    assert p.allowed, n
+print("OK", len(names))
+"""
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_loads_every_builtin_policy(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = dist.glob("safeload-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True)
+    out = subprocess.run(
+        [str(py), "-c", CHECK], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("OK")
+    cli = subprocess.run([str(env_dir / "bin" / "safeload"), "policy", "list"], capture_output=True, text=True)
+    assert cli.returncode == 0 and "strict" in cli.stdout

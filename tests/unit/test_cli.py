@@ -1,0 +1,140 @@
+"""The CLI's contract: exit codes, formats, directory walking, escaping."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+from safeload.cli import main
+from tests.pickle_builder import call, glob, system_payload, unicode, wrap
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_clean_file_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _write(tmp_path / "ok.pkl", pickle.dumps(OrderedDict(a=[1, 2.5, "x"]), protocol=4))
+    assert main(["scan", str(f)]) == 0
+    assert "SAFE" in capsys.readouterr().out
+
+
+def test_malicious_file_exits_1_and_explains(tmp_path: Path, marker: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _write(tmp_path / "weights.bin", system_payload(marker))
+    assert main(["scan", str(f)]) == 1
+    out = capsys.readouterr().out
+    assert "UNSAFE" in out and "os.system" in out
+    assert "very likely malicious" in out.lower()
+    assert "system(" in out  # the decompiled explanation shows the call
+
+
+def test_unsafe_wins_over_incomplete(tmp_path: Path, marker: Path) -> None:
+    bad = _write(tmp_path / "a.pkl", system_payload(marker))
+    unknown = _write(tmp_path / "b.bin", b"\x00\x01 definitely not a model format \xff" * 10)
+    assert main(["scan", str(unknown)]) == 2
+    assert main(["scan", str(unknown), str(bad)]) == 1
+
+
+def test_unrecognized_named_file_is_never_clean(tmp_path: Path) -> None:
+    f = _write(tmp_path / "model.pt", b"# just some text\nhello\n")
+    assert main(["scan", str(f)]) == 2
+
+
+def test_directory_walk_skips_non_model_files_by_content(tmp_path: Path, marker: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "repo").mkdir()
+    _write(tmp_path / "repo" / "README.md", b"# A model\nSee config.json.\n")
+    _write(tmp_path / "repo" / "config.json", b'{"hidden_size": 8}\n')
+    _write(tmp_path / "repo" / "weights.pkl", pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
+    assert main(["scan", str(tmp_path / "repo")]) == 0
+    out = capsys.readouterr().out
+    assert "2 skipped" in out
+    # The same payload under a name that looks like text is still found by content.
+    _write(tmp_path / "repo" / "notes.txt", system_payload(marker))
+    assert main(["scan", str(tmp_path / "repo")]) == 1
+
+
+def test_json_report_and_output_file(tmp_path: Path, marker: Path) -> None:
+    f = _write(tmp_path / "m.pkl", system_payload(marker))
+    out = tmp_path / "report.json"
+    assert main(["scan", str(f), "--format", "json", "-o", str(out), "--sha256"]) == 1
+    data = json.loads(out.read_text())
+    assert data["exit_code"] == 1
+    (report,) = data["reports"]
+    assert report["verdict"] == "UNSAFE"
+    assert len(report["sha256"]) == 64
+    assert any(x["global_name"] == "os.system" and x["code"] == "SL100" for x in report["findings"])
+
+
+def test_policy_and_allow_flags(tmp_path: Path) -> None:
+    # An innocent but unlisted class: refused by default, allowed by name.
+    data = wrap(call(glob("mypkg.layers", "Scale"), unicode("x")), 2)
+    f = _write(tmp_path / "m.pkl", data)
+    assert main(["scan", str(f)]) == 1
+    assert main(["scan", str(f), "--allow", "mypkg.layers.Scale"]) == 0
+    policy = tmp_path / "mine.toml"
+    policy.write_text(
+        'schema_version = 1\nname = "mine"\ndescription = "test"\nextends = ["default"]\n'
+        '[[allow]]\nglobal = "mypkg.layers.Scale"\nreason = "our layer"\n'
+    )
+    assert main(["scan", str(f), "--policy", str(policy)]) == 0
+
+
+def test_remedy_names_the_exact_policy_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _write(tmp_path / "m.pkl", wrap(call(glob("mypkg.layers", "Scale"), unicode("x")), 2))
+    main(["scan", str(f)])
+    out = capsys.readouterr().out
+    assert 'global = "mypkg.layers.Scale"' in out
+    assert "trust" in out
+
+
+def test_usage_and_policy_errors_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = _write(tmp_path / "m.pkl", pickle.dumps(1))
+    assert main(["scan"]) == 3
+    assert main(["scan", str(f), "--format", "nope"]) == 3
+    assert main(["scan", str(f), "--policy", "no-such-policy"]) == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text('schema_version = 1\nname = "x"\ndescription = "d"\n[[allow]]\nglobal = "a.b"\n')
+    assert main(["policy", "validate", str(bad)]) == 3
+    err = capsys.readouterr().err
+    assert "bad.toml" in err and "reason" in err
+
+
+def test_policy_show_validate_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert {"strict", "default"} <= set(names)
+    assert main(["policy", "show", "strict"]) == 0
+    shown = capsys.readouterr().out
+    assert "torch._utils._rebuild_tensor_v2" in shown
+    saved = tmp_path / "strict-copy.toml"
+    saved.write_text(shown)
+    assert main(["policy", "validate", str(saved)]) == 0
+
+
+def test_control_characters_in_names_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    evil = "x\x1b[2J\nfake SAFE line"
+    f = _write(tmp_path / "m.pkl", wrap(call(glob("mod", "nm"), unicode(evil)), 2).replace(b"mod\nnm", b"mod\x1b[31m\nnm"))
+    main(["scan", str(f)])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert "\\x1b" in out
+
+
+def test_missing_file_is_incomplete(tmp_path: Path) -> None:
+    assert main(["scan", str(tmp_path / "nope.pt")]) == 2
+
+
+def test_python_dash_m_and_console_script(tmp_path: Path, marker: Path) -> None:
+    f = _write(tmp_path / "m.pkl", system_payload(marker))
+    proc = subprocess.run([sys.executable, "-m", "safeload", "scan", str(f)], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    help_text = subprocess.run([sys.executable, "-m", "safeload", "--help"], capture_output=True, text=True).stdout
+    assert "scan" in help_text and "Exit codes" in help_text
