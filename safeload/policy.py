@@ -1,0 +1,737 @@
+"""Policies as data: which globals a pickle may import, read from TOML files in ``rules/``.
+
+A policy is an immutable value built from a built-in TOML file or a user's file (which may extend
+built-in ones) plus names passed at the call site. The floor (``rules/floor.toml``) is checked first
+and no policy, ``allow=`` name, wildcard or waiver can lift it. This module never imports, resolves
+or calls a name it reads: names are strings compared with strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from safeload.codes import RULES
+from safeload.errors import PolicyError
+from safeload.limits import Limits
+from safeload.text import escape
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "Decision",
+    "Floor",
+    "FloorHit",
+    "Policy",
+    "Waiver",
+    "builtin_policy_names",
+    "floor",
+    "load_policy",
+    "policy_to_toml",
+]
+
+FLOOR_FILE = "floor.toml"
+ALLOW_SOURCE = "allow="
+# A policy file is a short, hand-written text; anything larger is a mistake or an attack on the reader.
+MAX_POLICY_BYTES = 4 << 20
+_WILDCARD = ".*"
+
+
+# -- file models -------------------------------------------------------------------------------------
+
+
+def _check_reason(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must say why (an empty reason is not a reason)")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class _AllowEntry(_Model):
+    global_: str = Field(alias="global")
+    reason: str
+    unsafe_wildcard: bool = False
+
+    _reason = field_validator("reason")(_check_reason)
+
+
+class _WaiveEntry(_Model):
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    code: str
+    global_: str | None = Field(default=None, alias="global")
+    reason: str
+    expires: date
+
+    _reason = field_validator("reason")(_check_reason)
+
+    @field_validator("code")
+    @classmethod
+    def _known_code(cls, value: str) -> str:
+        if value not in RULES:
+            raise ValueError(f"unknown rule code {value!r}")
+        if value == "SL100":
+            raise ValueError("floor hits (SL100) cannot be waived")
+        return value
+
+
+class _PolicyFile(_Model):
+    schema_version: Literal[1]
+    name: str | None = None
+    description: str = ""
+    extends: list[str] = []
+    limits: Limits | None = None
+    allow: list[_AllowEntry] = []
+    waive: list[_WaiveEntry] = []
+
+
+class _FloorModule(_Model):
+    name: str
+    reason: str
+
+    _reason = field_validator("reason")(_check_reason)
+
+
+class _FloorName(_Model):
+    global_: str = Field(alias="global")
+    reason: str
+
+    _reason = field_validator("reason")(_check_reason)
+
+
+class _FloorFile(_Model):
+    schema_version: Literal[1]
+    description: str = ""
+    module: list[_FloorModule]
+    name: list[_FloorName] = []
+    attribute: list[_FloorModule] = []
+
+
+# -- values --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    on_floor: bool
+    reason: str  # the allow entry's reason / why it is on the floor / "not in policy NAME"
+    source: str | None  # the policy file (or "allow=") that decided; "floor.toml" for the floor
+
+
+@dataclass(frozen=True)
+class Waiver:
+    sha256: str
+    code: str
+    global_name: str | None  # None: every finding of `code` in that file
+    reason: str
+    expires: date
+
+
+@dataclass(frozen=True)
+class FloorHit:
+    entry: str  # the floor entry that matched ("os", "builtins.eval", "__globals__")
+    kind: Literal["module", "name", "attribute"]
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.entry} is on the floor: {self.reason}"
+
+
+@dataclass(frozen=True, eq=False)
+class Floor:
+    """Modules (prefix match), names (the object and attributes below it) and attribute segments."""
+
+    modules: Mapping[str, str]
+    names: Mapping[str, str]
+    attributes: Mapping[str, str]
+    digest: str
+
+    def hit(self, qualname: str) -> FloorHit | None:
+        segments = qualname.split(".")
+        for i in range(1, len(segments) + 1):
+            prefix = ".".join(segments[:i])
+            if prefix in self.modules:
+                return FloorHit(prefix, "module", self.modules[prefix])
+            if prefix in self.names:
+                return FloorHit(prefix, "name", self.names[prefix])
+        # Protocol 4 walks attributes from the module it imports: an innocent module is only the
+        # door (torch.serialization.os.system), so attribute segments count wherever they appear.
+        for segment in segments[1:]:
+            if segment in self.attributes:
+                return FloorHit(segment, "attribute", self.attributes[segment])
+        return None
+
+    def covers(self, qualname: str) -> bool:
+        return self.hit(qualname) is not None
+
+    def wildcard_conflict(self, prefix: str) -> FloorHit | None:
+        """A module wildcard may neither sit inside the floor nor cover a floor entry."""
+        inside = self.hit(prefix)
+        if inside is not None:
+            return inside
+        below = prefix + "."
+        for entry, reason in self.modules.items():
+            if entry.startswith(below):
+                return FloorHit(entry, "module", reason)
+        for entry, reason in self.names.items():
+            if entry.startswith(below):
+                return FloorHit(entry, "name", reason)
+        return None
+
+
+def _is_qualname(name: str) -> bool:
+    segments = name.split(".")
+    return len(segments) >= 2 and all(s.isidentifier() for s in segments)
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A resolved policy. Immutable; equal and hashable by content (``hash``)."""
+
+    name: str
+    description: str
+    allowed: frozenset[str]  # exact qualified names after extends; never a floor name
+    reasons: Mapping[str, str]  # name (or "prefix.*") -> reason
+    limits: Limits
+    waivers: tuple[Waiver, ...]
+    sources: tuple[str, ...]  # files it was built from, in resolution order
+    hash: str  # sha256 hex of the canonical content (name, entries, reasons, limits, waivers, floor)
+    wildcards: frozenset[str] = frozenset()  # module prefixes allowed with unsafe_wildcard = true
+    # name (or "prefix.*") -> the file that allowed it, or "allow=" for call-site names
+    origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    floor: Floor | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self.hash == other.hash
+
+    def __hash__(self) -> int:
+        return int(self.hash[:16], 16)
+
+    def _floor(self) -> Floor:
+        return self.floor if self.floor is not None else floor()
+
+    def decide(self, qualname: str) -> Decision:
+        hit = self._floor().hit(qualname)
+        if hit is not None:
+            return Decision(False, True, hit.describe(), FLOOR_FILE)
+        if qualname in self.allowed:
+            return Decision(True, False, self.reasons[qualname], self.origins.get(qualname))
+        wildcard = self._wildcard_for(qualname)
+        if wildcard is not None:
+            return Decision(True, False, self.reasons[wildcard], self.origins.get(wildcard))
+        return Decision(False, False, f"not in policy {self.name}", None)
+
+    def _wildcard_for(self, qualname: str) -> str | None:
+        if not self.wildcards:
+            return None
+        segments = qualname.split(".")
+        for i in range(len(segments) - 1, 0, -1):
+            key = ".".join(segments[:i]) + _WILDCARD
+            if key in self.wildcards:
+                return key
+        return None
+
+    def remedy(self, qualname: str) -> str:
+        """What a user can do about a refusal of `qualname`: the exact policy entry, with its risk."""
+        shown = escape(qualname)
+        hit = self._floor().hit(qualname)
+        if hit is not None:
+            return (
+                f"none: {shown} cannot be allowed ({hit.describe()}). The file is very likely "
+                "malicious; do not load it."
+            )
+        if not _is_qualname(qualname):
+            return (
+                f"none: {shown} is not a Python qualified name, so no policy entry can allow it; "
+                "real serializers never write such a name."
+            )
+        base = self.name if self.name in builtin_policy_names() else "default"
+        return (
+            "if you trust this file's source, add to your policy file:\n"
+            "[[allow]]\n"
+            f"global = {_toml_str(qualname)}\n"
+            f'reason = "trusted: say why you trust {qualname} and this file\'s source"\n'
+            f'(a policy file starts with schema_version = 1 and extends = ["{base}"]; use it with '
+            '--policy FILE or policy="FILE"), '
+            f'or pass `--allow {qualname}` to `safeload scan`, or allow=["{qualname}"] to '
+            "safeload.load/scan. Why it may be unsafe: unpickling imports the module that defines "
+            "it (running that module's top-level code) and may call it with arguments taken from "
+            "the file (calling a class runs its __new__/__init__, and BUILD its __setstate__)."
+        )
+
+    def with_allowed(self, names: Iterable[str]) -> Policy:
+        """A new policy that also allows `names` (exact names only; floor names are refused)."""
+        if isinstance(names, str):
+            raise PolicyError("allow= takes a list of qualified names, not one string")
+        fl = self._floor()
+        added: dict[str, str] = {}
+        for name in names:
+            if not isinstance(name, str):
+                raise PolicyError(f"allow= names must be strings, got {type(name).__name__}")
+            problem = _name_problem(name, fl, wildcard_ok=False)
+            if problem is not None:
+                raise PolicyError(f"allow={escape(name)}: {problem}", global_name=name)
+            if name not in self.allowed:
+                added[name] = "allowed by the caller (allow=)"
+        if not added:
+            return self
+        reasons = {**self.reasons, **added}
+        origins = {**self.origins, **dict.fromkeys(added, ALLOW_SOURCE)}
+        return _make_policy(
+            name=f"{self.name}+allow",
+            description=self.description,
+            allowed=self.allowed.union(added),
+            wildcards=self.wildcards,
+            reasons=reasons,
+            origins=origins,
+            limits=self.limits,
+            waivers=self.waivers,
+            sources=self.sources,
+            fl=fl,
+        )
+
+    def waiver_for(
+        self, sha256: str, code: str, global_name: str | None, today: date | None = None
+    ) -> Waiver | None:
+        """The unexpired waiver covering this finding of this file, if any. Never for the floor."""
+        if code == "SL100" or (global_name is not None and self._floor().covers(global_name)):
+            return None
+        day = today or date.today()
+        digest = sha256.lower()
+        for waiver in self.waivers:
+            if waiver.sha256 != digest or waiver.code != code or day > waiver.expires:
+                continue
+            if waiver.global_name is None or waiver.global_name == global_name:
+                return waiver
+        return None
+
+
+def _make_policy(
+    *,
+    name: str,
+    description: str,
+    allowed: Iterable[str],
+    wildcards: Iterable[str],
+    reasons: Mapping[str, str],
+    origins: Mapping[str, str],
+    limits: Limits,
+    waivers: Iterable[Waiver],
+    sources: Iterable[str],
+    fl: Floor,
+) -> Policy:
+    allowed_set = frozenset(allowed)
+    wildcard_set = frozenset(wildcards)
+    waiver_tuple = tuple(sorted(waivers, key=lambda w: (w.sha256, w.code, w.global_name or "", w.expires)))
+    keys = allowed_set | wildcard_set
+    reasons_view = MappingProxyType({k: reasons[k] for k in sorted(keys)})
+    origins_view = MappingProxyType({k: origins[k] for k in sorted(keys) if k in origins})
+    # Paths are left out so that the same policy hashes the same on every machine.
+    canonical = {
+        "schema_version": 1,
+        "name": name,
+        "description": description,
+        "allow": [[k, reasons_view[k]] for k in sorted(allowed_set)],
+        "wildcards": [[k, reasons_view[k]] for k in sorted(wildcard_set)],
+        "limits": limits.model_dump(mode="json"),
+        "waivers": [[w.sha256, w.code, w.global_name, w.reason, w.expires.isoformat()] for w in waiver_tuple],
+        "floor": fl.digest,
+    }
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return Policy(
+        name=name,
+        description=description,
+        allowed=allowed_set,
+        reasons=reasons_view,
+        limits=limits,
+        waivers=waiver_tuple,
+        sources=tuple(dict.fromkeys(sources)),
+        hash=hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest(),
+        wildcards=wildcard_set,
+        origins=origins_view,
+        floor=fl,
+    )
+
+
+# -- reading files ---------------------------------------------------------------------------------------
+
+
+def _rules_dir() -> Any:
+    return resources.files("safeload.rules")
+
+
+def _read_builtin(filename: str) -> bytes:
+    return (_rules_dir() / filename).read_bytes()
+
+
+def _read_user_file(path: Path) -> bytes:
+    # Only regular files: a FIFO or device named as a policy would block or never end.
+    if path.exists() and not path.is_file():
+        raise PolicyError(f"policy file {escape(str(path))} is not a regular file")
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {escape(str(path))}: {exc.strerror or exc}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy file {escape(str(path))} is larger than {MAX_POLICY_BYTES} bytes")
+    return data
+
+
+def _parse_toml(data: bytes, label: str) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{label}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{label}: not valid TOML: {exc}") from None
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _validation_error(label: str, exc: ValidationError, data: Mapping[str, Any]) -> PolicyError:
+    lines = [f"{label}: invalid policy file"]
+    for err in exc.errors():
+        where = _loc(err["loc"])
+        hint = ""
+        loc = err["loc"]
+        if len(loc) >= 2 and isinstance(loc[1], int) and loc[0] in ("allow", "waive", "name", "module"):
+            entry = data.get(str(loc[0]))
+            if isinstance(entry, list) and loc[1] < len(entry) and isinstance(entry[loc[1]], dict):
+                glob = entry[loc[1]].get("global", entry[loc[1]].get("name"))
+                if isinstance(glob, str):
+                    hint = f" (entry for {escape(glob)})"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {where}: {escape(msg)}{hint}")
+    return PolicyError("\n".join(lines))
+
+
+def _name_problem(name: str, fl: Floor, *, wildcard_ok: bool) -> str | None:
+    """Why `name` cannot be an allow entry, or None."""
+    if name.endswith(_WILDCARD):
+        if not wildcard_ok:
+            return "wildcards are not allowed here; list exact qualified names"
+        prefix = name[: -len(_WILDCARD)]
+        if not prefix or not all(s.isidentifier() for s in prefix.split(".")):
+            return "a wildcard must be a module path followed by .* (e.g. mypkg.*)"
+        conflict = fl.wildcard_conflict(prefix)
+        if conflict is not None:
+            return f"a wildcard cannot cover the floor ({conflict.describe()})"
+        return None
+    if "*" in name:
+        return "only a trailing .* is a wildcard; list exact qualified names"
+    if not _is_qualname(name):
+        return "not a qualified name (module.name, each part a Python identifier)"
+    hit = fl.hit(name)
+    if hit is not None:
+        return f"cannot be allowed: {hit.describe()}"
+    return None
+
+
+# -- the floor ------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def floor() -> Floor:
+    """The floor from rules/floor.toml (parsed once)."""
+    data = _read_builtin(FLOOR_FILE)
+    raw = _parse_toml(data, FLOOR_FILE)
+    try:
+        model = _FloorFile.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        raise _validation_error(FLOOR_FILE, exc, raw) from None
+    modules = {m.name: m.reason for m in model.module}
+    names = {n.global_: n.reason for n in model.name}
+    attributes = {a.name: a.reason for a in model.attribute}
+    return Floor(
+        modules=MappingProxyType(modules),
+        names=MappingProxyType(names),
+        attributes=MappingProxyType(attributes),
+        digest=hashlib.sha256(data).hexdigest(),
+    )
+
+
+# -- resolution -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A policy file with its extends applied, before call-site names."""
+
+    name: str
+    description: str
+    entries: Mapping[str, tuple[str, str]]  # name or "prefix.*" -> (reason, origin)
+    limits: Mapping[str, Any]  # explicitly set Limits fields, merged along extends
+    waivers: tuple[Waiver, ...]
+    sources: tuple[str, ...]
+
+
+_Key = tuple[str, str]  # ("builtin", name) or ("file", absolute path)
+# Built-in files never change while the process runs; user files may, so only these are cached.
+_BUILTIN_RESOLVED: dict[str, _Resolved] = {}
+
+
+def _is_path_like(spec: str) -> bool:
+    return spec.endswith(".toml") or "/" in spec or os.sep in spec or bool(os.altsep and os.altsep in spec)
+
+
+def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) -> _Resolved:
+    if key in stack:
+        chain = " -> ".join(k[1] for k in (*stack, key))
+        raise PolicyError(f"extends cycle: {escape(chain)}")
+    if key in seen:
+        return seen[key]
+    kind, ident = key
+    if kind == "builtin" and ident in _BUILTIN_RESOLVED:
+        return _BUILTIN_RESOLVED[ident]
+    if kind == "builtin":
+        label = f"{ident}.toml"
+        data = _read_builtin(label)
+        base_dir: Path | None = None
+        default_name = ident
+    else:
+        label = ident
+        data = _read_user_file(Path(ident))
+        base_dir = Path(ident).parent
+        default_name = Path(ident).stem
+    raw = _parse_toml(data, label)
+    try:
+        model = _PolicyFile.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        raise _validation_error(label, exc, raw) from None
+
+    fl = floor()
+    parents: list[_Resolved] = []
+    for i, ref in enumerate(model.extends):
+        parent_key = _extends_key(ref, base_dir, label, i)
+        parents.append(_resolve(parent_key, (*stack, key), seen))
+
+    entries: dict[str, tuple[str, str]] = {}
+    limits: dict[str, Any] = {}
+    waivers: list[Waiver] = []
+    sources: list[str] = []
+    for parent in parents:
+        entries.update(parent.entries)
+        limits.update(parent.limits)
+        waivers.extend(parent.waivers)
+        sources.extend(parent.sources)
+
+    for i, entry in enumerate(model.allow):
+        name = entry.global_
+        if name.endswith(_WILDCARD) and not entry.unsafe_wildcard:
+            raise PolicyError(
+                f"{label}: allow[{i}].global: {escape(name)} is a wildcard; a wildcard needs "
+                "unsafe_wildcard = true (prefer exact names)"
+            )
+        if entry.unsafe_wildcard and not name.endswith(_WILDCARD):
+            raise PolicyError(f"{label}: allow[{i}].unsafe_wildcard: set on a name that is not a wildcard")
+        problem = _name_problem(name, fl, wildcard_ok=True)
+        if problem is not None:
+            raise PolicyError(f"{label}: allow[{i}].global: {escape(name)}: {problem}", global_name=name)
+        entries[name] = (entry.reason, label)
+
+    if model.limits is not None:
+        limits.update(model.limits.model_dump(exclude_unset=True))
+
+    for i, w in enumerate(model.waive):
+        if w.global_ is not None and fl.covers(w.global_):
+            raise PolicyError(
+                f"{label}: waive[{i}].global: {escape(w.global_)} is on the floor and cannot be waived"
+            )
+        waivers.append(Waiver(w.sha256.lower(), w.code, w.global_, w.reason, w.expires))
+
+    sources.append(label)
+    resolved = _Resolved(
+        name=model.name or default_name,
+        description=model.description,
+        entries=MappingProxyType(entries),
+        limits=MappingProxyType(limits),
+        waivers=tuple(dict.fromkeys(waivers)),
+        sources=tuple(dict.fromkeys(sources)),
+    )
+    if not resolved.entries:
+        raise PolicyError(f"{label}: allow: the policy allows nothing (add [[allow]] entries or extends)")
+    seen[key] = resolved
+    if kind == "builtin":
+        _BUILTIN_RESOLVED[ident] = resolved
+    return resolved
+
+
+def _extends_key(ref: str, base_dir: Path | None, label: str, index: int) -> _Key:
+    if ref in builtin_policy_names():
+        return ("builtin", ref)
+    if base_dir is not None and _is_path_like(ref):
+        target = (base_dir / ref).resolve()
+        if not target.is_file():
+            raise PolicyError(
+                f"{label}: extends[{index}]: no policy file {escape(ref)} (looked for {target})"
+            )
+        return ("file", str(target))
+    if base_dir is None:
+        hint = "built-in policies extend built-in names only"
+    else:
+        hint = "a path must end in .toml or contain a path separator"
+    raise PolicyError(
+        f"{label}: extends[{index}]: unknown policy {escape(ref)} ({hint}; built-in: "
+        f"{', '.join(builtin_policy_names())})"
+    )
+
+
+def _build(resolved: _Resolved) -> Policy:
+    try:
+        limits = Limits(**resolved.limits)
+    except ValidationError as exc:  # pragma: no cover - each file's limits were validated already
+        raise PolicyError(f"{resolved.name}: limits: {exc.errors()[0]['msg']}") from None
+    allowed = [k for k in resolved.entries if not k.endswith(_WILDCARD)]
+    wildcards = [k for k in resolved.entries if k.endswith(_WILDCARD)]
+    return _make_policy(
+        name=resolved.name,
+        description=resolved.description,
+        allowed=allowed,
+        wildcards=wildcards,
+        reasons={k: v[0] for k, v in resolved.entries.items()},
+        origins={k: v[1] for k, v in resolved.entries.items()},
+        limits=limits,
+        waivers=resolved.waivers,
+        sources=resolved.sources,
+        fl=floor(),
+    )
+
+
+@lru_cache(maxsize=1)
+def _builtin_names() -> tuple[str, ...]:
+    names = []
+    for item in _rules_dir().iterdir():
+        filename = item.name
+        if filename.endswith(".toml") and filename != FLOOR_FILE:
+            names.append(filename[: -len(".toml")])
+    return tuple(sorted(names))
+
+
+def builtin_policy_names() -> list[str]:
+    """Names accepted by load_policy besides paths (rules/*.toml except the floor)."""
+    return list(_builtin_names())
+
+
+@lru_cache(maxsize=64)
+def _builtin_policy(name: str) -> Policy:
+    return _build(_resolve(("builtin", name), (), {}))
+
+
+def _load_file(path: Path) -> Policy:
+    key: _Key = ("file", str(path.resolve()))
+    return _build(_resolve(key, (), {}))
+
+
+def load_policy(spec: str | os.PathLike[str] | Policy = "default", allow: Iterable[str] = ()) -> Policy:
+    """A built-in policy by name, a user policy file by path, or a Policy; plus exact `allow` names.
+
+    A string that names a built-in policy wins; otherwise a string ending in .toml or containing a
+    path separator is a path. Anything else is a PolicyError listing the built-in names.
+    """
+    if isinstance(allow, str):
+        raise PolicyError("allow= takes a list of qualified names, not one string")
+    if isinstance(spec, Policy):
+        policy = spec
+    elif isinstance(spec, os.PathLike):
+        policy = _load_file(Path(os.fspath(spec)))
+    elif isinstance(spec, str):
+        if spec in builtin_policy_names():
+            policy = _builtin_policy(spec)
+        elif _is_path_like(spec):
+            policy = _load_file(Path(spec))
+        else:
+            raise PolicyError(
+                f"unknown policy {escape(spec)}: built-in policies are "
+                f"{', '.join(builtin_policy_names())}; pass a path ending in .toml for your own"
+            )
+    else:
+        raise PolicyError(f"policy must be a name, a path or a Policy, not {type(spec).__name__}")
+    names = list(allow)
+    return policy.with_allowed(names) if names else policy
+
+
+# -- writing -----------------------------------------------------------------------------------------------------
+
+
+def _toml_str(value: str) -> str:
+    out = ['"']
+    for ch in value:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def policy_to_toml(policy: Policy) -> str:
+    """The resolved policy as one readable TOML file (extends flattened) that loads back equal."""
+    lines = [
+        f"# Resolved policy {policy.name} (sha256 {policy.hash})",
+        f"# Built from: {', '.join(escape(s) for s in policy.sources) or '(nothing)'}",
+        f"# The floor ({FLOOR_FILE}) is checked before these entries; nothing here can lift it.",
+        "schema_version = 1",
+        f"name = {_toml_str(policy.name)}",
+        f"description = {_toml_str(policy.description)}",
+        "",
+        "[limits]",
+    ]
+    for key, value in policy.limits.model_dump().items():
+        lines.append(f"{key} = {value}")
+    for name in sorted(policy.allowed | policy.wildcards):
+        lines += [
+            "",
+            "[[allow]]",
+            f"global = {_toml_str(name)}",
+            f"reason = {_toml_str(policy.reasons[name])}",
+        ]
+        if name in policy.wildcards:
+            lines.append("unsafe_wildcard = true")
+        origin = policy.origins.get(name)
+        if origin:
+            lines.append(f"# from {escape(origin)}")
+    for w in policy.waivers:
+        lines += ["", "[[waive]]", f"sha256 = {_toml_str(w.sha256)}", f"code = {_toml_str(w.code)}"]
+        if w.global_name is not None:
+            lines.append(f"global = {_toml_str(w.global_name)}")
+        lines += [f"reason = {_toml_str(w.reason)}", f"expires = {w.expires.isoformat()}"]
+    return "\n".join(lines) + "\n"
