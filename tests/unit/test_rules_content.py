@@ -394,7 +394,7 @@ def test_pack_names_exist_where_their_library_is_installed() -> None:
                 except (ImportError, AttributeError) as exc:
                     missing.append(f"{pack}: {qualname}: {exc}")
     assert not missing
-    assert checked >= 8  # numpy.random and joblib names are always checkable here
+    assert checked >= 7  # numpy.random and joblib names are always checkable here
 
 
 def test_no_builtin_allows_anything_on_the_floor() -> None:
