@@ -114,6 +114,14 @@ _RULES = [
          "Every view was scanned; which one a loader takes depends on the loader."),
     Rule("SL309", "compression-bomb", "Decompression ratio above the limit", Severity.HIGH, Effect.INCOMPLETE,
          "A member decompresses to far more than its size; reading was stopped."),
+    Rule("SL310", "archive-special-member", "Archive member is a link, device or other non-file entry",
+         Severity.LOW, Effect.NONE,
+         "The entry carries no bytes of its own and was not read; a link's target inside the archive "
+         "is scanned as its own member. Real model archives rarely hold such entries."),
+    Rule("SL311", "zip-name-alias", "A member torch reads is spelled differently from what torch writes",
+         Severity.HIGH, Effect.UNSAFE,
+         "torch's reader finds members case-insensitively, so ARCHIVE/DATA.PKL is loaded as data.pkl; tools "
+         "that look for the exact name miss it. torch.save never writes such a name."),
     # -- information ------------------------------------------------------------------------------
     Rule("SL400", "no-pickle", "No pickle in this format", Severity.INFO, Effect.NONE,
          "The format (for example safetensors) carries no pickle; loading it runs no code."),

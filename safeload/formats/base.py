@@ -22,6 +22,7 @@ class PersistentScheme(str, Enum):
     NONE = "none"  # plain pickle: PERSID/BINPERSID must not appear
     TORCH_ZIP = "torch-zip"  # ('storage', storage_type, key, location, numel)
     TORCH_LEGACY = "torch-legacy"  # ('storage', storage_type, key, location, size, view_metadata) / ('module', ...)
+    TORCH_LEGACY_TAR = "torch-legacy-tar"  # legacy tar "pickle" member: a str key, or (class, source_file, source)
 
 
 class StreamRole(str, Enum):

@@ -1,0 +1,402 @@
+"""torch's legacy formats: the pickle sequence (``_use_new_zipfile_serialization=False``) and the tar.
+
+Sequence (torch/serialization.py ``_legacy_save``/``_legacy_load``): five pickles back to back (magic
+number, protocol version 1001, sys_info, the object with ``('storage', type, key, location, numel,
+view_metadata)`` persistent ids, the sorted storage keys), then for each key an 8-byte
+little-endian element count and that many elements. ``torch.load`` unpickles all five in order, so
+each is a stream; a payload in any of them runs. The storage region is indexed from the keys and the
+element size of each key's storage type, taken from the object pickle's persistent ids.
+
+Tar (torch < 0.1.10, still read by ``_legacy_load``): members ``storages`` (a count, then per storage
+a ``(key, location, storage_type)`` pickle followed by the raw storage, then a views pickle),
+``tensors`` (a count, then per tensor a pickle followed by binary sizes and strides), ``pickle``
+(the object) and ``sys_info`` (unused by torch, scanned all the same). Every pickle in them is a
+stream. safeload's loader does not load this format (torch refuses it under weights_only too).
+
+Pickle boundaries come from raw.scan_pickle (opcodes and argument lengths, as CPython reads them);
+the few values needed (counts, keys, storage types) come from the walker's constant folding, so the
+object pickle is walked twice per scan (here and by the scanner): legacy files are rare and small.
+Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import tarfile
+from dataclasses import dataclass, field
+
+from safeload.analysis.types import ImportSite
+from safeload.analysis.walker import walk
+from safeload.formats import raw
+from safeload.formats.base import (
+    PersistentScheme,
+    PickleStream,
+    ReadContext,
+    ReadResult,
+    StorageEntry,
+    StreamRole,
+)
+from safeload.model import Finding, make_finding
+from safeload.text import escape
+
+NAME = "torch-legacy"
+TAR = "torch-legacy-tar"
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+# The magic pickle as every protocol writes it: torch.load requires this exact value first.
+_MAGIC_PICKLES = frozenset(pickle.dumps(MAGIC_NUMBER, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1))
+_MAGIC_MAX = max(len(p) for p in _MAGIC_PICKLES)
+
+_SEQUENCE_ROLES = (
+    StreamRole.LEGACY_MAGIC,
+    StreamRole.LEGACY_PROTOCOL,
+    StreamRole.LEGACY_SYS_INFO,
+    StreamRole.LEGACY_OBJECT,
+    StreamRole.LEGACY_STORAGE_KEYS,
+)
+_TAR_MEMBERS = ("sys_info", "pickle", "storages", "tensors")
+_TAR_SNIFF_MEMBERS = 8
+
+# Element sizes by storage class name. torch's unpickler maps any global whose name contains
+# "Storage" through this table by *name* (torch.FloatStorage, torch.cuda.FloatStorage ...).
+ELEMENT_SIZES: dict[str, int] = {
+    "DoubleStorage": 8,
+    "FloatStorage": 4,
+    "HalfStorage": 2,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+    "BFloat16Storage": 2,
+    "ComplexDoubleStorage": 16,
+    "ComplexFloatStorage": 8,
+    "QInt8Storage": 1,
+    "QInt32Storage": 4,
+    "QUInt8Storage": 1,
+    "QUInt4x2Storage": 1,
+    "QUInt2x4Storage": 1,
+    "UntypedStorage": 1,
+}
+
+
+def element_size(qualname: str) -> int | None:
+    """Bytes per element of a storage type named ``torch.FloatStorage`` (module ignored, as torch does)."""
+    return ELEMENT_SIZES.get(qualname.rsplit(".", 1)[-1])
+
+
+def is_sequence(buf: memoryview) -> bool:
+    scan = raw.scan_pickle(buf[:_MAGIC_MAX], 0, max_ops=8)
+    return scan.end is not None and bytes(buf[: scan.end]) in _MAGIC_PICKLES
+
+
+def is_tar(buf: memoryview) -> bool:
+    """A tar whose first members are torch's legacy ones, with the object pickle among them."""
+    from safeload.formats.archives import MemoryReader, is_tar
+
+    if not is_tar(buf):
+        return False
+    names: set[str] = set()
+    try:
+        with tarfile.open(fileobj=MemoryReader(buf), mode="r:") as tf:
+            for _ in range(_TAR_SNIFF_MEMBERS):
+                info = tf.next()
+                if info is None:
+                    break
+                names.add(info.name)
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        pass
+    return "pickle" in names and bool(names & {"storages", "tensors"})
+
+
+def sniff(buf: memoryview) -> bool:
+    return is_sequence(buf) or is_tar(buf)
+
+
+def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    if is_sequence(buf):
+        return _Sequence(buf, ctx).read()
+    return _Tar(buf, ctx).read()
+
+
+# -- values from the walker ------------------------------------------------------------------------
+
+
+def _walk_values(data: memoryview, ctx: ReadContext) -> tuple[list[object], list[object]]:
+    """Constant-folded value of the first pickle, and its persistent ids (nothing is unpickled)."""
+    result = walk(data, limits=ctx.limits, multi=False, joblib_arrays=False)
+    return list(result.values), [site.value for site in result.persistent_ids]
+
+
+def _qualname(value: object) -> str | None:
+    """The qualified name of a global as the walker folds it (an ImportSite), else None."""
+    return value.qualname if isinstance(value, ImportSite) else None
+
+
+@dataclass
+class _Base:
+    buf: memoryview
+    ctx: ReadContext
+    result: ReadResult = field(init=False)
+
+    def note(self, code: str, message: str, offset: int | None, member: str | None = None) -> None:
+        self.result.findings.append(self._finding(code, message, offset, member))
+
+    def _finding(self, code: str, message: str, offset: int | None, member: str | None) -> Finding:
+        base = self.ctx.file_offset
+        return make_finding(
+            code,
+            message,
+            member=self.ctx.child_member(member) if member else self.ctx.member,
+            offset=offset,
+            file_offset=None if base is None or offset is None else base + offset,
+        )
+
+    def stream(
+        self,
+        start: int,
+        end: int,
+        role: StreamRole,
+        *,
+        member: str | None = None,
+        base: int = 0,
+        multi: bool = False,
+        loadable: bool = False,
+        scheme: PersistentScheme = PersistentScheme.NONE,
+    ) -> PickleStream:
+        """A stream over buf[start:end]; ``base`` is where the member holding it starts in buf."""
+        file_offset = None if self.ctx.file_offset is None else self.ctx.file_offset + base + start
+        s = PickleStream(
+            member=self.ctx.child_member(member) if member else self.ctx.member,
+            data=self.buf[base + start : base + end],
+            file_offset=file_offset,
+            role=role,
+            persistent_scheme=scheme,
+            multi=multi,
+            loadable=loadable,
+            encoding=self.ctx.encoding,
+        )
+        self.result.streams.append(s)
+        return s
+
+    def next_pickle(self, data: memoryview, pos: int) -> int | None:
+        """End of the pickle starting at ``pos`` of ``data`` (None: it does not end)."""
+        return raw.scan_pickle(data, pos, max_ops=self.ctx.limits.max_opcodes).end
+
+
+# -- the pickle sequence ---------------------------------------------------------------------------
+
+
+class _Sequence(_Base):
+    def read(self) -> ReadResult:
+        self.result = ReadResult(format=NAME, meta={"legacy": "sequence"})
+        buf = self.buf
+        pos = 0
+        spans: dict[StreamRole, tuple[int, int]] = {}
+        for role in _SEQUENCE_ROLES:
+            end = self.next_pickle(buf, pos)
+            is_object = role is StreamRole.LEGACY_OBJECT
+            scheme = PersistentScheme.TORCH_LEGACY if is_object else PersistentScheme.NONE
+            if end is None:
+                # The sequence breaks here: the rest is one stream, so the walker reports what a
+                # loader would have run before failing.
+                self.stream(pos, len(buf), role, multi=True, loadable=is_object, scheme=scheme)
+                self.note("SL205", f"legacy torch sequence breaks in its {role.value} pickle", pos)
+                return self.result
+            self.stream(pos, end, role, loadable=is_object, scheme=scheme)
+            spans[role] = (pos, end)
+            pos = end
+        self._index_storages(spans, pos)
+        return self.result
+
+    def _index_storages(self, spans: dict[StreamRole, tuple[int, int]], pos: int) -> None:
+        obj = _walk_values(self.buf[slice(*spans[StreamRole.LEGACY_OBJECT])], self.ctx)
+        keys = _walk_values(self.buf[slice(*spans[StreamRole.LEGACY_STORAGE_KEYS])], self.ctx)
+        types: dict[str, str] = {}
+        for pid in obj[1]:
+            if isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[2], str):
+                qualname = _qualname(pid[1])
+                if qualname is not None:
+                    types.setdefault(pid[2], qualname)
+        key_list = keys[0][0] if keys[0] else None
+        if not isinstance(key_list, list) or not all(isinstance(k, str) for k in key_list):
+            self.note(
+                "SL205",
+                "the storage keys pickle is not a constant list of strings",
+                spans[StreamRole.LEGACY_STORAGE_KEYS][0],
+            )
+            return
+        layout: dict[str, dict[str, object]] = {}
+        buf = self.buf
+        for key in key_list:
+            qualname = types.get(key)
+            size = None if qualname is None else element_size(qualname)
+            if size is None:
+                why = (
+                    "no persistent id names it"
+                    if qualname is None
+                    else f"unknown storage type {escape(qualname)}"
+                )
+                self.note("SL205", f"storage {escape(key)}: {why}; the storage region cannot be indexed", pos)
+                return
+            if pos + 8 > len(buf):
+                self.note("SL205", f"storage {escape(key)}: the file ends before its element count", pos)
+                return
+            (count,) = struct.unpack_from("<q", buf, pos)
+            nbytes = count * size
+            if count < 0 or pos + 8 + nbytes > len(buf):
+                self.note(
+                    "SL205", f"storage {escape(key)} declares {count} elements, past the end of the file", pos
+                )
+                return
+            start = pos + 8
+            file_offset = None if self.ctx.file_offset is None else self.ctx.file_offset + start
+            self.result.storages[key] = StorageEntry(
+                key=key, data=buf[start : start + nbytes], file_offset=file_offset
+            )
+            layout[key] = {"offset": start, "numel": count, "element_size": size, "storage_type": qualname}
+            pos = start + nbytes
+        self.result.meta["storages"] = layout
+        if pos < len(buf):
+            self.note("SL201", f"{len(buf) - pos} bytes after the last storage", pos)
+
+
+# -- the tar format --------------------------------------------------------------------------------
+
+
+class _Tar(_Base):
+    def read(self) -> ReadResult:
+        from safeload.formats.archives import MemoryReader
+
+        self.result = ReadResult(
+            format=TAR,
+            meta={"legacy": "tar", "loadable": False, "why": "the legacy tar format is not loaded"},
+        )
+        members: dict[str, tarfile.TarInfo] = {}
+        try:
+            with tarfile.open(fileobj=MemoryReader(self.buf), mode="r:") as tf:
+                for count, info in enumerate(tf):
+                    if count >= self.ctx.limits.max_zip_members:
+                        self.note("SL203", "too many tar members; the rest were not read", info.offset)
+                        break
+                    if not info.isreg():
+                        continue
+                    if info.name in members:
+                        # tarfile (and so torch) takes the last member of a name; both are scanned.
+                        self.note(
+                            "SL303", f"tar member {escape(info.name)} appears twice", info.offset, info.name
+                        )
+                        self._member(members[info.name])
+                    members[info.name] = info
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+            self.note("SL205", f"tar could not be read to its end: {escape(str(exc))}", None)
+        for info in members.values():
+            self._member(info)
+        return self.result
+
+    def _member(self, info: tarfile.TarInfo) -> None:
+        base, size = info.offset_data, info.size
+        if base + size > len(self.buf):
+            self.note(
+                "SL205", f"tar member {escape(info.name)} runs past the end of the file", base, info.name
+            )
+            size = max(0, len(self.buf) - base)
+        data = self.buf[base : base + size]
+        if info.name == "storages":
+            self._storages(data, base, info.name)
+        elif info.name == "tensors":
+            self._tensors(data, base, info.name)
+        elif info.name in _TAR_MEMBERS or raw.sniff(data):
+            if info.name not in _TAR_MEMBERS:
+                self.note(
+                    "SL307", f"unexpected pickle {escape(info.name)} in a legacy torch tar", base, info.name
+                )
+            scheme = PersistentScheme.TORCH_LEGACY_TAR if info.name == "pickle" else PersistentScheme.NONE
+            self.stream(
+                0, size, StreamRole.LEGACY_TAR, member=info.name, base=base, multi=True, scheme=scheme
+            )
+
+    def _pickle(self, data: memoryview, pos: int, base: int, member: str) -> tuple[int, object] | None:
+        """One pickle of a storages/tensors member: a stream, its end and its folded value."""
+        if len(self.result.streams) >= self.ctx.limits.max_streams:
+            self.note(
+                "SL203",
+                f"{member}: more pickles than max_streams; the rest were not read",
+                base + pos,
+                member,
+            )
+            return None
+        end = self.next_pickle(data, pos)
+        if end is None:
+            self.stream(pos, len(data), StreamRole.LEGACY_TAR, member=member, base=base, multi=True)
+            self.note(
+                "SL205",
+                f"a pickle in {member} does not end; the rest was scanned as one stream",
+                base + pos,
+                member,
+            )
+            return None
+        self.stream(pos, end, StreamRole.LEGACY_TAR, member=member, base=base)
+        values = _walk_values(data[pos:end], self.ctx)
+        value = values[0][0] if values[0] else None
+        return end, value
+
+    def _rest(self, data: memoryview, pos: int, base: int, member: str, why: str) -> None:
+        if pos < len(data):
+            self.stream(pos, len(data), StreamRole.LEGACY_TAR, member=member, base=base, multi=True)
+        self.note("SL205", f"{member}: {why}; the rest was scanned as one stream", base + pos, member)
+
+    def _storages(self, data: memoryview, base: int, member: str) -> None:
+        got = self._pickle(data, 0, base, member)
+        if got is None:
+            return
+        pos, count = got
+        if not isinstance(count, int) or count < 0:
+            return self._rest(data, pos, base, member, "the storage count is not a constant")
+        for _ in range(count):
+            got = self._pickle(data, pos, base, member)
+            if got is None:
+                return
+            pos, desc = got
+            qualname = _qualname(desc[2]) if isinstance(desc, tuple) and len(desc) == 3 else None
+            size = None if qualname is None else element_size(qualname)
+            if size is None or pos + 8 > len(data):
+                return self._rest(
+                    data, pos, base, member, "a storage description names no known storage type"
+                )
+            (numel,) = struct.unpack_from("<q", data, pos)
+            if numel < 0 or pos + 8 + numel * size > len(data):
+                return self._rest(
+                    data, pos, base, member, f"a storage declares {numel} elements, past the member's end"
+                )
+            pos += 8 + numel * size
+        got = self._pickle(data, pos, base, member)  # the views list
+        if got is not None and got[0] < len(data):
+            self._rest(data, got[0], base, member, "bytes after the storage views")
+
+    def _tensors(self, data: memoryview, base: int, member: str) -> None:
+        got = self._pickle(data, 0, base, member)
+        if got is None:
+            return
+        pos, count = got
+        if not isinstance(count, int) or count < 0:
+            return self._rest(data, pos, base, member, "the tensor count is not a constant")
+        for _ in range(count):
+            got = self._pickle(data, pos, base, member)
+            if got is None:
+                return
+            pos = got[0]
+            if pos + 8 > len(data):
+                return self._rest(data, pos, base, member, "a tensor's dimensions are missing")
+            (ndim,) = struct.unpack_from("<i", data, pos)
+            skip = 8 + 16 * ndim + 8
+            if ndim < 0 or pos + skip > len(data):
+                return self._rest(
+                    data, pos, base, member, f"a tensor declares {ndim} dimensions, past the member's end"
+                )
+            pos += skip
+        if pos < len(data):
+            self._rest(data, pos, base, member, "bytes after the last tensor")

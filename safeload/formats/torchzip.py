@@ -1,0 +1,274 @@
+"""Zip archives, and among them ``torch.save`` checkpoints, found the way torch finds them.
+
+torch's reader (PyTorchStreamReader) takes the record prefix from the *first* central-directory
+entry (its name up to the first ``/``), then asks miniz for ``<prefix>/data.pkl``, ``version`` (or
+``.data/version``), ``byteorder`` and ``data/<key>`` for each storage. zipread.ZipArchive.locate
+reproduces miniz's lookup (case-insensitive, heap-sorted binary search), so ``data.pkl`` is the very
+member torch would unpickle, whatever its spelling.
+
+A torch archive yields the data.pkl stream (loadable), every other member that is a pickle by
+content or by a ``.pkl`` name (scanned too, SL307), and a storage index; members that are neither
+torch's own records nor pickles go back to detection as children. Any other zip hands back all its
+members as children. Bytes outside the archive's records are children too, read by content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from safeload.formats import raw, zipread
+from safeload.formats.base import (
+    Child,
+    PersistentScheme,
+    PickleStream,
+    ReadContext,
+    ReadResult,
+    StorageEntry,
+    StreamRole,
+)
+from safeload.formats.zipread import ZipArchive, ZipEntry
+from safeload.model import make_finding
+from safeload.text import escape
+
+NAME = "torch-zip"
+GENERIC = "zip"
+
+# Records torch itself reads or writes beside data.pkl and data/: never pickles.
+_TORCH_RECORDS = frozenset(
+    {
+        b"version",
+        b".data/version",
+        b"byteorder",
+        b".format_version",
+        b".storage_alignment",
+        b".data/serialization_id",
+    }
+)
+_DATA_DIR = b"data/"
+
+
+def sniff(buf: memoryview) -> bool:
+    return zipread.sniff(buf)
+
+
+def record_prefix(archive: ZipArchive) -> bytes | None:
+    """torch's archive name: the first central entry's name up to its first ``/`` (None: torch refuses)."""
+    counted = [e for e in archive.entries if e.counted]
+    if not counted:
+        return None
+    first = counted[0].raw_name
+    slash = first.find(b"/")
+    return None if slash < 0 else first[:slash]
+
+
+def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    archive = zipread.read_archive(buf, ctx)
+    if archive is None:
+        return ReadResult(
+            format=GENERIC,
+            findings=[make_finding("SL205", "zip archive without a readable end record", member=ctx.member)],
+        )
+    prefix = record_prefix(archive)
+    data_entry = None if prefix is None else archive.locate(prefix + b"/data.pkl")
+    if prefix is None or data_entry is None:
+        result = ReadResult(format=GENERIC, findings=list(archive.findings))
+        for entry in archive.entries:
+            _hand_on(buf, entry, ctx, result)
+    else:
+        result = _read_torch(buf, archive, prefix, data_entry, ctx)
+    _outside_records(buf, archive, ctx, result)
+    return result
+
+
+def _read_torch(
+    buf: memoryview, archive: ZipArchive, prefix: bytes, data_entry: ZipEntry, ctx: ReadContext
+) -> ReadResult:
+    result = ReadResult(format=NAME, findings=list(archive.findings))
+    # torch.load takes the zip path only for files that start with a local header, and miniz reads
+    # offsets as absolute: anything else is not a checkpoint torch.load would open as one.
+    torch_opens = archive.shift == 0 and bytes(buf[:4]) == zipread.LOCAL_SIG
+    data_name = prefix + b"/data.pkl"
+    if data_entry.raw_name != data_name:
+        result.findings.append(
+            make_finding(
+                "SL311",
+                f"torch loads {escape(data_entry.name)} as data.pkl: its reader compares names case-insensitively",
+                member=ctx.child_member(data_entry.name),
+                file_offset=None if ctx.file_offset is None else ctx.file_offset + data_entry.header_offset,
+            )
+        )
+    scanned: set[int] = set()
+    # Every entry miniz could take for data.pkl is scanned as data.pkl; the one it takes is loadable.
+    for entry in [data_entry] + [e for e in archive.same_name(data_name) if e.index != data_entry.index]:
+        stream = _stream(buf, entry, ctx, result, StreamRole.TORCH_ZIP_DATA, multi=False)
+        if stream is not None:
+            if entry.index == data_entry.index and torch_opens:
+                stream = dataclasses.replace(stream, loadable=True)
+            result.streams.append(stream)
+        scanned.add(entry.index)
+
+    meta: dict[str, object] = {
+        "record_prefix": prefix.decode("utf-8", "replace"),
+        "data_pkl": data_entry.name,
+        "byteorder": "little",
+        "torch_opens": torch_opens,
+    }
+    meta.update(_records(buf, archive, prefix, ctx, result))
+    result.meta = meta
+
+    storage_dir = prefix + b"/" + _DATA_DIR
+    own = {prefix + b"/" + name for name in _TORCH_RECORDS}
+    for entry in archive.entries:
+        if entry.index in scanned or entry.raw_name in own:
+            continue
+        if entry.raw_name.startswith(storage_dir) and len(entry.raw_name) > len(storage_dir):
+            _storage(buf, entry, entry.raw_name[len(storage_dir) :], ctx, result)
+            continue
+        if entry.is_dir and not entry.size:
+            continue
+        got = zipread.extract(buf, entry, ctx)
+        result.findings.extend(got.findings)
+        if got.data is None:
+            continue
+        if entry.raw_name.lower().endswith(b".pkl") or raw.sniff(got.data):
+            result.streams.append(_other_stream(entry, got, ctx))
+            result.findings.append(
+                make_finding(
+                    "SL307",
+                    f"{escape(entry.name)} is a pickle beside data.pkl; scanned with the same policy",
+                    member=ctx.child_member(entry.name),
+                    file_offset=got.file_offset,
+                )
+            )
+        else:
+            result.children.append(_child(entry, got, ctx))
+    return result
+
+
+def _records(
+    buf: memoryview, archive: ZipArchive, prefix: bytes, ctx: ReadContext, result: ReadResult
+) -> dict[str, object]:
+    """The small records torch reads before data.pkl: version, byteorder, format facts."""
+    meta: dict[str, object] = {}
+
+    def record(name: bytes) -> bytes | None:
+        entry = archive.locate(prefix + b"/" + name)
+        if entry is None:
+            return None
+        got = zipread.extract(buf, entry, ctx)
+        result.findings.extend(got.findings)
+        return None if got.data is None else bytes(got.data[:64])
+
+    version = record(b".data/version")
+    if version is None:
+        version = record(b"version")
+    meta["version"] = _int(version)
+    byteorder = record(b"byteorder")
+    if byteorder is not None:
+        if byteorder in (b"little", b"big"):
+            meta["byteorder"] = byteorder.decode()
+        else:
+            result.findings.append(
+                make_finding(
+                    "SL205",
+                    f"byteorder record holds {escape(byteorder)}; torch refuses anything but little/big",
+                    member=ctx.child_member((prefix + b"/byteorder").decode("utf-8", "replace")),
+                )
+            )
+    meta["format_version"] = _int(record(b".format_version"))
+    meta["storage_alignment"] = _int(record(b".storage_alignment"))
+    # torch.load hands archives holding constants.pkl to torch.jit.load (TorchScript).
+    meta["torchscript"] = archive.locate(prefix + b"/constants.pkl") is not None
+    return meta
+
+
+def _int(value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value.strip() or b"x")
+    except ValueError:
+        return None
+
+
+def _stream(
+    buf: memoryview, entry: ZipEntry, ctx: ReadContext, result: ReadResult, role: StreamRole, *, multi: bool
+) -> PickleStream | None:
+    got = zipread.extract(buf, entry, ctx)
+    result.findings.extend(got.findings)
+    if got.data is None:
+        result.findings.append(
+            make_finding(
+                "SL205",
+                f"{escape(entry.name)} could not be read; torch's data.pkl was not scanned",
+                member=ctx.child_member(entry.name),
+            )
+        )
+        return None
+    return PickleStream(
+        member=ctx.child_member(entry.name),
+        data=got.data,
+        file_offset=got.file_offset,
+        role=role,
+        persistent_scheme=PersistentScheme.TORCH_ZIP,
+        # torch's unpickler reads one pickle from data.pkl; the walker reports what follows it.
+        multi=multi,
+        encoding=_encoding(entry, ctx),
+    )
+
+
+def _other_stream(entry: ZipEntry, got: zipread.Extracted, ctx: ReadContext) -> PickleStream:
+    assert got.data is not None
+    return PickleStream(
+        member=ctx.child_member(entry.name),
+        data=got.data,
+        file_offset=got.file_offset,
+        role=StreamRole.TORCH_ZIP_OTHER,
+        # Other pickles in a torch archive (TorchScript's constants.pkl ...) use torch's storage ids.
+        persistent_scheme=PersistentScheme.TORCH_ZIP,
+        multi=True,
+        encoding=_encoding(entry, ctx),
+    )
+
+
+def _storage(buf: memoryview, entry: ZipEntry, key_raw: bytes, ctx: ReadContext, result: ReadResult) -> None:
+    key = key_raw.decode("utf-8", "replace")
+    # Storages are indexed, not read: no CRC (torch does not check one, and nothing unpickles them).
+    got = zipread.extract(buf, entry, ctx, check_crc=False)
+    result.findings.extend(got.findings)
+    if got.data is None:
+        return
+    if key in result.storages:
+        return  # a duplicate name: SL303 already says so, the first one stays indexed
+    result.storages[key] = StorageEntry(key=key, data=got.data, file_offset=got.file_offset)
+
+
+def _encoding(entry: ZipEntry, ctx: ReadContext) -> tuple[str, ...]:
+    if entry.method == zipread.STORED:
+        return ctx.encoding
+    return (*ctx.encoding, "deflate" if entry.method == zipread.DEFLATED else f"zip-method-{entry.method}")
+
+
+def _child(entry: ZipEntry, got: zipread.Extracted, ctx: ReadContext) -> Child:
+    assert got.data is not None
+    return Child(name=entry.name, data=got.data, file_offset=got.file_offset, encoding=_encoding(entry, ctx))
+
+
+def _hand_on(buf: memoryview, entry: ZipEntry, ctx: ReadContext, result: ReadResult) -> None:
+    if entry.is_dir and not entry.size:
+        return
+    got = zipread.extract(buf, entry, ctx)
+    result.findings.extend(got.findings)
+    if got.data is not None:
+        result.children.append(_child(entry, got, ctx))
+
+
+def _outside_records(buf: memoryview, archive: ZipArchive, ctx: ReadContext, result: ReadResult) -> None:
+    """Bytes before, between or after the records: their own format, maybe a pickle torch.load
+    would read instead of the zip (it takes the legacy path when the file does not start with PK)."""
+    for start, end in archive.extra_regions:
+        name = "<before-zip>" if start == 0 else "<after-zip>" if end == len(buf) else f"<zip-gap-{start}>"
+        file_offset = None if ctx.file_offset is None else ctx.file_offset + start
+        result.children.append(
+            Child(name=name, data=buf[start:end], file_offset=file_offset, encoding=ctx.encoding)
+        )

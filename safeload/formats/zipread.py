@@ -1,0 +1,639 @@
+"""A zip reader that sees an archive the way torch's reader (miniz) does, and reports where others differ.
+
+torch reads checkpoints with miniz (caffe2/serialize/inline_container.cc). What miniz does, and
+what this module therefore does:
+
+- finds the end-of-central-directory record by scanning back from the end (the last signature
+  with room for a record, at most ~64 KiB back) and trusts a ZIP64 record named by the locator;
+- takes central-directory and local-header offsets as absolute (no adjustment for prepended
+  data, unlike Python's zipfile; when only zipfile's adjusted view works we use it and say so);
+- locates a member with a case-insensitive binary search over the names heap-sorted at open time
+  (so ``ARCHIVE/DATA.PKL`` is ``archive/data.pkl``, and which of two duplicates wins depends on
+  that sort);
+- reads a member's bytes at ``local header offset + 30 + local name length + local extra length``
+  with the *central* sizes, and never looks at the local name, the local flags or the CRC
+  (pytorch builds miniz with CRC checks off).
+
+Everything that lets two readers see different archives is reported as a finding; the bytes torch
+would read are still handed on. Stored members are zero-copy slices of the buffer.
+
+CRC: torch never checks it, other tools refuse a member whose CRC is wrong, so a bad CRC is an
+evasion signal (SL300). ``extract`` checks it on every member it is asked for, at zlib speed
+(~1 GB/s); callers skip it for bytes nothing unpickles (torch storages: a 10 GB checkpoint would
+pay seconds to learn nothing about code execution).
+"""
+
+from __future__ import annotations
+
+import bz2
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from safeload.formats.base import ReadContext
+from safeload.model import Finding, make_finding
+from safeload.text import escape
+
+LOCAL_SIG = b"PK\x03\x04"
+CENTRAL_SIG = b"PK\x01\x02"
+EOCD_SIG = b"PK\x05\x06"
+ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+ZIP64_EOCD_SIG = b"PK\x06\x06"
+DESCRIPTOR_SIG = b"PK\x07\x08"
+
+_EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes
+_LOCATOR = struct.Struct("<4sIQI")  # 20 bytes
+_ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")  # 56 bytes
+_CENTRAL = struct.Struct("<4sHHHHHHIIIHHHHHII")  # 46 bytes
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
+
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+_MAX_BACK_SCAN = _U16 + _EOCD.size
+
+STORED, DEFLATED, BZIP2 = 0, 8, 12
+
+FLAG_DESCRIPTOR = 0x0008
+FLAG_UTF8 = 0x0800
+# What ordinary writers set: deflate level bits (1, 2), data descriptor (3), UTF-8 names (11).
+# torch writes 0x0808. Anything else (encryption 0, patch 5, strong encryption 6, masked
+# directory 13, reserved bits) makes some reader refuse a member another one reads.
+_ORDINARY_FLAGS = 0x0002 | 0x0004 | FLAG_DESCRIPTOR | FLAG_UTF8
+
+_DOS_DIRECTORY = 0x10
+_HEAP_SORT_MAX = 50_000
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One central-directory record, with what its local header says."""
+
+    index: int  # position in the central directory
+    raw_name: bytes  # central name, as miniz compares it
+    name: str  # central name decoded as Python's zipfile does (member paths in reports)
+    flags: int
+    method: int
+    crc: int
+    comp_size: int
+    size: int
+    header_offset: int  # local header position in the buffer
+    external_attr: int
+    local_name: bytes | None = None  # None: no readable local header
+    local_flags: int | None = None
+    data_offset: int | None = None  # where torch starts reading the member's bytes
+    counted: bool = True  # False: past the EOCD's entry count (Python's zipfile reads it, miniz not)
+
+    @property
+    def is_dir(self) -> bool:
+        """miniz returns no bytes for these (trailing slash or the DOS directory attribute)."""
+        return self.raw_name.endswith(b"/") or bool(self.external_attr & _DOS_DIRECTORY)
+
+
+@dataclass
+class ZipArchive:
+    entries: list[ZipEntry]
+    findings: list[Finding]
+    eocd_offset: int
+    end: int  # just after the EOCD record and its comment
+    cd_offset: int  # in buffer coordinates
+    cd_size: int
+    shift: int  # 0: offsets read as absolute (torch); >0: zipfile-style shift for prepended data
+    zip64: bool
+    comment: bytes
+    extra_regions: list[tuple[int, int]] = field(default_factory=list)  # bytes outside every record
+    _order: list[int] | None = None
+    _counted: list[ZipEntry] = field(default_factory=list)
+    _keys: list[bytes] = field(default_factory=list)
+
+    def locate(self, name: bytes) -> ZipEntry | None:
+        """The entry miniz's ``mz_zip_reader_locate_file(name, flags=0)`` returns."""
+        if self._order is None:
+            self._counted = [e for e in self.entries if e.counted]
+            self._keys = [_lower(e.raw_name) for e in self._counted]
+            self._order = _miniz_sorted(self._keys)
+        wanted = _lower(name)
+        lo, hi = 0, len(self._order) - 1
+        while lo <= hi:
+            mid = lo + ((hi - lo) >> 1)
+            key = self._keys[self._order[mid]]
+            if key == wanted:
+                return self._counted[self._order[mid]]
+            if key < wanted:
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        return None
+
+    def same_name(self, name: bytes) -> list[ZipEntry]:
+        """Every entry miniz would consider named ``name`` (case-insensitive)."""
+        low = _lower(name)
+        return [e for e in self.entries if _lower(e.raw_name) == low]
+
+
+@dataclass
+class Extracted:
+    data: memoryview | None  # None: nothing could be read
+    file_offset: int | None  # absolute offset when the bytes are stored in the file
+    findings: list[Finding]
+    complete: bool
+
+
+def _lower(name: bytes) -> bytes:
+    # miniz's MZ_TOLOWER folds ASCII A-Z only; bytes.lower() does exactly that.
+    return name.lower()
+
+
+def _miniz_sorted(keys: list[bytes]) -> list[int]:
+    """Indices of lower-cased names in the order miniz's heap sort leaves them.
+
+    miniz compares lower-cased bytes with a shorter prefix first: Python's bytes order. Only where
+    names repeat does the algorithm matter (which duplicate the binary search lands on), so the
+    heap sort is replayed only then, up to a size where replaying it in Python stays cheap (beyond
+    that the duplicates are reported and every copy is scanned anyway).
+    """
+    idx = list(range(len(keys)))
+    size = len(idx)
+    if len(set(keys)) == size or size > _HEAP_SORT_MAX:
+        return sorted(idx, key=keys.__getitem__)
+
+    def sift(root: int, end: int) -> None:
+        while True:
+            child = 2 * root + 1
+            if child >= end:
+                return
+            if child + 1 < end and keys[idx[child]] < keys[idx[child + 1]]:
+                child += 1
+            if not keys[idx[root]] < keys[idx[child]]:
+                return
+            idx[root], idx[child] = idx[child], idx[root]
+            root = child
+
+    for start in range((size - 2) >> 1, -1, -1):
+        sift(start, size)
+    for end in range(size - 1, 0, -1):
+        idx[end], idx[0] = idx[0], idx[end]
+        sift(0, end)
+    return idx
+
+
+def _decode_name(raw: bytes, flags: int) -> str:
+    if flags & FLAG_UTF8:
+        return raw.decode("utf-8", "replace")
+    return raw.decode("cp437")
+
+
+def find_eocd(buf: memoryview) -> int | None:
+    """Offset of the end-of-central-directory record miniz would use."""
+    n = len(buf)
+    if n < _EOCD.size:
+        return None
+    start = max(0, n - _MAX_BACK_SCAN)
+    tail = bytes(buf[start:])
+    pos = tail.rfind(EOCD_SIG, 0, n - start - _EOCD.size + len(EOCD_SIG))
+    return None if pos < 0 else start + pos
+
+
+def sniff(buf: memoryview) -> bool:
+    """A zip by structure: a local header at the start, or an EOCD whose central directory exists."""
+    if bytes(buf[:4]) in (LOCAL_SIG, EOCD_SIG):
+        return True
+    eocd = find_eocd(buf)
+    if eocd is None:
+        return False
+    _, _, _, _, total, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, eocd)
+    if total == 0:
+        return False
+    return _directory_shift(buf, eocd, cd_offset, cd_size, total) is not None
+
+
+def _records_end(buf: memoryview, eocd: int) -> int:
+    """Where the central directory ends if nothing lies: before the ZIP64 records, if any."""
+    at = eocd - _LOCATOR.size
+    if at >= _ZIP64_EOCD.size and bytes(buf[at : at + 4]) == ZIP64_LOCATOR_SIG:
+        return at - _ZIP64_EOCD.size
+    return eocd
+
+
+def _central_at(buf: memoryview, offset: int, total: int) -> bool:
+    if total == 0:
+        return 0 <= offset <= len(buf)
+    return 0 <= offset <= len(buf) - 4 and bytes(buf[offset : offset + 4]) == CENTRAL_SIG
+
+
+def _directory_shift(buf: memoryview, eocd: int, cd_offset: int, cd_size: int, total: int) -> int | None:
+    """0 when the directory is where the offsets say (torch's reading); the shift Python's zipfile
+    applies when bytes were put in front of the archive; None when neither finds it."""
+    if _central_at(buf, cd_offset, total):
+        return 0
+    shift = _records_end(buf, eocd) - cd_size - cd_offset
+    if shift > 0 and _central_at(buf, cd_offset + shift, total):
+        return shift
+    return None
+
+
+def _finding(code: str, message: str, ctx: ReadContext, member: str | None, offset: int | None) -> Finding:
+    file_offset = None if ctx.file_offset is None or offset is None else ctx.file_offset + offset
+    return make_finding(
+        code,
+        message,
+        member=ctx.child_member(member) if member is not None else ctx.member,
+        offset=offset,
+        file_offset=file_offset,
+    )
+
+
+class _Reader:
+    def __init__(self, buf: memoryview, ctx: ReadContext) -> None:
+        self.buf = buf
+        self.ctx = ctx
+        self.findings: list[Finding] = []
+
+    def note(self, code: str, message: str, member: str | None = None, offset: int | None = None) -> None:
+        self.findings.append(_finding(code, message, self.ctx, member, offset))
+
+    def u(self, st: struct.Struct, offset: int) -> tuple | None:
+        if offset < 0 or offset + st.size > len(self.buf):
+            return None
+        return st.unpack_from(self.buf, offset)
+
+    # -- end records ---------------------------------------------------------------------------
+    def read(self) -> ZipArchive | None:
+        eocd = find_eocd(self.buf)
+        if eocd is None:
+            self.note(
+                "SL205", "no end-of-central-directory record: the zip archive is truncated or not a zip"
+            )
+            return None
+        (_, disk, cd_disk, on_disk, total, cd_size, cd_offset, comment_len) = _EOCD.unpack_from(
+            self.buf, eocd
+        )
+        comment = bytes(self.buf[eocd + _EOCD.size : eocd + _EOCD.size + comment_len])
+        end = min(len(self.buf), eocd + _EOCD.size + comment_len)
+        if eocd + _EOCD.size + comment_len > len(self.buf):
+            self.note("SL205", "the archive comment runs past the end of the file", offset=eocd)
+        zip64 = False
+        loc = self.u(_LOCATOR, eocd - _LOCATOR.size)
+        if loc is not None and loc[0] == ZIP64_LOCATOR_SIG:
+            # miniz follows the locator's offset; Python's zipfile reads the record right before the
+            # locator. When those differ the two readers may see different archives.
+            z64_offset, expected = loc[2], eocd - _LOCATOR.size - _ZIP64_EOCD.size
+            rec = self._zip64_record(z64_offset)
+            if z64_offset != expected:
+                self.note(
+                    "SL306",
+                    f"ZIP64 locator points to offset {z64_offset}, not right before itself ({expected})",
+                    offset=eocd - _LOCATOR.size,
+                )
+                rec = rec or self._zip64_record(expected)
+            if rec is None:
+                self.note("SL306", "ZIP64 locator without a ZIP64 end record", offset=eocd - _LOCATOR.size)
+            else:
+                zip64 = True
+                (_, _, _, _, z_disk, z_cd_disk, z_on_disk, z_total, z_cd_size, z_cd_offset) = rec
+                pairs = [
+                    ("entry count", total, z_total, _U16),
+                    ("entries on disk", on_disk, z_on_disk, _U16),
+                    ("central directory size", cd_size, z_cd_size, _U32),
+                    ("central directory offset", cd_offset, z_cd_offset, _U32),
+                ]
+                for label, small, big, sentinel in pairs:
+                    if small != sentinel and small != big:
+                        self.note(
+                            "SL306",
+                            f"EOCD {label} {small} disagrees with the ZIP64 record's {big}",
+                            offset=eocd,
+                        )
+                total, on_disk, cd_size, cd_offset = z_total, z_on_disk, z_cd_size, z_cd_offset
+                disk, cd_disk = z_disk, z_cd_disk
+        multi_disk = (disk, cd_disk) not in ((0, 0), (1, 1))
+        if total != on_disk or multi_disk:
+            self.note("SL306", f"multi-disk fields set (disk {disk}, directory disk {cd_disk})", offset=eocd)
+
+        shift = _directory_shift(self.buf, eocd, cd_offset, cd_size, total)
+        if shift is None:
+            self.note("SL205", "the central directory is not where the end record says", offset=eocd)
+            return ZipArchive([], self.findings, eocd, end, cd_offset, cd_size, 0, zip64, comment)
+        if shift:
+            self.note(
+                "SL305",
+                f"the archive's offsets are relative to byte {shift}: {shift} bytes were put in front "
+                "of it. Python's zipfile reads it; torch's reader does not",
+                offset=0,
+            )
+        cd_start = cd_offset + shift
+        if cd_start + cd_size > len(self.buf):
+            self.note("SL205", "the central directory runs past the end of the file", offset=cd_start)
+        entries = self._central(cd_start, cd_size, total, shift)
+        archive = ZipArchive(entries, self.findings, eocd, end, cd_start, cd_size, shift, zip64, comment)
+        self._check_layout(archive)
+        return archive
+
+    def _zip64_record(self, offset: int) -> tuple | None:
+        rec = self.u(_ZIP64_EOCD, offset)
+        return rec if rec is not None and rec[0] == ZIP64_EOCD_SIG else None
+
+    # -- central directory ---------------------------------------------------------------------
+    def _central(self, start: int, size: int, total: int, shift: int) -> list[ZipEntry]:
+        limit = self.ctx.limits.max_zip_members
+        entries: list[ZipEntry] = []
+        pos = start
+        stop = min(len(self.buf), start + size)
+        while pos < stop:
+            if len(entries) >= limit:
+                self.note("SL203", f"more than {limit} zip members; the rest were not read", offset=pos)
+                break
+            rec = self.u(_CENTRAL, pos)
+            if rec is None or rec[0] != CENTRAL_SIG:
+                if len(entries) < total:
+                    self.note("SL205", f"central directory record {len(entries)} is damaged", offset=pos)
+                elif pos < stop:
+                    self.note("SL306", "bytes after the last central directory record", offset=pos)
+                break
+            (_, _, _, flags, method, _, _, crc, comp, usize, nlen, xlen, clen, _, _, ext_attr, hoff) = rec
+            name_at = pos + _CENTRAL.size
+            raw_name = bytes(self.buf[name_at : name_at + nlen])
+            extra = bytes(self.buf[name_at + nlen : name_at + nlen + xlen])
+            if name_at + nlen + xlen + clen > len(self.buf):
+                self.note("SL205", "central directory record runs past the end of the file", offset=pos)
+                break
+            if max(comp, usize, hoff) == _U32:
+                usize, comp, hoff = self._zip64_extra(extra, usize, comp, hoff, raw_name, pos)
+            name = _decode_name(raw_name, flags)
+            header = hoff + shift
+            local_name, local_flags, data_offset = self._local(
+                name, raw_name, header, flags, method, crc, comp, usize
+            )
+            entry = ZipEntry(
+                index=len(entries),
+                raw_name=raw_name,
+                name=name,
+                flags=flags,
+                method=method,
+                crc=crc,
+                comp_size=comp,
+                size=usize,
+                header_offset=header,
+                external_attr=ext_attr,
+                local_name=local_name,
+                local_flags=local_flags,
+                data_offset=data_offset,
+                counted=len(entries) < total,
+            )
+            entries.append(entry)
+            pos = name_at + nlen + xlen + clen
+        if len(entries) != total:
+            self.note(
+                "SL306",
+                f"the end record counts {total} entries, the central directory holds {len(entries)}: "
+                "miniz reads the count, Python's zipfile reads to the directory's end",
+                offset=start,
+            )
+        return entries
+
+    def _zip64_extra(
+        self, extra: bytes, usize: int, comp: int, hoff: int, raw_name: bytes, pos: int
+    ) -> tuple[int, int, int]:
+        i = 0
+        while i + 4 <= len(extra):
+            tag, length = struct.unpack_from("<HH", extra, i)
+            body = extra[i + 4 : i + 4 + length]
+            if tag == 0x0001:
+                values = []
+                for j in range(0, len(body) - 7, 8):
+                    values.append(struct.unpack_from("<Q", body, j)[0])
+                it = iter(values)
+                try:
+                    if usize == _U32:
+                        usize = next(it)
+                    if comp == _U32:
+                        comp = next(it)
+                    if hoff == _U32:
+                        hoff = next(it)
+                except StopIteration:
+                    self.note(
+                        "SL306", "ZIP64 extra field too short for the sizes it replaces", _n(raw_name), pos
+                    )
+                return usize, comp, hoff
+            i += 4 + length
+        self.note("SL306", "32-bit size or offset is 0xFFFFFFFF but no ZIP64 extra field", _n(raw_name), pos)
+        return usize, comp, hoff
+
+    # -- local headers -------------------------------------------------------------------------
+    def _local(
+        self,
+        member: str,
+        raw_name: bytes,
+        header: int,
+        flags: int,
+        method: int,
+        crc: int,
+        comp: int,
+        size: int,
+    ) -> tuple[bytes | None, int | None, int | None]:
+        """The local header's name, flags and where the data starts, reporting where it disagrees
+        with the central directory (miniz uses only the header's two lengths)."""
+        loc = self.u(_LOCAL, header)
+        if loc is None or loc[0] != LOCAL_SIG:
+            self.note("SL205", "no local file header where the central directory points", member, header)
+            return None, None, None
+        (_, _, lflags, lmethod, _, _, lcrc, lcomp, lsize, nlen, xlen) = loc
+        name_at = header + _LOCAL.size
+        local_name = bytes(self.buf[name_at : name_at + nlen])
+        if local_name != raw_name:
+            self.note(
+                "SL302",
+                f"local header names {escape(_n(local_name))}, the central directory {escape(member)}: "
+                "torch reads it under the central name, Python's zipfile refuses it",
+                member,
+                header,
+            )
+        if flags & ~_ORDINARY_FLAGS:
+            self.note(
+                "SL301",
+                f"general-purpose flags {flags:#06x} (encryption/patch/reserved bits)",
+                member,
+                header,
+            )
+        if lflags != flags:
+            self.note(
+                "SL301",
+                f"local header flags {lflags:#06x} differ from the central directory's {flags:#06x}",
+                member,
+                header,
+            )
+        if lmethod != method:
+            self.note(
+                "SL306", f"local header method {lmethod} differs from the central {method}", member, header
+            )
+        if not lflags & FLAG_DESCRIPTOR:
+            if lcrc != crc:
+                self.note("SL300", "local header CRC differs from the central directory's", member, header)
+            if _U32 not in (lcomp, lsize) and (lcomp, lsize) != (comp, size):
+                self.note("SL306", "local header sizes differ from the central directory's", member, header)
+        return local_name, lflags, name_at + nlen + xlen
+
+    # -- layout: overlaps, duplicates, bytes outside the archive --------------------------------
+    def _check_layout(self, archive: ZipArchive) -> None:
+        spans: list[tuple[int, int, str]] = []
+        for e in archive.entries:
+            if e.data_offset is None:
+                continue
+            end = e.data_offset + e.comp_size
+            if e.flags & FLAG_DESCRIPTOR:
+                end += self._descriptor_len(end)
+            spans.append((e.header_offset, end, e.name))
+        spans.sort()
+        reach, reach_name = -1, ""
+        for start, end, name in spans:
+            if start < reach:
+                self.note("SL304", f"entries {escape(reach_name)} and {escape(name)} overlap", name, start)
+            if end > reach:
+                reach, reach_name = end, name
+        directory = (archive.cd_offset, archive.end)
+        for s, e, n in spans:
+            if s < directory[1] and directory[0] < e:
+                self.note("SL304", f"entry {escape(n)} overlaps the central directory", n, s)
+        seen: dict[bytes, ZipEntry] = {}
+        for e in archive.entries:
+            key = _lower(e.raw_name)
+            if key in seen:
+                first = seen[key]
+                self.note(
+                    "SL303",
+                    f"{escape(e.name)} duplicates {escape(first.name)} (miniz compares names case-insensitively); "
+                    "readers disagree on which one is the member",
+                    e.name,
+                    e.header_offset,
+                )
+            else:
+                seen[key] = e
+        # Bytes no record claims: before the first header, between entries, after the end record.
+        covered = sorted([(s, e) for s, e, _ in spans] + [(archive.cd_offset, archive.end)])
+        regions: list[tuple[int, int]] = []
+        cursor = 0
+        for s, e in covered:
+            if s > cursor:
+                regions.append((cursor, s))
+            cursor = max(cursor, e)
+        if cursor < len(self.buf):
+            regions.append((cursor, len(self.buf)))
+        for s, e in regions:
+            where = (
+                "before the archive"
+                if s == 0
+                else "after the archive"
+                if e == len(self.buf)
+                else "between entries"
+            )
+            self.note("SL305", f"{e - s} bytes {where} (offsets {s}-{e}) belong to no zip record", offset=s)
+        archive.extra_regions = regions
+
+    def _descriptor_len(self, at: int) -> int:
+        """Data descriptors are 12-24 bytes; take the length after which the next record starts."""
+        has_sig = bytes(self.buf[at : at + 4]) == DESCRIPTOR_SIG
+        base = 4 if has_sig else 0
+        for body in (12, 20):
+            nxt = bytes(self.buf[at + base + body : at + base + body + 4])
+            if nxt in (LOCAL_SIG, CENTRAL_SIG, ZIP64_EOCD_SIG, EOCD_SIG):
+                return base + body
+        return base + 12
+
+
+def _n(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def read_archive(buf: memoryview, ctx: ReadContext) -> ZipArchive | None:
+    """Parse the archive's directory and local headers; None when there is no end record at all.
+
+    Findings land in ``archive.findings`` (or, for None, are lost: call ``sniff`` first).
+    """
+    return _Reader(buf, ctx).read()
+
+
+def entries(buf: memoryview, ctx: ReadContext) -> list[ZipEntry]:
+    """The archive's entries in central-directory order (for readers of zip-based formats)."""
+    archive = read_archive(buf, ctx)
+    return [] if archive is None else archive.entries
+
+
+def extract(buf: memoryview, entry: ZipEntry, ctx: ReadContext, *, check_crc: bool = True) -> Extracted:
+    """The bytes torch's reader would return for ``entry``: stored ones zero-copy, deflated ones
+    inflated under the file's decompression budget and ratio limit."""
+    findings: list[Finding] = []
+
+    def note(code: str, message: str) -> None:
+        findings.append(_finding(code, message, ctx, entry.name, entry.header_offset))
+
+    if entry.data_offset is None:
+        return Extracted(None, None, findings, False)
+    start = entry.data_offset
+    available = max(0, len(buf) - start)
+    complete = True
+    if entry.is_dir and entry.size:
+        note("SL205", "marked as a directory: torch's reader returns no bytes for it")
+        complete = False
+    if entry.method == STORED:
+        if entry.comp_size != entry.size:
+            note("SL306", f"stored member with compressed size {entry.comp_size} and size {entry.size}")
+        want = entry.size
+        if want > available:
+            note("SL205", f"member data truncated: {available} of {want} bytes present")
+            want, complete = available, False
+        data = buf[start : start + want]
+        file_offset = None if ctx.file_offset is None else ctx.file_offset + start
+    elif entry.method in (DEFLATED, BZIP2):
+        raw = buf[start : start + min(entry.comp_size, available)]
+        if entry.comp_size > available:
+            note("SL205", f"compressed data truncated: {available} of {entry.comp_size} bytes present")
+            complete = False
+        inflated, ok = _inflate(raw, entry, ctx, note)
+        complete = complete and ok
+        data = memoryview(inflated)
+        file_offset = None
+    else:
+        note("SL205", f"compression method {entry.method} is not one torch or safeload reads")
+        return Extracted(None, None, findings, False)
+    if check_crc and complete:
+        crc = zlib.crc32(data)
+        if crc != entry.crc:
+            note("SL300", f"CRC {crc:#010x} does not match the recorded {entry.crc:#010x}")
+    return Extracted(data, file_offset, findings, complete)
+
+
+def _inflate(
+    raw: memoryview, entry: ZipEntry, ctx: ReadContext, note: Callable[[str, str], None]
+) -> tuple[bytes, bool]:
+    limits = ctx.limits
+    ratio_cap = max(1, len(raw)) * limits.max_compression_ratio
+    cap = min(entry.size, ratio_cap)
+    if entry.size > ratio_cap:
+        note(
+            "SL309",
+            f"declares {entry.size} bytes from {len(raw)} compressed (ratio limit {limits.max_compression_ratio})",
+        )
+    if not ctx.budget.take(cap):
+        note("SL203", f"decompressing {cap} more bytes would pass the file's limit of {ctx.budget.limit}")
+        return b"", False
+    try:
+        if entry.method == DEFLATED:
+            d = zlib.decompressobj(-15)
+            out = d.decompress(raw, cap + 1)
+            finished = d.eof
+        else:
+            b = bz2.BZ2Decompressor()
+            out = b.decompress(bytes(raw), cap + 1)
+            finished = b.eof
+    except (zlib.error, OSError, EOFError, ValueError) as exc:
+        note("SL205", f"compressed data is corrupt: {exc}")
+        return b"", False
+    if len(out) > cap:
+        if cap < entry.size:
+            return out[:cap], False
+        note("SL205", f"inflates to more than the {entry.size} bytes recorded; torch's reader fails here")
+        return out[:cap], False
+    if len(out) < entry.size or not finished:
+        note("SL205", f"inflates to {len(out)} bytes, {entry.size} recorded")
+        return out, False
+    return out, True
