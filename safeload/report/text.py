@@ -25,8 +25,12 @@ def render_report(report: ScanReport, *, verbose: bool = False) -> str:
         for stream in report.streams:
             names = sorted({g.name for g in stream.globals})
             where = escape(stream.member) if stream.member else "<file>"
-            lines.append(f"    stream {where}: protocol {stream.protocol}, {stream.opcodes} opcodes, {len(names)} globals")
-            lines.extend(f"      {'ok ' if g.allowed else 'NO '} {escape(g.name)}" for g in _unique(stream.globals))
+            lines.append(
+                f"    stream {where}: protocol {stream.protocol}, {stream.opcodes} opcodes, {len(names)} globals"
+            )
+            lines.extend(
+                f"      {'ok ' if g.allowed else 'NO '} {escape(g.name)}" for g in _unique(stream.globals)
+            )
     return "\n".join(lines)
 
 

@@ -1,0 +1,237 @@
+"""`safeload audit`: scan a model registry once per distinct file, in parallel, with a cache.
+
+Logic only (no printing): walk the given trees (audit_walk), reuse cached results by content
+(audit_cache), scan the rest (audit_workers), then build the registry views (audit_views): globals
+inventory, which files block which policy and, with a baseline, only what is new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safeload import __version__
+from safeload.audit_cache import AuditCache, stat_key
+from safeload.audit_model import AuditRun, AuditStats
+from safeload.audit_views import (
+    AuditError,
+    apply_baseline,
+    global_names,
+    load_baseline,
+    policy_allows,
+    policy_check,
+    reapply_waivers,
+)
+from safeload.audit_walk import FileGroup, collect
+from safeload.audit_workers import Outcome, PolicyName, PoolConfig, Scanner, run_parallel, unreadable
+from safeload.model import Finding, ScanReport, Verdict, decide
+from safeload.report.summary import count_globals, file_identity
+
+if TYPE_CHECKING:
+    from safeload.policy import Policy
+
+__all__ = ["AuditError", "AuditOptions", "Progress", "audit"]
+
+COMPARED_POLICIES = ("strict", "default")
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    policy: PolicyName = "default"
+    allow: tuple[str, ...] = ()
+    jobs: int = 1
+    cache_dir: Path | None = None
+    baseline: Path | None = None
+    rehash: bool = False  # ignore cached hashes (results are still reused by content)
+    compare: tuple[str, ...] = COMPARED_POLICIES
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One file finished (or, with path None, the total is known)."""
+
+    done: int
+    total: int
+    path: str | None = None
+    verdict: Verdict | None = None
+    cached: bool = False
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+def audit(
+    paths: Sequence[str], options: AuditOptions | None = None, progress: ProgressFn | None = None
+) -> AuditRun:
+    """Audit files and directory trees. Raises AuditError or PolicyError for usage problems only;
+    every file problem becomes a finding in the report."""
+    # Not safeload.api: a fully cached run then never imports the scanner (most of its start-up).
+    from safeload.policy import load_policy
+
+    options = options or AuditOptions()
+    if options.jobs < 1:
+        raise AuditError("--jobs must be at least 1")
+    policy = load_policy(options.policy, allow=options.allow)
+    known = load_baseline(options.baseline) if options.baseline is not None else None
+    cache = AuditCache(options.cache_dir) if options.cache_dir is not None else None
+
+    groups = collect(paths, exclude=[str(options.cache_dir)] if options.cache_dir is not None else [])
+    total = sum(not g.inert for g in groups)
+    done = 0
+    notify = progress or (lambda _event: None)
+    notify(Progress(done=0, total=total))
+
+    def finish(group: FileGroup, report: ScanReport, cached: bool) -> None:
+        nonlocal done
+        group.report, group.cached, done = report, cached, done + 1
+        shown = group.reported_paths() or group.paths
+        notify(Progress(done=done, total=total, path=shown[0], verdict=report.verdict, cached=cached))
+
+    hashes = cache.load_hashes() if cache is not None else {}
+    learned: dict[str, str] = {}
+    hash_hits = _resolve_from_cache(groups, policy, cache, {} if options.rehash else hashes, finish)
+    plan = _scan_plan(groups)
+    members = dict(plan)
+    scanned = 0
+
+    def on_done(path: str, outcome: Outcome) -> None:
+        nonlocal scanned
+        scanned += not outcome.cached
+        sha = outcome.report.sha256
+        if outcome.stat_key is not None and sha is not None and hashes.get(outcome.stat_key) != sha:
+            learned[outcome.stat_key] = sha
+        for group in members[path]:
+            finish(group, outcome.report, outcome.cached)
+
+    # With --rehash, a file whose hash is not trusted is hashed first so that a result cached for
+    # its bytes is still reused; otherwise the scan itself hashes (one read, not two).
+    tasks = [(path, options.rehash and cache is not None) for path, _ in plan]
+    try:
+        if options.jobs == 1 or len(tasks) <= 1:
+            scanner = Scanner(policy, cache)
+            for path, lookup in tasks:
+                on_done(path, scanner.safe_process(path, lookup))
+        else:
+            config = PoolConfig(options.policy, options.allow, options.cache_dir, options.jobs)
+            run_parallel(tasks, config, policy, on_done)
+    finally:
+        if cache is not None:
+            cache.save_hashes(learned)  # even when interrupted: what was learned stays learned
+
+    reports, skipped = _expand(groups)
+    compared = [policy] + [load_policy(n) for n in options.compare if n != policy.name]
+    every_name = {n for r in reports for n in global_names(r)}
+    allowed_sets = {p.name: {n for n in every_name if policy_allows(p, n)} for p in compared}
+    checks = tuple(policy_check(p, reports, p is policy, allowed_sets[p.name]) for p in compared)
+    inventory = tuple(count_globals(reports, allowed_sets))
+
+    baseline_info = None
+    decisive: list[Finding] | None = None
+    if known is not None and options.baseline is not None:
+        reports, baseline_info, decisive = apply_baseline(reports, known, options.baseline)
+    verdicts = [r.verdict for r in reports] if decisive is None else [decide(decisive)]
+    stats = AuditStats(
+        paths=sum(len(g.reported_paths()) for g in groups),
+        files=len({file_identity(g.report) for g in groups if g.report is not None}),
+        scanned=scanned,
+        from_cache=sum(1 for g in groups if g.cached),
+        hash_cache_hits=hash_hits,
+    )
+    return AuditRun(
+        version=__version__,
+        policy=policy.name,
+        reports=tuple(reports),
+        skipped=tuple(skipped),
+        exit_code=_exit_code(verdicts),
+        roots=tuple(paths),
+        stats=stats,
+        inventory=inventory,
+        policy_checks=checks,
+        baseline=baseline_info,
+    )
+
+
+def _resolve_from_cache(
+    groups: list[FileGroup],
+    policy: Policy,
+    cache: AuditCache | None,
+    hashes: dict[str, str],
+    finish: Callable[[FileGroup, ScanReport, bool], None],
+) -> int:
+    """Unreadable paths get their report; known hashes and cached results are filled in.
+    Returns how many hashes were known."""
+    hits = 0
+    by_sha: dict[str, ScanReport | None] = {}
+    for group in groups:
+        if group.error is not None:
+            finish(group, unreadable(group.first, group.error, policy), False)
+            continue
+        if cache is None or group.st is None or group.inert:
+            continue
+        sha = group.sha256 = hashes.get(stat_key(group.st))
+        if sha is None:
+            continue
+        hits += 1
+        if sha not in by_sha:
+            report = cache.get_report(sha, policy.hash, __version__)
+            by_sha[sha] = None if report is None else reapply_waivers(report, policy)
+        cached = by_sha[sha]
+        if cached is not None:
+            finish(group, cached, True)
+    return hits
+
+
+def _scan_plan(groups: list[FileGroup]) -> list[tuple[str, list[FileGroup]]]:
+    """What to scan: one path per distinct known sha256, one per file whose hash is not known yet."""
+    plan: dict[str, list[FileGroup]] = {}
+    order: list[str] = []
+    for group in groups:
+        if group.report is not None or group.inert:
+            continue
+        key = group.sha256 or f"file:{group.first}"
+        if key not in plan:
+            plan[key] = []
+            order.append(key)
+        plan[key].append(group)
+    return [(plan[k][0].first, plan[k]) for k in order]
+
+
+def _expand(groups: list[FileGroup]) -> tuple[list[ScanReport], list[str]]:
+    """One report per reported path; walked files that are no model format become `skipped`."""
+    reports: list[ScanReport] = []
+    skipped: list[str] = []
+    for group in groups:
+        if group.inert:
+            skipped.extend(group.reported_paths())
+            continue
+        if group.report is None:
+            continue
+        for path in group.reported_paths():
+            if path not in group.named and _no_model_format(group.report):
+                skipped.append(path)
+                continue
+            reports.append(
+                group.report if group.report.path == path else group.report.model_copy(update={"path": path})
+            )
+    reports.sort(key=lambda r: r.path)
+    skipped.sort()
+    return reports, skipped
+
+
+def _no_model_format(report: ScanReport) -> bool:
+    return bool(report.findings) and all(f.code == "SL204" for f in report.findings)
+
+
+def _names(report: ScanReport) -> set[str]:
+    return {g.name for s in report.streams for g in s.globals}
+
+
+def _exit_code(verdicts: Iterable[Verdict]) -> int:
+    found = set(verdicts)
+    if Verdict.UNSAFE in found:
+        return 1
+    if Verdict.UNSCANNABLE in found:
+        return 2
+    return 0

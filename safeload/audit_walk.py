@@ -1,0 +1,135 @@
+"""Walking a registry: every file under the given paths, grouped by the file (inode) it reaches.
+
+A Hugging Face cache links ``snapshots/<rev>/<name>`` to ``blobs/<sha>``: the links and the blob
+are one group, reported under the links. Nothing here reads a model file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from safeload.model import ScanReport
+
+
+@dataclass
+class FileGroup:
+    """Every path that reaches one file (same device and inode), or one path that could not be read."""
+
+    first: str  # the path the file is read through
+    st: os.stat_result | None = None
+    error: str | None = None
+    paths: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    named: set[str] = field(default_factory=set)
+    sha256: str | None = None
+    report: ScanReport | None = None
+    cached: bool = False
+    # A git/Hugging Face ref (refs/main: 40 hex digits). Such bytes cannot complete a pickle or push
+    # anything a later opcode could call, so they are listed as skipped instead of "malformed pickle".
+    inert: bool = False
+
+    def reported_paths(self) -> list[str]:
+        """Links stand for the blob they point to; the blob itself only when nothing links to it."""
+        if not self.links:
+            return list(self.paths)
+        return [p for p in self.paths if p in self.links or p in self.named]
+
+
+def collect(paths: Sequence[str], exclude: Sequence[str] = ()) -> list[FileGroup]:
+    """Every file under the given paths, grouped by the file it reaches. Never raises for a bad path.
+
+    Directories in `exclude` (the audit's own cache) are not walked.
+    """
+    groups: dict[object, FileGroup] = {}
+    skip_dirs = set()
+    for path in exclude:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        skip_dirs.add((st.st_dev, st.st_ino))
+
+    def add(path: str, named: bool, is_link: bool) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            _error_group(groups, path, f"cannot stat: {exc.strerror or exc}", named)
+            return
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO or device would block or never end; it is no model file either way.
+            _error_group(groups, path, "not a regular file", named)
+            return
+        key = (st.st_dev, st.st_ino)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = FileGroup(first=path, st=st, inert=not named and _is_ref(path, st))
+        if path not in group.paths:
+            group.paths.append(path)
+            if is_link:
+                group.links.append(path)
+        if named:
+            group.named.add(path)
+            group.inert = False  # a file the user names is always scanned and reported
+
+    for given in paths:
+        if os.path.isdir(given):
+            for path, is_link in _walk(given, groups, skip_dirs):
+                add(path, False, is_link)
+        else:
+            add(given, True, os.path.islink(given))
+    return list(groups.values())
+
+
+_REF = re.compile(rb"[0-9a-f]{40}\n?")
+
+
+def _is_ref(path: str, st: os.stat_result) -> bool:
+    if st.st_size not in (40, 41):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return _REF.fullmatch(f.read(42)) is not None
+    except OSError:
+        return False
+
+
+def _walk(
+    root: str, groups: dict[object, FileGroup], skip_dirs: set[tuple[int, int]]
+) -> Iterator[tuple[str, bool]]:
+    """(path, is a link) for files under root, depth first in name order. Directory links are
+    followed once each; a loop is cut. A directory that cannot be listed is reported, not skipped."""
+    seen = set(skip_dirs)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            _error_group(groups, folder, f"cannot list directory: {exc.strerror or exc}", False)
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links: a linked directory is walked (once)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(entry.path)
+            else:
+                yield entry.path, entry.is_symlink()
+        stack.extend(reversed(subdirs))
+
+
+def _error_group(groups: dict[object, FileGroup], path: str, error: str, named: bool) -> None:
+    key = ("error", path)
+    if key not in groups:
+        groups[key] = FileGroup(first=path, error=error, paths=[path], named={path} if named else set())

@@ -1,0 +1,277 @@
+"""Scanning files for an audit: in this process or in a pool of workers that may die.
+
+Workers get JSON back across the process boundary (results are data, never pickled objects). A
+worker that dies costs only the file that killed it: see run_parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import platform
+import signal
+import stat
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safeload import __version__
+from safeload.audit_cache import AuditCache, stat_key
+from safeload.audit_views import AuditError, reapply_waivers
+from safeload.model import ScanReport, decide, make_finding
+
+if TYPE_CHECKING:
+    from safeload.policy import Policy
+
+PolicyName = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """What a worker needs to rebuild the parent's policy and cache (a policy is resolved, never pickled)."""
+
+    policy: PolicyName
+    allow: tuple[str, ...]
+    cache_dir: Path | None
+    jobs: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: ScanReport
+    cached: bool = False  # the result came from the cache (after hashing, with --rehash)
+    stat_key: str | None = None  # identity under which report.sha256 may be remembered
+
+
+class Scanner:
+    """Scans one file: stat, scan (the scan hashes the very bytes it walks), stat again, cache."""
+
+    def __init__(self, policy: Policy, cache: AuditCache | None) -> None:
+        self.policy = policy
+        self.cache = cache
+
+    def process(self, path: str, lookup: bool) -> Outcome:
+        """`lookup`: hash the file first and reuse a result cached for its bytes; scan on a miss."""
+        if lookup and self.cache is not None:
+            hit = self._lookup(path, self.cache)
+            if hit is not None:
+                return hit
+        return self.scan(path)
+
+    def _lookup(self, path: str, cache: AuditCache) -> Outcome | None:
+        try:
+            before = os.stat(path)
+            if not stat.S_ISREG(before.st_mode):
+                return None
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    digest.update(chunk)
+            after = os.stat(path)
+        except OSError:
+            return None  # the scan will say what is wrong with it
+        if _identity(after) != _identity(before):
+            return None
+        report = cache.get_report(digest.hexdigest(), self.policy.hash, __version__)
+        if report is None:
+            return None
+        return Outcome(reapply_waivers(report, self.policy), cached=True, stat_key=stat_key(after))
+
+    def scan(self, path: str) -> Outcome:
+        from safeload.api import scan
+
+        try:
+            before = os.stat(path)
+        except OSError as exc:
+            return Outcome(
+                unreadable(path, f"vanished before it was scanned: {exc.strerror or exc}", self.policy)
+            )
+        if not stat.S_ISREG(before.st_mode):
+            return Outcome(unreadable(path, "not a regular file", self.policy))
+        report = scan(path, policy=self.policy, sha256=True)
+        try:
+            after = os.stat(path)
+        except OSError:
+            # removed after it was read: the report stands for the bytes that were read
+            return Outcome(report)
+        if _identity(after) != _identity(before):
+            changed = make_finding("SL206", "the file changed while it was being scanned; scan it again")
+            findings = (*report.findings, changed)
+            return Outcome(report.model_copy(update={"findings": findings, "verdict": decide(findings)}))
+        if self.cache is not None:
+            self.cache.put_report(report, __version__)
+        return Outcome(report, stat_key=stat_key(after) if report.sha256 else None)
+
+    def safe_process(self, path: str, lookup: bool) -> Outcome:
+        """As process, but a bug (ours) becomes this file's internal-error finding, never the audit's end."""
+        try:
+            return self.process(path, lookup)
+        except Exception as exc:
+            return Outcome(
+                _internal_error(path, self.policy, f"audit failed on this file: {type(exc).__name__}: {exc}")
+            )
+
+    def batch(self, tasks: list[Task]) -> list[tuple[str, bool, str | None]]:
+        # JSON crosses the process boundary: results are data, never pickled objects.
+        out = []
+        for path, lookup in tasks:
+            o = self.safe_process(path, lookup)
+            out.append((o.report.model_dump_json(), o.cached, o.stat_key))
+        return out
+
+
+Task = tuple[str, bool]  # (path, look the hash up in the cache before scanning)
+_HASH_CHUNK = 8 << 20
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def unreadable(path: str, message: str, policy: Policy) -> ScanReport:
+    """A file that could not be read. Built here, not by the api, so that a cached run never has to
+    import the scanner."""
+    findings = (make_finding("SL206", message),)
+    return ScanReport(
+        path=path,
+        sha256=None,
+        size=0,
+        findings=findings,
+        verdict=decide(findings),
+        policy=policy.name,
+        policy_hash=policy.hash,
+        versions={"safeload": __version__, "python": platform.python_version()},
+    )
+
+
+_WORKER: Scanner | None = None
+_WORKER_ERROR: str | None = None
+
+
+def _worker_init(policy: PolicyName, allow: tuple[str, ...], policy_hash: str, cache_dir: str | None) -> None:
+    global _WORKER, _WORKER_ERROR
+    from safeload.policy import load_policy
+
+    # Ctrl-C is the parent's to handle: it cancels the pool and writes no report.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    resolved = load_policy(policy, allow=allow)
+    if resolved.hash != policy_hash:
+        _WORKER_ERROR = "the policy changed while the audit was running"
+        return
+    _WORKER = Scanner(resolved, AuditCache(cache_dir) if cache_dir else None)
+
+
+def _worker_batch(tasks: list[Task]) -> list[tuple[str, bool, str | None]]:
+    if _WORKER is None:
+        raise AuditError(_WORKER_ERROR or "worker not initialised")
+    return _WORKER.batch(tasks)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork is unsafe once the parent runs threads (rich's progress refresher does).
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # The server imports the scanner once; each worker is then a cheap fork of it.
+    ctx.set_forkserver_preload(["safeload.api", "safeload.audit_workers"])
+    return ctx
+
+
+OnDone = Callable[[str, Outcome], None]
+
+
+def run_parallel(tasks: list[Task], config: PoolConfig, policy: Policy, on_done: OnDone) -> None:
+    """Scan in worker processes, in batches (fewer round trips for many small files).
+
+    A worker that dies (a crash in native code, the OOM killer) breaks the pool and every batch
+    still in it. What was unfinished is then run one file at a time in a one-worker pool, so the
+    file that kills a worker is known exactly and reported as an internal error, and the audit
+    goes on with the others.
+    """
+    size = max(1, min(32, len(tasks) // (config.jobs * 8)))
+    batches = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+    unfinished = _pool_round(batches, config, policy, on_done)
+    if unfinished:
+        _run_isolated(unfinished, config, policy, on_done)
+
+
+def _new_pool(config: PoolConfig, policy: Policy, workers: int) -> ProcessPoolExecutor:
+    initargs = (
+        config.policy,
+        config.allow,
+        policy.hash,
+        str(config.cache_dir) if config.cache_dir else None,
+    )
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=_pool_context(), initializer=_worker_init, initargs=initargs
+    )
+
+
+def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, on_done: OnDone) -> list[Task]:
+    unfinished: list[Task] = []
+    pool = _new_pool(config, policy, config.jobs)
+    try:
+        pending = {pool.submit(_worker_batch, b): b for b in batches}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                batch = pending.pop(future)
+                try:
+                    results = future.result()
+                except BrokenProcessPool:
+                    unfinished.extend(batch)
+                    continue
+                for (path, _lookup), result in zip(batch, results, strict=True):
+                    on_done(path, _outcome(result))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return unfinished
+
+
+_MAX_DEATHS_IN_A_ROW = 3
+
+
+def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done: OnDone) -> None:
+    deaths = 0
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for i, (path, lookup) in enumerate(tasks):
+            if deaths >= _MAX_DEATHS_IN_A_ROW:
+                # Workers die whatever they are given: the environment is broken, not these files.
+                for rest, _ in tasks[i:]:
+                    on_done(rest, Outcome(_internal_error(rest, policy, "worker processes keep dying")))
+                return
+            pool = pool or _new_pool(config, policy, 1)
+            try:
+                (result,) = pool.submit(_worker_batch, [(path, lookup)]).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False)
+                pool = None
+                deaths += 1
+                on_done(
+                    path, Outcome(_internal_error(path, policy, "the worker process scanning this file died"))
+                )
+                continue
+            deaths = 0
+            on_done(path, _outcome(result))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _outcome(result: tuple[str, bool, str | None]) -> Outcome:
+    text, cached, key = result
+    return Outcome(ScanReport.model_validate_json(text), cached=cached, stat_key=key)
+
+
+def _internal_error(path: str, policy: Policy, why: str) -> ScanReport:
+    finding = make_finding("SL207", why)
+    report = unreadable(path, why, policy)
+    return report.model_copy(update={"findings": (finding,), "verdict": decide((finding,))})

@@ -1,0 +1,178 @@
+"""`safeload audit`: command-line glue around safeload.audit (arguments, progress, writing the report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from safeload.text import escape
+
+EXIT_USAGE = 3
+# Only when --format is not given: the output file's name says what the user wants written.
+_SUFFIX_FORMATS = {
+    ".html": "html",
+    ".htm": "html",
+    ".json": "json",
+    ".sarif": "sarif",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".txt": "text",
+}
+
+
+def register(subparsers: Any) -> None:
+    from safeload.report import FORMATS
+
+    p = subparsers.add_parser(
+        "audit",
+        help="audit a model registry: every distinct file scanned once, in parallel, with a cache",
+        description="Audit directories and files. Hugging Face cache layouts are understood (snapshots "
+        "linking to blobs: each blob is scanned once and reported under every link); files with the same "
+        "sha256 are scanned once. The report lists per file the verdict, sha256, size, formats and "
+        "findings, an inventory of globals, and which files each policy would refuse.",
+        epilog="Exit codes as for scan: 0 clean, 1 unsafe, 2 something could not be analysed, 3 usage "
+        "or policy error. With --baseline, only new findings count.",
+    )
+    p.add_argument("paths", nargs="+", metavar="DIR|FILE")
+    p.add_argument(
+        "--policy", default="default", metavar="NAME|FILE", help="policy to audit with (default: default)"
+    )
+    p.add_argument(
+        "--allow", action="append", default=[], metavar="NAME", help="also allow this exact global"
+    )
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="N", help="worker processes (default: 1)")
+    p.add_argument(
+        "--format", choices=sorted(FORMATS), default=None, help="report format (default: from -o, else text)"
+    )
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout"
+    )
+    p.add_argument(
+        "--cache", metavar="DIR", help="reuse results by (sha256, policy, safeload version) from DIR"
+    )
+    p.add_argument(
+        "--rehash", action="store_true", help="hash every file again even when its stat is unchanged"
+    )
+    p.add_argument(
+        "--baseline", metavar="FILE", help="an earlier JSON report: show and count only what is new"
+    )
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=None,
+        metavar="POLICY",
+        help="built-in policy to check every file against (repeatable; default: strict and default)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-file lines on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every global and info finding")
+
+
+def output_format(fmt: str | None, output: str | None) -> str:
+    if fmt:
+        return fmt
+    if output:
+        return _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "text")
+    return "text"
+
+
+def run(args: argparse.Namespace) -> int:
+    from safeload.audit import COMPARED_POLICIES, AuditError, AuditOptions, audit
+    from safeload.report import render
+
+    options = AuditOptions(
+        policy=args.policy,
+        allow=tuple(args.allow),
+        jobs=args.jobs,
+        cache_dir=Path(args.cache) if args.cache else None,
+        baseline=Path(args.baseline) if args.baseline else None,
+        rehash=args.rehash,
+        compare=tuple(args.compare) if args.compare else COMPARED_POLICIES,
+    )
+    fmt = output_format(args.format, args.output)
+    started = time.monotonic()
+    try:
+        with _ProgressDisplay(enabled=not args.no_progress) as progress:
+            result = audit(args.paths, options, progress=progress)
+    except AuditError as exc:
+        print(f"safeload audit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    text = render(result, fmt, verbose=args.verbose)
+    if args.output:
+        write_atomic(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    s = result.stats
+    print(
+        f"safeload audit: {s.paths} paths, {s.files} distinct files, {s.scanned} scanned, {s.from_cache} from cache, "
+        f"{len(result.skipped)} skipped in {time.monotonic() - started:.1f}s; exit {result.exit_code}",
+        file=sys.stderr,
+    )
+    return result.exit_code
+
+
+def write_atomic(target: Path, text: str) -> None:
+    """Write to a temporary file beside the target and rename: Ctrl-C never leaves half a report."""
+    fd, tmp = tempfile.mkstemp(
+        dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class _ProgressDisplay:
+    """A rich progress bar on a terminal, one plain line per file otherwise, nothing when disabled."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("auditing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                # a file name is no rich markup: "[/]" in one would otherwise end the progress bar
+                TextColumn("{task.fields[last]}", markup=False),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("audit", total=None, last="")
+        return self.update
+
+    def update(self, event: Any) -> None:
+        if self.bar is not None:
+            last = "" if event.path is None else escape(os.path.basename(event.path), 60)
+            self.bar.update(self.task, total=event.total, completed=event.done, last=last)
+            return
+        if event.path is not None:
+            cached = " (cached)" if event.cached else ""
+            print(
+                f"[{event.done}/{event.total}] {event.verdict.value:<11} {escape(event.path)}{cached}",
+                file=sys.stderr,
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,396 @@
+"""`safeload audit` over a generated registry: Hugging Face cache layout with symlinks, duplicates,
+unreadable entries, a malicious file; the cache; waivers; baselines; the CLI and Ctrl-C."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from safeload import audit_walk, audit_workers
+from safeload.audit import AuditError, AuditOptions, Progress, audit
+from safeload.audit_views import load_baseline, reapply_waivers
+from safeload.cli import main
+from safeload.model import Verdict, make_finding
+from safeload.policy import load_policy
+from tests.pickle_builder import exec_payload
+
+
+def _torch_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"layer.weight": torch.ones(4, 3), "layer.bias": torch.zeros(4)}, buf)
+    return buf.getvalue()
+
+
+def _hf_model(hub: Path, repo: str, files: dict[str, bytes], revs: tuple[str, ...]) -> None:
+    """huggingface_hub's cache: snapshots/<rev>/<name> -> ../../blobs/<sha256>, refs/main -> rev."""
+    model = hub / f"models--{repo.replace('/', '--')}"
+    (model / "blobs").mkdir(parents=True)
+    (model / "refs").mkdir()
+    # a commit id, as huggingface_hub writes it; this one starts with an opcode byte ('a' is APPEND)
+    (model / "refs" / "main").write_text("a" + hashlib.sha1(revs[-1].encode()).hexdigest()[1:])
+    for name, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        (model / "blobs" / sha).write_bytes(data)
+        for rev in revs:
+            link = model / "snapshots" / rev / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path("..") / ".." / "blobs" / sha)
+
+
+@pytest.fixture
+def registry(tmp_path: Path, marker: Path) -> Path:
+    root = tmp_path / "registry"
+    hub = root / "hub"
+    torch_bytes = _torch_bytes()
+    _hf_model(hub, "org/good", {"pytorch_model.bin": torch_bytes}, revs=("rev1", "rev2"))
+    _hf_model(hub, "org/evil", {"pytorch_model.bin": exec_payload(marker)}, revs=("main1",))
+    numpy_pickle = pickle.dumps({"mean": np.arange(3, dtype=np.float32)}, protocol=4)
+    _hf_model(hub, "org/stats", {"stats.pkl": numpy_pickle}, revs=("r",))
+    copies = root / "copies"
+    copies.mkdir()
+    (copies / "dup.pt").write_bytes(torch_bytes)  # same bytes as the good blob, another inode
+    buf = io.BytesIO()
+    np.save(buf, np.eye(3))
+    (copies / "eye.npy").write_bytes(buf.getvalue())
+    (copies / "vanished.pt").symlink_to(copies / "gone.pt")  # a link whose file is gone
+    os.mkfifo(copies / "pipe.pt")  # reading it would block: reported, never opened
+    (copies / "notes.txt").write_text("not a model\n")
+    return root
+
+
+def _paths(run: object) -> dict[str, Verdict]:
+    return {os.path.relpath(r.path, run.roots[0]): r.verdict for r in run.reports}  # type: ignore[attr-defined]
+
+
+def test_registry_audit_with_cache(registry: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    events: list[Progress] = []
+    first = audit([str(registry)], AuditOptions(cache_dir=cache, jobs=2), progress=events.append)
+    seen = _paths(first)
+    good_links = [
+        "hub/models--org--good/snapshots/rev1/pytorch_model.bin",
+        "hub/models--org--good/snapshots/rev2/pytorch_model.bin",
+    ]
+    for link in good_links:
+        assert seen[link] is Verdict.SAFE
+    assert not [p for p in seen if "/blobs/" in p]  # blobs are reported under the links to them
+    assert seen["hub/models--org--evil/snapshots/main1/pytorch_model.bin"] is Verdict.UNSAFE
+    assert seen["hub/models--org--stats/snapshots/r/stats.pkl"] is Verdict.SAFE
+    assert seen["copies/dup.pt"] is Verdict.SAFE and seen["copies/eye.npy"] is Verdict.SAFE
+    for bad in ("copies/vanished.pt", "copies/pipe.pt"):
+        assert seen[bad] is Verdict.UNSCANNABLE
+        (report,) = [r for r in first.reports if r.path.endswith(bad)]
+        assert report.findings[0].code == "SL206"
+    skipped = {os.path.relpath(p, registry) for p in first.skipped}
+    assert "copies/notes.txt" in skipped and "hub/models--org--good/refs/main" in skipped
+    assert first.exit_code == 1
+
+    good = [r for r in first.reports if r.path.endswith(tuple(good_links)) or r.path.endswith("dup.pt")]
+    assert len({r.sha256 for r in good}) == 1  # one content, three paths
+    assert first.stats.paths == len(first.reports) + len(first.skipped)
+    # good blob, evil blob, stats blob, dup.pt (not yet known to be a duplicate), eye.npy, notes.txt;
+    # refs are recognised as refs and not scanned
+    assert first.stats.scanned == 6 and first.stats.from_cache == 0
+    assert events[0].path is None and events[-1].done == events[-1].total
+
+    exec_row = next(c for c in first.inventory if c.name == "builtins.exec")
+    assert exec_row.files == 1 and not exec_row.allowed and exec_row.allowed_by == ()
+    numpy_rows = [c for c in first.inventory if c.name.startswith("numpy")]
+    assert numpy_rows and all("default" in c.allowed_by and "strict" not in c.allowed_by for c in numpy_rows)
+    checks = {c.policy: c for c in first.policy_checks}
+    assert set(checks) == {"default", "strict"}
+    strict_blocked = {os.path.basename(p) for b in checks["strict"].blocked for p in b.paths}
+    default_blocked = {os.path.basename(p) for b in checks["default"].blocked for p in b.paths}
+    assert "stats.pkl" in strict_blocked and "stats.pkl" not in default_blocked
+    assert "pytorch_model.bin" in default_blocked and "vanished.pt" in default_blocked
+
+    # unchanged registry: nothing scanned anew, nothing even re-hashed, same reports
+    events.clear()
+    second = audit([str(registry)], AuditOptions(cache_dir=cache, jobs=2), progress=events.append)
+    assert second.stats.scanned == 0
+    assert second.stats.from_cache == 6 and second.stats.hash_cache_hits == 6
+    fresh = {os.path.basename(e.path) for e in events if e.path is not None and not e.cached}
+    assert fresh == {"vanished.pt", "pipe.pt"}  # what cannot be read is never cached
+    assert second.reports == first.reports and second.skipped == first.skipped
+    assert second.inventory == first.inventory and second.exit_code == 1
+
+    # one file changes: only it is scanned again
+    (registry / "copies" / "dup.pt").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    third = audit([str(registry)], AuditOptions(cache_dir=cache))
+    assert third.stats.scanned == 1 and third.stats.from_cache == 5
+
+
+def test_duplicates_by_content_are_scanned_once_when_their_hash_is_known(
+    registry: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    audit([str(registry)], AuditOptions(cache_dir=cache))
+    rehashed = audit([str(registry)], AuditOptions(cache_dir=cache, rehash=True, jobs=2))
+    assert rehashed.stats.hash_cache_hits == 0
+    # every file is hashed again, and results are still reused by content
+    assert rehashed.stats.scanned == 0 and rehashed.stats.from_cache == 6
+    # a fresh result cache, known hashes: the good blob and dup.pt share one scan
+    for entry in (cache / "results").rglob("*.json"):
+        entry.unlink()
+    again = audit([str(registry)], AuditOptions(cache_dir=cache))
+    assert again.stats.scanned == 5 and again.stats.from_cache == 0
+
+
+def test_jobs_do_not_change_the_result(registry: Path) -> None:
+    one = audit([str(registry)], AuditOptions(jobs=1))
+    two = audit([str(registry)], AuditOptions(jobs=2))
+    assert one.model_dump() == two.model_dump()
+
+
+def test_file_vanishing_mid_audit_is_reported_and_the_audit_goes_on(registry: Path) -> None:
+    victim = registry / "copies" / "eye.npy"
+
+    def delete_after_the_walk(event: Progress) -> None:
+        if event.path is None and victim.exists():
+            victim.unlink()
+
+    run = audit([str(registry)], AuditOptions(), progress=delete_after_the_walk)
+    (report,) = [r for r in run.reports if r.path.endswith("eye.npy")]
+    assert report.verdict is Verdict.UNSCANNABLE and "vanished" in report.findings[0].message
+    assert any(r.path.endswith("dup.pt") and r.verdict is Verdict.SAFE for r in run.reports)
+
+
+def test_waivers_are_applied_and_stay_visible_and_expire(registry: Path, tmp_path: Path) -> None:
+    blob = next((registry / "hub" / "models--org--stats" / "blobs").iterdir())
+    plain = audit([str(blob)], AuditOptions(policy="strict"))
+    (report,) = plain.reports
+    assert report.verdict is Verdict.UNSAFE
+    names = sorted({f.global_name for f in report.findings if f.code == "SL101" and f.global_name})
+    waives = "".join(
+        f'[[waive]]\nsha256 = "{report.sha256}"\ncode = "SL101"\nglobal = "{n}"\nreason = "numpy stats, reviewed"\n'
+        f"expires = 2099-01-01\n"
+        for n in names
+    )
+    policy = tmp_path / "waive.toml"
+    policy.write_text(f'schema_version = 1\nname = "w"\nextends = ["strict"]\n{waives}')
+    cache = tmp_path / "cache"
+    waived = audit([str(blob)], AuditOptions(policy=str(policy), cache_dir=cache))
+    (wreport,) = waived.reports
+    assert wreport.verdict is Verdict.SAFE and waived.exit_code == 0
+    assert {f.global_name for f in wreport.findings if f.waived} == set(names)
+    cached = audit([str(blob)], AuditOptions(policy=str(policy), cache_dir=cache))
+    assert cached.stats.from_cache == 1 and cached.reports == waived.reports
+    # the same cached report judged by a policy whose waiver is gone (expired, removed) is unsafe again
+    unwaived = reapply_waivers(wreport, load_policy("strict"))
+    assert unwaived.verdict is Verdict.UNSAFE and not any(f.waived for f in unwaived.findings)
+
+
+def test_baseline_reports_only_what_is_new(registry: Path, tmp_path: Path, marker: Path) -> None:
+    old = tmp_path / "old.json"
+    assert main(["audit", str(registry), "--format", "json", "-o", str(old), "--no-progress"]) == 1
+    same = audit([str(registry)], AuditOptions(baseline=old))
+    assert same.reports == () and same.exit_code == 0
+    assert same.baseline is not None and same.baseline.suppressed > 0
+
+    (registry / "copies" / "new-evil.pkl").write_bytes(exec_payload(marker, protocol=4))
+    newer = audit([str(registry)], AuditOptions(baseline=old))
+    assert [os.path.basename(r.path) for r in newer.reports] == ["new-evil.pkl"]
+    assert newer.exit_code == 1
+    # identity is sha256 + rule + global: the old malicious file under a new name is not new
+    evil_blob = next((registry / "hub" / "models--org--evil" / "blobs").iterdir())
+    (registry / "copies" / "new-evil.pkl").unlink()
+    (registry / "copies" / "renamed.bin").write_bytes(evil_blob.read_bytes())
+    assert audit([str(registry)], AuditOptions(baseline=old)).exit_code == 0
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"reports": 3}')
+    assert main(["audit", str(registry), "--baseline", str(bad), "--no-progress"]) == 3
+
+
+def test_cli_writes_reports_atomically_and_prints_plain_progress(
+    registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report.html"
+    assert main(["audit", str(registry), "-o", str(out), "--jobs", "2", "--cache", str(tmp_path / "c")]) == 1
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "safeload audit report" in page
+    err = capsys.readouterr().err
+    assert "UNSAFE" in err and "pytorch_model.bin" in err and "[" in err  # one plain line per file
+    sarif = tmp_path / "r.sarif"
+    assert main(["audit", str(registry), "-o", str(sarif), "--no-progress"]) == 1
+    assert json.loads(sarif.read_text())["version"] == "2.1.0"
+    assert main(["audit", str(registry / "copies" / "eye.npy"), "--no-progress", "--format", "markdown"]) == 0
+    assert "## safeload audit: 0 unsafe, 0 unscannable, 1 safe" in capsys.readouterr().out
+
+
+def test_ctrl_c_leaves_no_report(registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "report.json"
+    real = audit_workers.Scanner.scan
+    calls = []
+
+    def interrupted(self: object, path: str) -> object:
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_workers.Scanner, "scan", interrupted)
+    assert main(["audit", str(registry), "-o", str(out), "--no-progress"]) == 130
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
+
+
+def test_usage_errors(registry: Path) -> None:
+    assert main(["audit", str(registry), "--jobs", "0", "--no-progress"]) == 3
+    assert main(["audit", str(registry), "--policy", "no-such-policy", "--no-progress"]) == 3
+    with pytest.raises(AuditError):
+        audit([str(registry)], replace(AuditOptions(), jobs=0))
+
+
+# -- the pieces, without the scanner ---------------------------------------------------------------
+
+
+def test_collect_groups_links_with_their_blob_and_cuts_directory_loops(tmp_path: Path) -> None:
+    hub = tmp_path / "hub"
+    _hf_model(hub, "a/b", {"w.bin": b"\x80\x04N."}, revs=("r1", "r2"))
+    (hub / "loop").symlink_to(hub)  # a directory link back to the top
+    (hub / "dangling.pt").symlink_to(hub / "missing")
+    groups = audit_walk.collect([str(hub)])
+    (blob,) = [g for g in groups if g.links]
+    assert sorted(os.path.relpath(p, hub) for p in blob.reported_paths()) == [
+        "models--a--b/snapshots/r1/w.bin",
+        "models--a--b/snapshots/r2/w.bin",
+    ]
+    assert any("/blobs/" in p for p in blob.paths)  # found, but stands behind its links
+    (dangling,) = [g for g in groups if g.error]
+    assert dangling.paths == [str(hub / "dangling.pt")] and "cannot stat" in dangling.error
+    # naming the blob itself reports it under its own path too
+    named = audit_walk.collect([str(hub), str(next((hub / "models--a--b" / "blobs").iterdir()))])
+    (blob,) = [g for g in named if g.links]
+    assert any("/blobs/" in p for p in blob.reported_paths())
+
+
+def test_cache_entries_are_validated_and_written_atomically(tmp_path: Path) -> None:
+    from safeload.audit_cache import AuditCache, stat_key
+    from safeload.model import ScanReport
+
+    cache = AuditCache(tmp_path / "c")
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"abc")
+    before = stat_key(f.stat())
+    cache.save_hashes({before: "d" * 64})
+    cache.save_hashes({"other": "e" * 64})  # merged, not replaced
+    assert cache.load_hashes() == {before: "d" * 64, "other": "e" * 64}
+    f.write_bytes(b"abc")  # same size, same bytes: ctime (and mtime) still move on
+    assert stat_key(f.stat()) != before
+    os.utime(f, ns=(f.stat().st_atime_ns, int(before.split(":")[3])))  # mtime set back: ctime still differs
+    assert stat_key(f.stat()) != before
+    (tmp_path / "c" / "hashes.json").write_text("{broken")
+    assert cache.load_hashes() == {}
+
+    report = ScanReport(path="x", sha256="e" * 64, size=3, verdict=Verdict.SAFE, policy="p", policy_hash="h")
+    cache.put_report(report, "1.0")
+    assert cache.get_report("e" * 64, "h", "1.0") == report
+    assert cache.get_report("e" * 64, "other-policy", "1.0") is None
+    assert cache.get_report("e" * 64, "h", "2.0") is None
+    (entry,) = (tmp_path / "c" / "results").rglob("*.json")
+    entry.write_text(entry.read_text().replace('"SAFE"', '"MAYBE"'))
+    assert cache.get_report("e" * 64, "h", "1.0") is None  # corrupt: a miss, then a fresh scan
+    assert not list((tmp_path / "c").rglob(".tmp-*"))
+    unreadable_ = report.model_copy(update={"findings": (make_finding("SL206", "gone"),)})
+    entry.unlink()
+    cache.put_report(unreadable_, "1.0")  # circumstances of one run are never reused
+    assert not list((tmp_path / "c" / "results").rglob("*.json"))
+
+
+def test_baseline_files_are_checked(tmp_path: Path) -> None:
+    for text in ("not json", "[]", '{"reports": [1]}', '{"reports": [{"findings": [{"no": "code"}]}]}'):
+        bad = tmp_path / "b.json"
+        bad.write_text(text)
+        with pytest.raises(AuditError):
+            load_baseline(bad)
+    with pytest.raises(AuditError):
+        load_baseline(tmp_path / "missing.json")
+
+
+def test_progress_bar_on_a_terminal_shows_names_as_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "x[red]y.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=2))  # "[red]" is rich markup
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert main(["audit", str(folder), "-o", str(tmp_path / "r.json")]) == 0
+    assert "auditing" in terminal.getvalue()  # the bar, not plain lines
+    assert "x[red]y.pkl" in terminal.getvalue()  # shown as the name it is, not as a style
+    assert "1 paths, 1 distinct files" in terminal.getvalue()
+
+
+def _many(tmp_path: Path, n: int) -> Path:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"s{i}.pkl").write_bytes(pickle.dumps({"i": i}, protocol=4))
+    return folder
+
+
+def test_a_killed_worker_costs_no_file_its_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+    import signal
+
+    folder = _many(tmp_path, 120)
+    isolated: list[int] = []
+    real_isolated = audit_workers._run_isolated
+
+    def spy(tasks, *args):  # type: ignore[no-untyped-def]
+        isolated.append(len(tasks))
+        return real_isolated(tasks, *args)
+
+    monkeypatch.setattr(audit_workers, "_run_isolated", spy)
+    killed: list[int] = []
+
+    def kill_a_worker(event: Progress) -> None:
+        if event.path is not None and not killed:
+            for child in multiprocessing.active_children():
+                if child.pid is not None:
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+                    break
+
+    run = audit([str(folder)], AuditOptions(jobs=2), progress=kill_a_worker)
+    assert killed
+    assert len(run.reports) == 120 and all(r.verdict is Verdict.SAFE for r in run.reports)
+    assert run.exit_code == 0
+    assert isolated and isolated[0] > 0  # what the dead pool left was scanned one by one
+
+
+def test_workers_that_always_die_fail_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder = _many(tmp_path, 6)
+    policy = load_policy("default")
+
+    def dying_pool(config: audit_workers.PoolConfig, policy: object, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, initializer=os._exit, initargs=(3,))
+
+    monkeypatch.setattr(audit_workers, "_new_pool", dying_pool)
+    done: dict[str, object] = {}
+    tasks = [(str(p), False) for p in sorted(folder.iterdir())]
+    config = audit_workers.PoolConfig("default", (), None, 2)
+    audit_workers.run_parallel(tasks, config, policy, lambda path, o: done.setdefault(path, o))
+    assert set(done) == {p for p, _ in tasks}
+    for outcome in done.values():
+        assert outcome.report.verdict is Verdict.UNSCANNABLE  # type: ignore[attr-defined]
+        assert outcome.report.findings[0].code == "SL207"  # type: ignore[attr-defined]
+    messages = [o.report.findings[0].message for o in done.values()]  # type: ignore[attr-defined]
+    assert messages.count("the worker process scanning this file died") == 3
+    assert messages.count("worker processes keep dying") == 3
