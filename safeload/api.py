@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from collections.abc import Iterable
@@ -144,13 +145,19 @@ def _apply_waiver(finding: Finding, digest: str, policy: Policy) -> Finding:
 
 
 def _versions() -> dict[str, str]:
+    return dict(_versions_once())
+
+
+@functools.cache
+def _versions_once() -> tuple[tuple[str, str], ...]:
+    # Reading package metadata costs more than scanning a small file: once per process.
     out = {"safeload": __version__, "python": platform.python_version()}
     for dist in ("fickling", "numpy", "torch"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
 
 
 def unreadable_report(path: str, exc: SafeloadError, policy: Policy) -> ScanReport:

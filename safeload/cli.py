@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from safeload import __version__
+from safeload.codes import Effect
+from safeload.model import ScanReport, Verdict
 
 EXIT_CLEAN = 0
 EXIT_UNSAFE = 1
@@ -140,9 +142,25 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     return code
 
 
-def _no_model_format(report: object) -> bool:
-    findings = report.findings  # type: ignore[attr-defined]
-    return bool(findings) and all(f.code == "SL204" for f in findings)
+def _no_model_format(report: ScanReport) -> bool:
+    """True for a walked file that is no model: no known format, or text that merely starts with a
+    byte that is also a pickle opcode (a git ref, a hex digest) and breaks before any import.
+
+    Such a file cannot run code under any unpickler: a call needs a callable, and callables only
+    come from imports (a differential would have been reported as UNSAFE).
+    """
+    findings = report.findings
+    if not findings:
+        return False
+    if all(f.code == "SL204" for f in findings):
+        return True
+    broken_without_imports = (
+        report.verdict is Verdict.UNSCANNABLE
+        and report.formats == ("pickle",)
+        and not any(s.globals for s in report.streams)
+        and all(f.code in ("SL200", "SL201") for f in findings if f.effect is not Effect.NONE)
+    )
+    return broken_without_imports
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -138,3 +138,19 @@ def test_python_dash_m_and_console_script(tmp_path: Path, marker: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     help_text = subprocess.run([sys.executable, "-m", "safeload", "--help"], capture_output=True, text=True).stdout
     assert "scan" in help_text and "Exit codes" in help_text
+
+
+def test_git_refs_in_a_walked_tree_are_not_models_but_named_ones_are_unscannable(tmp_path: Path) -> None:
+    repo = tmp_path / "models--org--name"
+    (repo / "refs").mkdir(parents=True)
+    ref = _write(repo / "refs" / "main", b"0a1b2c3d4e5f60718293a4b5c6d7e8f901234567")  # starts with opcodes
+    _write(repo / "weights.pkl", pickle.dumps({"w": [1.0]}, protocol=2))
+    assert main(["scan", str(repo)]) == 0
+    assert main(["scan", str(ref)]) == 2
+
+
+def test_broken_pickle_with_an_import_in_a_walked_tree_is_not_skipped(tmp_path: Path, marker: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _write(repo / "notes", system_payload(marker)[:-1])  # no STOP: the payload still runs first
+    assert main(["scan", str(repo)]) == 1
