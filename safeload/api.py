@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -57,11 +58,20 @@ def resolve_policy(policy: PolicySpec, allow: Iterable[str] = ()) -> Policy:
     return load_policy(policy, allow=tuple(allow))
 
 
-def analyse(source: Source, policy: Policy, *, sha256: bool | None = None, explain_streams: bool = True) -> Analysis:
+def analyse(
+    source: Source,
+    policy: Policy,
+    *,
+    sha256: bool | None = None,
+    explain_streams: bool = True,
+    pin_streams: bool = False,
+) -> Analysis:
     """Scan one read-once buffer. Never raises for bad bytes: problems become findings.
 
     sha256: True computes the file's hash, False skips it, None computes it only when the policy
     has waivers (hashing costs more than scanning a large checkpoint).
+    pin_streams: copy each pickle stream out of a mapped file before walking it, so that the loader
+    unpickles the walked bytes even if the file is written in place meanwhile.
     """
     want_hash = sha256 if sha256 is not None else bool(policy.waivers)
     digest = source.sha256() if want_hash else None
@@ -73,6 +83,8 @@ def analyse(source: Source, policy: Policy, *, sha256: bool | None = None, expla
         container = open_container(source.buffer, path=source.path, limits=policy.limits)
         findings.extend(container.findings)
         for stream in container.streams:
+            if pin_streams:
+                stream = dataclasses.replace(stream, data=memoryview(bytes(stream.data)))
             analysed, stream_findings, report = _analyse_stream(stream, policy, explain_streams)
             stream_analyses.append(analysed)
             findings.extend(stream_findings)
@@ -256,7 +268,7 @@ def _load_source(
     framework: str,
     pickle_load_args: dict[str, Any],
 ) -> Any:
-    analysis = analyse(source, policy, explain_streams=False)
+    analysis = analyse(source, policy, explain_streams=False, pin_streams=source.mapped)
     if analysis.report.verdict is not Verdict.SAFE:
         raise refusal(analysis.report)
     from safeload.loader import unpickle
@@ -277,6 +289,15 @@ def refusal(report: ScanReport) -> SafeloadError:
         "remedy": first.remedy,
     }
     if report.verdict is Verdict.UNSAFE:
+        from safeload.suggest import allow_snippet, needed_names
+
+        needed = needed_names(report)
+        if first.code == "SL101" and len(needed) > 1 and not any(f.code != "SL101" for f in unsafe):
+            # A whole model needs several classes: name them all at once, not one per attempt.
+            where["remedy"] = (
+                f"if you trust this file's source, allow these {len(needed)} globals in a policy file "
+                f"(or pass allow=[...] / --allow for each):\n" + allow_snippet(needed)
+            )
         if first.code in ("SL100", "SL101"):
             return DisallowedGlobalError(
                 f"refusing to load: {first.message}",

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = psub.add_parser("validate", help="validate policy files; exit 3 on the first invalid one")
     validate.add_argument("files", nargs="+", metavar="FILE")
     psub.add_parser("list", help="list the built-in policies")
+    suggest = psub.add_parser(
+        "suggest",
+        help="print a policy file with the names FILEs need beyond a base policy, for a human to review",
+    )
+    suggest.add_argument("files", nargs="+", metavar="FILE")
+    suggest.add_argument("--base", default="default", metavar="NAME|FILE", help="policy to extend (default: default)")
 
     try:
         from safeload import cli_audit
@@ -188,7 +194,12 @@ def _cmd_policy(args: argparse.Namespace) -> int:
         for name in builtin_policy_names():
             print(name)
         return EXIT_CLEAN
-    raise UsageError("safeload policy: choose an action: show, validate, list")
+    if args.policy_command == "suggest":
+        from safeload.suggest import suggest_policy
+
+        sys.stdout.write(suggest_policy(args.files, base=args.base))
+        return EXIT_CLEAN
+    raise UsageError("safeload policy: choose an action: show, validate, list, suggest")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -110,3 +110,11 @@ class DisallowedGlobalError(UnsafeModelError):
 
 class InternalLoaderError(SafeloadError, pickle.UnpicklingError):
     """The restricted unpickler met something the scan did not report: a safeload bug, fail closed."""
+
+
+class LoadError(SafeloadError, pickle.UnpicklingError):
+    """The scan passed but the data could not be rebuilt safely.
+
+    Tensor metadata outside its storage, a storage whose size disagrees with its declaration, an
+    unavailable device or a missing optional package: nothing from the file ran, nothing was returned.
+    """

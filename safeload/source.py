@@ -79,7 +79,9 @@ def _from_path(path: str, *, use_mmap: bool, max_bytes: int) -> Source:
                 remedy="raise limits.max_file_bytes in a policy file if you expect files this large",
             )
         if regular and use_mmap and info.st_size > 0:
-            mapped = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_READ)
+            # Copy-on-write, as torch.load(mmap=True) maps: loaded tensors stay writable and writes
+            # never reach the file.
+            mapped = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY)
             view = memoryview(mapped)
             return Source(buffer=view, path=path, size=len(view), mapped=True, _holders=[mapped])
         with os.fdopen(os.dup(fd), "rb", buffering=0) as raw:

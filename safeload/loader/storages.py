@@ -1,0 +1,111 @@
+"""Bounds checks for storages and the tensor views made over them. Pure Python, no torch.
+
+Every number here comes from the file. A view is made only after these checks prove that it lies
+inside its storage, so no backend ever reads (or lets a caller write) outside the scanned buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from safeload.errors import LoadError
+
+# torch and numpy index with int64; anything larger cannot be a real shape, stride or offset.
+INT64_MAX = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the object being loaded sits, for messages."""
+
+    path: str
+    member: str | None = None
+
+    def error(self, message: str) -> LoadError:
+        return LoadError(message, path=self.path, member=self.member)
+
+
+def check_int(value: object, what: str, where: Where, *, minimum: int = 0) -> int:
+    # bool is an int subclass; torch.save never writes one where a size belongs.
+    if type(value) is not int:
+        raise where.error(f"{what} must be an integer, not {type(value).__name__}")
+    if value < minimum or value > INT64_MAX:
+        raise where.error(f"{what} {value} is out of range")
+    return value
+
+
+def check_dims(values: object, what: str, where: Where, *, minimum: int = 0) -> tuple[int, ...]:
+    """A shape or stride: a tuple (or torch.Size / list) of bounded non-negative ints."""
+    if not isinstance(values, (tuple, list)):
+        raise where.error(f"{what} must be a tuple of integers, not {type(values).__name__}")
+    if len(values) > 64:
+        raise where.error(f"{what} has {len(values)} dimensions; at most 64 are supported")
+    for v in values:
+        # Checked inline (this runs for every tensor); the message is built only on failure.
+        if type(v) is not int or v < minimum or v > INT64_MAX:
+            for i, item in enumerate(values):
+                check_int(item, f"{what}[{i}]", where, minimum=minimum)
+    return tuple(values)
+
+
+def numel(size: Sequence[int]) -> int:
+    n = 1
+    for s in size:
+        n *= s
+    return n
+
+
+def check_view(
+    offset: object,
+    size: object,
+    stride: object,
+    storage_elements: int,
+    where: Where,
+    *,
+    what: str = "tensor",
+) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Prove that a strided view (in elements) lies inside a storage of `storage_elements` elements.
+
+    Returns the checked (offset, size, stride). Python integers do not overflow, so the extent is
+    exact; it is also kept under int64 so the backends' own arithmetic cannot wrap.
+    """
+    off = check_int(offset, f"{what} storage offset", where)
+    dims = check_dims(size, f"{what} size", where)
+    steps = check_dims(stride, f"{what} stride", where)
+    if len(dims) != len(steps):
+        raise where.error(f"{what} has {len(dims)} sizes but {len(steps)} strides")
+    count = 1
+    last = off
+    for d, s in zip(dims, steps, strict=True):
+        count *= d
+        last += (d - 1) * s
+    if count > INT64_MAX:
+        raise where.error(f"{what} has more elements than int64 can count")
+    if count == 0:
+        # An empty view reads nothing, but its offset must still point into (or just past) the storage.
+        if off > storage_elements:
+            raise where.error(
+                f"{what} offset {off} is past the end of its storage ({storage_elements} elements)"
+            )
+        return off, dims, steps
+    if last >= storage_elements or last > INT64_MAX:
+        raise where.error(
+            f"{what} reaches element {last} but its storage holds {storage_elements} elements "
+            "(offset, size or stride out of bounds: the file is corrupt or crafted)"
+        )
+    return off, dims, steps
+
+
+def check_storage_bytes(
+    actual: int, declared_numel: object, element_size: int, key: str, where: Where
+) -> int:
+    """A storage's bytes must be exactly what its persistent id declares (numel * element size)."""
+    n = check_int(declared_numel, f"storage {key!r} numel", where)
+    expected = n * element_size
+    if expected != actual:
+        raise where.error(
+            f"storage {key!r} holds {actual} bytes but its persistent id declares {n} elements "
+            f"of {element_size} bytes ({expected} bytes): the file is corrupt or crafted"
+        )
+    return n
