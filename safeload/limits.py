@@ -17,7 +17,8 @@ class Limits(BaseModel):
     max_nesting_depth: int = Field(default=1000, gt=0, description="MARK / container nesting in a stream")
     max_streams: int = Field(default=10_000, gt=0, description="Pickle streams per file")
     max_zip_members: int = Field(default=200_000, gt=0)
-    max_decompressed_bytes: int = Field(default=64 * GiB, gt=0, description="Total across one file")
+    # Decompressed members are held in memory: the default stays well below a typical machine's RAM.
+    max_decompressed_bytes: int = Field(default=8 * GiB, gt=0, description="Total across one file")
     max_compression_ratio: int = Field(default=1000, gt=0)
     max_nesting: int = Field(default=4, ge=0, description="Archive-in-archive depth")
     max_int_digits: int = Field(default=4300, gt=0, description="Digits of a LONG literal")

@@ -1,0 +1,479 @@
+"""Compression wrappers: gzip, bz2, xz, lzma-alone, zstd, lz4 frame and zlib (joblib's two forms).
+
+Each wrapper hands back one child, the bytes the loader's decompressing reader would produce, for
+detection to read again by content. Concatenated streams (multi-member gzip, several bz2/xz/lz4
+streams) are all decompressed, because Python's file readers (gzip.open, bz2.open, lzma.open,
+lz4.frame.open) read on across them; zero padding between or after streams is skipped the way
+those readers skip or ignore it.
+
+Decompression is bounded: input is fed in chunks and output is taken ``max_length`` at a time,
+every output byte is charged to the file's shared Budget (SL203 when it refuses) and a stream that
+expands beyond ``limits.max_compression_ratio`` is stopped (SL309). A truncated or corrupt stream,
+or bytes after the last stream that no reader continues with, give SL205; what was decompressed
+before the break is still handed on (a loader would have run a payload in it before failing).
+
+The helpers :class:`Meter` and :func:`inflate` are shared with other readers (7z, sparse tar).
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import lzma
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from safeload.formats.base import Child, ReadContext, ReadResult
+from safeload.model import Finding, make_finding
+
+NAME = "compressed"
+
+IN_CHUNK = 1 << 16
+OUT_CHUNK = 1 << 20
+# Below this much output nothing is called a bomb: small files compress well for dull reasons.
+RATIO_FLOOR = 1 << 24
+# xz/lzma streams declare their dictionary size; liblzma allocates it up front.
+LZMA_MEMLIMIT = 1 << 30
+_SNIFF_IN = 4096
+_SNIFF_OUT = 64
+
+GZIP_MAGIC = b"\x1f\x8b\x08"
+BZ2_MAGIC = b"BZh"
+_BZ2_BLOCK = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
+XZ_MAGIC = b"\xfd7zXZ\x00"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+LZ4_MAGIC = b"\x04\x22\x4d\x18"
+# joblib < 0.10 wrote "ZF", the decompressed length as hex padded to 19 characters, then zlib.
+ZFILE_MAGIC = b"ZF0x"
+_ZFILE_HEADER = 2 + 19
+
+
+class Decoder(Protocol):
+    """The incremental-decompressor shape bz2, lzma and lz4.frame share."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def needs_input(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class _ZlibDecoder:
+    """zlib.decompressobj behind the bz2-style interface (``needs_input``, ``max_length``)."""
+
+    def __init__(self, wbits: int) -> None:
+        self._d = zlib.decompressobj(wbits)
+        self._more = False
+
+    @property
+    def eof(self) -> bool:
+        return self._d.eof
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._d.unconsumed_tail and not self._more
+
+    @property
+    def unused_data(self) -> bytes:
+        # At the end of the stream CPython may leave the same leftover in both attributes.
+        return self._d.unused_data if self._d.eof else self._d.unconsumed_tail
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        out = self._d.decompress(self._d.unconsumed_tail + data, max(max_length, 0))
+        # A full output buffer may leave output pending inside zlib even with no input left.
+        self._more = max_length > 0 and len(out) == max_length and not self._d.eof
+        return out
+
+
+def _lz4_decoder() -> Decoder:
+    import lz4.frame  # optional dependency: only files that are lz4 frames need it
+
+    return lz4.frame.LZ4FrameDecompressor()  # type: ignore[no-any-return]
+
+
+class _ZstdDecoder:
+    """One zstd frame, fed to `zstandard`'s decompressobj one block at a time.
+
+    That decompressobj has no max_length: it returns all the output of the input it is given. A
+    block regenerates at most 128 KiB (the format's block maximum), so walking the frame's block
+    headers (RFC 8878) and feeding whole blocks bounds every step whatever the input chunks are.
+    The walk only finds block boundaries; zstandard does all decoding and every check.
+    """
+
+    def __init__(self) -> None:
+        import zstandard  # optional dependency: only files that are zstd frames need it
+
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = bytearray()
+        self._ready = bytearray()  # output made but not yet returned
+        self._stage = "header"  # header -> block* -> checksum -> done
+        self._checksum = False
+        self._done = False
+
+    @property
+    def eof(self) -> bool:
+        return self._done and not self._ready
+
+    @property
+    def needs_input(self) -> bool:
+        return not self._ready and not self._done and self._unit() is None
+
+    @property
+    def unused_data(self) -> bytes:
+        return bytes(self._pending) if self._done else b""
+
+    def _unit(self) -> int | None:
+        """Length of the next whole header, block or checksum at the start of pending input."""
+        p = self._pending
+        if self._stage == "header":
+            if len(p) < 8 and not (len(p) >= 5 and bytes(p[:4]) == ZSTD_MAGIC):
+                return None
+            if bytes(p[:4]) != ZSTD_MAGIC:  # a skippable frame: magic, 4-byte size, content
+                return 8 + int.from_bytes(p[4:8], "little")
+            fhd = p[4]
+            single = fhd >> 5 & 1
+            size = (
+                5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+            )
+            return size if len(p) >= size else None
+        if self._stage == "block":
+            if len(p) < 3:
+                return None
+            head = int.from_bytes(p[:3], "little")
+            size = 3 + (1 if (head >> 1) & 3 == 1 else head >> 3)
+            return size if len(p) >= size else None
+        return 4 if len(p) >= 4 else None  # checksum
+
+    def _advance(self, unit: bytes) -> None:
+        if self._stage == "header":
+            if unit[:4] != ZSTD_MAGIC:
+                self._stage = "done"
+            else:
+                self._checksum = bool(unit[4] & 4)
+                self._stage = "block"
+        elif self._stage == "block":
+            if int.from_bytes(unit[:3], "little") & 1:
+                self._stage = "checksum" if self._checksum else "done"
+        else:
+            self._stage = "done"
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        self._pending += data
+        while not self._done and (max_length < 0 or len(self._ready) < max_length):
+            size = self._unit()
+            if size is None:
+                break
+            unit = bytes(self._pending[:size])
+            del self._pending[:size]
+            self._ready += self._d.decompress(unit)
+            self._advance(unit)
+            if self._stage == "done":
+                if not self._d.eof:
+                    raise ValueError("zstd frame ended where the decoder did not")
+                self._done = True
+        cut = len(self._ready) if max_length < 0 else max_length
+        out = bytes(self._ready[:cut])
+        del self._ready[:cut]
+        return out
+
+
+def _lzma_auto() -> Decoder:
+    # FORMAT_AUTO is what lzma.open/LZMAFile (and joblib's xz/lzma readers) use for every stream.
+    return lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=LZMA_MEMLIMIT)
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    new: Callable[[], Decoder]
+    # Whether the bytes after one stream's end start another stream this format's reader reads.
+    continues: Callable[[memoryview], bool]
+
+
+def _is_zlib_header(b: memoryview) -> bool:
+    # CMF 0x78 is what zlib.compress and joblib write; other window sizes would collide with
+    # protocol-0 pickles, which start with "(" (0x28).
+    return len(b) >= 2 and b[0] == 0x78 and (b[0] * 256 + b[1]) % 31 == 0 and not b[1] & 0x20
+
+
+def _is_bz2(b: memoryview) -> bool:
+    return (
+        len(b) >= 10 and bytes(b[:3]) == BZ2_MAGIC and 0x31 <= b[3] <= 0x39 and bytes(b[4:10]) in _BZ2_BLOCK
+    )
+
+
+def _is_lzma_alone_header(b: memoryview) -> bool:
+    """The 13-byte .lzma header as xz-utils and Python's lzma write it, plus the coder's 0 byte."""
+    if len(b) < 14 or b[0] >= 9 * 5 * 5 or b[13] != 0:
+        return False
+    dict_size = struct.unpack_from("<I", b, 1)[0]
+    size = struct.unpack_from("<Q", b, 5)[0]
+    if size != (1 << 64) - 1 and size >= 1 << 38:
+        return False
+    # Encoders write 2^n or 2^n + 2^(n-1); anything else is not a header a writer produced.
+    low = dict_size & -dict_size
+    return dict_size >= 4096 and dict_size in (low, 3 * low)
+
+
+def _is_zstd(b: memoryview) -> bool:
+    if len(b) < 4:
+        return False
+    head = bytes(b[:4])
+    # Skippable frames 0x184D2A50..5F may come first.
+    return head == ZSTD_MAGIC or (head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
+
+
+GZIP = Codec("gzip", lambda: _ZlibDecoder(31), lambda b: bytes(b[:3]) == GZIP_MAGIC)
+ZLIB = Codec("zlib", lambda: _ZlibDecoder(15), _is_zlib_header)
+BZ2 = Codec("bz2", bz2.BZ2Decompressor, _is_bz2)
+XZ = Codec("xz", _lzma_auto, lambda b: bytes(b[:6]) == XZ_MAGIC or _is_lzma_alone_header(b))
+LZMA = Codec("lzma", _lzma_auto, XZ.continues)
+LZ4 = Codec("lz4", _lz4_decoder, lambda b: bytes(b[:4]) == LZ4_MAGIC)
+ZSTD = Codec("zstd", _ZstdDecoder, lambda b: _is_zstd(b))
+CODECS: dict[str, Codec] = {c.name: c for c in (GZIP, ZLIB, BZ2, XZ, LZMA, LZ4, ZSTD)}
+# Codecs whose decoder lives in an optional package, and that package.
+_OPTIONAL = {"lz4": "lz4.frame", "zstd": "zstandard"}
+
+
+def _trial(codec: Codec, buf: memoryview) -> bool:
+    """Whether the first bytes decode without error: cheap, and it rules out look-alike headers."""
+    try:
+        codec.new().decompress(bytes(buf[:_SNIFF_IN]), _SNIFF_OUT)
+    except Exception:  # noqa: BLE001 - any decoder failure just means "not this format"
+        return False
+    return True
+
+
+def _available(kind: str) -> bool:
+    module = _OPTIONAL.get(kind)
+    if module is None:
+        return True
+    # The module names are this file's constants, never names taken from the input.
+    return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+def detect(buf: memoryview) -> str | None:
+    """Which compression format the buffer starts with (by magic bytes and a trial decode)."""
+    if len(buf) < 4:
+        return None
+    head = bytes(buf[:6])
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head == XZ_MAGIC:
+        return "xz"
+    if _is_bz2(buf):
+        return "bz2"
+    if head.startswith(LZ4_MAGIC):
+        return "lz4"
+    if _is_zstd(buf):
+        return "zstd"
+    if head.startswith(ZFILE_MAGIC):
+        return "zfile"
+    if _is_zlib_header(buf) and _trial(ZLIB, buf):
+        return "zlib"
+    if _is_lzma_alone_header(buf) and _trial(LZMA, buf):
+        return "lzma"
+    return None
+
+
+def sniff(buf: memoryview) -> bool:
+    return detect(buf) is not None
+
+
+class Meter:
+    """Charges one wrapper's output to the file's Budget and watches its compression ratio."""
+
+    def __init__(self, ctx: ReadContext, what: str) -> None:
+        self.ctx = ctx
+        self.what = what
+        self.produced = 0
+        self.finding: Finding | None = None
+
+    def charge(self, n: int, consumed: int) -> bool:
+        """Account n more output bytes after `consumed` input bytes; False (and a finding) to stop."""
+        limits = self.ctx.limits
+        total = self.produced + n
+        if total > RATIO_FLOOR and total > limits.max_compression_ratio * max(consumed, 1):
+            self.finding = make_finding(
+                "SL309",
+                f"{self.what} expands {consumed} bytes to more than {total} bytes, above "
+                f"max_compression_ratio {limits.max_compression_ratio}; reading stopped",
+                member=self.ctx.member,
+                file_offset=self.ctx.file_offset,
+            )
+            return False
+        if not self.ctx.budget.take(n):
+            self.finding = make_finding(
+                "SL203",
+                f"{self.what}: decompressed data would exceed max_decompressed_bytes "
+                f"({self.ctx.budget.limit}) for this file; reading stopped after {self.produced} bytes",
+                member=self.ctx.member,
+                file_offset=self.ctx.file_offset,
+            )
+            return False
+        self.produced = total
+        return True
+
+
+@dataclass
+class Inflated:
+    data: bytearray
+    findings: list[Finding] = field(default_factory=list)
+    streams: int = 0
+    consumed: int = 0  # input bytes that belonged to complete streams (or were read before a stop)
+    complete: bool = False  # every input byte was decompressed (or was padding)
+    trailing: int | None = None  # offset of bytes after the last stream that no reader continues with
+
+
+def _skip_zeros(src: memoryview, pos: int) -> int:
+    while 0 <= pos < len(src):
+        chunk = bytes(src[pos : pos + IN_CHUNK])
+        stripped = chunk.lstrip(b"\0")
+        if stripped:
+            return pos + len(chunk) - len(stripped)
+        pos += len(chunk)
+    return pos
+
+
+def inflate(src: memoryview, codec: Codec, ctx: ReadContext, *, what: str, base: int = 0) -> Inflated:
+    """Decompress every stream of `src` with `codec`, bounded by the Budget and the ratio limit.
+
+    `base` is where src starts in the reader's buffer, for the offsets findings name.
+    """
+    meter = Meter(ctx, what)
+    result = Inflated(bytearray())
+    out = result.data
+    pos = 0
+    while True:
+        dec = codec.new()
+        start = pos
+        try:
+            while not dec.eof:
+                if dec.needs_input:
+                    if pos >= len(src):
+                        result.findings.append(
+                            _unreadable(
+                                ctx,
+                                f"{what} is truncated: stream {result.streams + 1} starting at "
+                                f"offset {base + start} ends before its end marker",
+                                base + start,
+                            )
+                        )
+                        result.consumed = pos
+                        return result
+                    chunk = bytes(src[pos : pos + IN_CHUNK])
+                    pos += len(chunk)
+                else:
+                    chunk = b""
+                piece = dec.decompress(chunk, OUT_CHUNK)
+                if piece:
+                    if not meter.charge(len(piece), pos):
+                        assert meter.finding is not None
+                        result.findings.append(meter.finding)
+                        result.consumed = pos
+                        return result
+                    out += piece
+        except Exception as exc:  # noqa: BLE001 - decoders raise zlib.error, OSError, LZMAError, RuntimeError...
+            result.findings.append(
+                _unreadable(
+                    ctx,
+                    f"{what} is corrupt in stream {result.streams + 1} starting at offset "
+                    f"{base + start}: {type(exc).__name__}: {exc}",
+                    base + start,
+                )
+            )
+            result.consumed = pos
+            return result
+        result.streams += 1
+        # The stream ended inside what it was fed; never step back before the stream's start.
+        pos = max(start + 1, pos - len(dec.unused_data or b""))
+        result.consumed = pos
+        pos = _skip_zeros(src, pos)
+        if pos >= len(src):
+            result.complete = True
+            return result
+        if not codec.continues(src[pos:]):
+            result.trailing = pos
+            result.findings.append(
+                _unreadable(
+                    ctx,
+                    f"{len(src) - pos} bytes after the last {what} stream (offset {base + pos}) are "
+                    "not a stream its reader continues with",
+                    base + pos,
+                )
+            )
+            return result
+
+
+def _unreadable(ctx: ReadContext, message: str, offset: int) -> Finding:
+    return make_finding(
+        "SL205",
+        message,
+        member=ctx.member,
+        offset=offset,
+        file_offset=None if ctx.file_offset is None else ctx.file_offset + offset,
+    )
+
+
+def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    kind = detect(buf)
+    if kind is None:
+        return ReadResult(format=NAME, findings=[_unreadable(ctx, "no known compression format", 0)])
+    src = buf
+    meta: dict[str, object] = {"compression": kind, "compressed_bytes": len(buf)}
+    fmt = kind
+    if kind == "zfile":
+        declared = _zfile_length(buf)
+        meta["declared_length"] = declared
+        start = _ZFILE_HEADER + (1 if len(buf) > _ZFILE_HEADER and buf[_ZFILE_HEADER] == 0x20 else 0)
+        src = buf[start:]
+        kind = "zlib"
+    if not _available(kind):
+        inflated = Inflated(
+            bytearray(),
+            [_unreadable(ctx, f"{kind} data, but the {_OPTIONAL[kind]} package is not installed", 0)],
+        )
+    else:
+        inflated = inflate(src, CODECS[kind], ctx, what=kind, base=len(buf) - len(src))
+    if fmt == "zfile" and inflated.complete and meta["declared_length"] != len(inflated.data):
+        inflated.findings.append(
+            _unreadable(
+                ctx,
+                f"joblib zfile declares {meta['declared_length']} bytes but holds {len(inflated.data)}",
+                0,
+            )
+        )
+    meta.update(streams=inflated.streams, decompressed_bytes=len(inflated.data), complete=inflated.complete)
+    encoding = (*ctx.encoding, fmt)
+    children = []
+    if inflated.data:
+        children.append(
+            Child(name=f"<{fmt}>", data=memoryview(inflated.data), file_offset=None, encoding=encoding)
+        )
+    if inflated.trailing is not None:
+        offset = (len(buf) - len(src)) + inflated.trailing
+        children.append(
+            Child(
+                name=f"<after-{fmt}>",
+                data=buf[offset:],
+                file_offset=None if ctx.file_offset is None else ctx.file_offset + offset,
+                encoding=ctx.encoding,
+            )
+        )
+    return ReadResult(format=fmt, findings=inflated.findings, children=children, meta=meta)
+
+
+def _zfile_length(buf: memoryview) -> int | None:
+    text = bytes(buf[2:_ZFILE_HEADER]).strip()
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None

@@ -1,0 +1,296 @@
+"""numpy's .npy and .npz, read the way ``numpy.load`` reads them, without ``allow_pickle``.
+
+``.npy``: magic ``\\x93NUMPY``, version (1,0) / (2,0) / (3,0), a little-endian header length (2 bytes
+for version 1, 4 after), then a header that is a Python dict literal, parsed with
+``ast.literal_eval`` as numpy does, and its ``descr`` turned into a dtype by numpy's own
+``descr_to_dtype``. If the dtype holds objects, numpy ``pickle.load``s the rest of the file: that
+becomes a PickleStream (role NPY_OBJECT, multi=False: numpy reads one pickle). Otherwise the rest is
+the raw array and its length must be exactly ``prod(shape) * itemsize`` (else SL205).
+
+``.npz``: a zip (np.savez stores, np.savez_compressed deflates). numpy reads it with Python's
+zipfile; safeload reads it with zipread.py, which reports every layout on which zip readers
+disagree (CRC, flag bits, local/central names, duplicates, overlaps) and scans every member, so no
+member zipfile would hand numpy goes unscanned. Every member whose bytes start with the npy magic
+is read as .npy (numpy decides by the magic, not by the name); any other member is handed back as a
+child. Stored members are zero-copy slices; deflated ones are decompressed under the Budget.
+
+Meta for the loader, ``ReadResult.meta["npy_arrays"]``: a dict from array key to a dict with
+  ``member``        member path of the .npy bytes (None for a whole-file .npy)
+  ``version``       (major, minor) of the npy format
+  ``descr``         the header's descr literal; rebuild the dtype with
+                    ``numpy.lib.format.descr_to_dtype(descr)``
+  ``dtype``         str of that dtype (for reports)
+  ``shape``         tuple of ints
+  ``fortran_order`` bool
+  ``has_object``    bool: the array is a pickle (the stream), not raw bytes
+  ``data_offset``   where the array bytes (or the pickle) start inside the member's bytes
+  ``data_length``   byte length of the raw array (None for object arrays)
+  ``storage``       key in ``ReadResult.storages`` holding the raw array bytes (None for object arrays)
+The key is ``"npy"`` for a whole .npy file and the zip member name (``"arr_0.npy"``) in an npz.
+For npz, ``meta["npz_members"]`` lists every member name in archive order.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.format import descr_to_dtype
+
+from safeload.formats import zipread
+from safeload.formats.base import Child, PickleStream, ReadContext, ReadResult, StorageEntry, StreamRole
+from safeload.model import make_finding
+
+NAME = "numpy"
+
+MAGIC = b"\x93NUMPY"
+# numpy refuses headers over 10000 characters unless allow_pickle is set, then takes any size.
+MAX_HEADER = 1 << 20
+ZIP_LOCAL = b"PK\x03\x04"
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+_METHODS = {zipread.DEFLATED: "deflate", zipread.BZIP2: "bzip2"}
+_HEADER_KEYS = {"descr", "fortran_order", "shape"}
+_VERSIONS = {(1, 0): ("<H", "latin1"), (2, 0): ("<I", "latin1"), (3, 0): ("<I", "utf8")}
+
+
+class NpyError(Exception):
+    """A .npy header numpy would refuse (kept inside this module; it becomes a finding)."""
+
+    def __init__(self, message: str, offset: int, code: str = "SL205") -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.code = code
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    version: tuple[int, int]
+    descr: object
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fortran_order: bool
+    data_offset: int
+
+    @property
+    def has_object(self) -> bool:
+        return bool(self.dtype.hasobject)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def parse_header(data: memoryview) -> NpyHeader:
+    """The header of one .npy, validated as numpy.lib.format does; NpyError if numpy would refuse it."""
+    if len(data) < 10 or bytes(data[:6]) != MAGIC:
+        raise NpyError("not an npy array: magic missing or truncated", 0)
+    version = (data[6], data[7])
+    if version not in _VERSIONS:
+        raise NpyError(f"npy format version {version[0]}.{version[1]} is not one numpy reads", 6)
+    length_format, encoding = _VERSIONS[version]
+    start = 8 + struct.calcsize(length_format)
+    if len(data) < start:
+        raise NpyError("npy header length is truncated", 8)
+    (length,) = struct.unpack_from(length_format, data, 8)
+    if length > MAX_HEADER:
+        raise NpyError(f"npy header declares {length} bytes, above safeload's limit {MAX_HEADER}", 8, "SL203")
+    end = start + length
+    if end > len(data):
+        raise NpyError(f"npy header declares {length} bytes but only {len(data) - start} follow", start)
+    try:
+        text = bytes(data[start:end]).decode(encoding)
+        # numpy's own parser; only literals, nothing is called or imported.
+        header = ast.literal_eval(text)
+    except (UnicodeDecodeError, SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
+        # numpy retries a version 1/2 header with Python 2 long literals ("3L") stripped; such
+        # files are refused here, which fails closed.
+        raise NpyError(f"npy header is not a Python literal numpy reads: {exc}", start) from None
+    if not isinstance(header, dict) or set(header) != _HEADER_KEYS or len(header) != len(_HEADER_KEYS):
+        raise NpyError("npy header is not a dict with exactly the keys descr, fortran_order, shape", start)
+    shape = header["shape"]
+    if not isinstance(shape, tuple) or not all(isinstance(x, int) and x >= 0 for x in shape):
+        raise NpyError(f"npy shape is not a tuple of non-negative ints: {shape!r}"[:200], start)
+    if not isinstance(header["fortran_order"], bool):
+        raise NpyError("npy fortran_order is not a bool", start)
+    try:
+        dtype = descr_to_dtype(header["descr"])
+    except Exception as exc:  # noqa: BLE001 - numpy.dtype raises TypeError, ValueError, KeyError...
+        raise NpyError(f"npy descr is not a dtype numpy builds: {type(exc).__name__}", start) from None
+    return NpyHeader(
+        version, header["descr"], dtype, tuple(int(x) for x in shape), header["fortran_order"], end
+    )
+
+
+def _abs(file_offset: int | None, offset: int) -> int | None:
+    return None if file_offset is None else file_offset + offset
+
+
+def read_npy(
+    data: memoryview,
+    result: ReadResult,
+    ctx: ReadContext,
+    *,
+    key: str,
+    member: str | None,
+    file_offset: int | None,
+    encoding: tuple[str, ...],
+) -> bool:
+    """Read one .npy's bytes into `result` (stream or storage, meta, findings); False if refused."""
+    try:
+        h = parse_header(data)
+    except NpyError as exc:
+        result.findings.append(
+            make_finding(exc.code, exc.message, member=member, file_offset=_abs(file_offset, exc.offset))
+        )
+        return False
+    info: dict[str, object] = {
+        "member": member,
+        "version": h.version,
+        "descr": h.descr,
+        "dtype": str(h.dtype),
+        "shape": h.shape,
+        "fortran_order": h.fortran_order,
+        "has_object": h.has_object,
+        "data_offset": h.data_offset,
+        "data_length": None,
+        "storage": None,
+    }
+    arrays = result.meta.setdefault("npy_arrays", {})
+    assert isinstance(arrays, dict)
+    if h.has_object:
+        result.streams.append(
+            PickleStream(
+                member=member,
+                data=data[h.data_offset :],
+                file_offset=_abs(file_offset, h.data_offset),
+                role=StreamRole.NPY_OBJECT,
+                multi=False,
+                loadable=True,
+                encoding=encoding,
+            )
+        )
+        arrays[key] = info
+        return True
+    remaining = len(data) - h.data_offset
+    if remaining != h.nbytes:
+        what = "is truncated" if remaining < h.nbytes else "has extra bytes after the array"
+        result.findings.append(
+            make_finding(
+                "SL205",
+                f"npy array {what}: shape {h.shape} of {h.dtype} needs {h.nbytes} bytes, {remaining} follow the header",
+                member=member,
+                file_offset=_abs(file_offset, h.data_offset),
+            )
+        )
+        return False
+    end = h.data_offset + h.nbytes
+    result.storages[key] = StorageEntry(
+        key=key, data=data[h.data_offset : end], file_offset=_abs(file_offset, h.data_offset)
+    )
+    info.update(data_length=h.nbytes, storage=key)
+    arrays[key] = info
+    return True
+
+
+# -- npz --------------------------------------------------------------------------------------------
+
+
+def _first_member_is_npy(buf: memoryview) -> bool:
+    if len(buf) < _LOCAL_HEADER.size or bytes(buf[:4]) != ZIP_LOCAL:
+        return False
+    fields = _LOCAL_HEADER.unpack_from(buf, 0)
+    method, name_len, extra_len = fields[3], fields[9], fields[10]
+    start = _LOCAL_HEADER.size + name_len + extra_len
+    head = bytes(buf[start : start + 512])
+    if method == zipread.STORED:
+        return head.startswith(MAGIC)
+    if method == zipread.DEFLATED:
+        try:
+            return zlib.decompressobj(-15).decompress(head, len(MAGIC)) == MAGIC
+        except zlib.error:
+            return False
+    return False
+
+
+def sniff(buf: memoryview) -> bool:
+    """A .npy by its magic; an .npz as a zip whose first member's bytes are an .npy."""
+    return bytes(buf[:6]) == MAGIC or _first_member_is_npy(buf)
+
+
+def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    if bytes(buf[:6]) == MAGIC:
+        result = ReadResult(format="npy")
+        ok = read_npy(
+            buf, result, ctx, key="npy", member=ctx.member, file_offset=ctx.file_offset, encoding=ctx.encoding
+        )
+        if ok and not result.streams:
+            result.findings.append(
+                make_finding("SL400", "npy array without objects: no pickle", member=ctx.member)
+            )
+        return result
+    return read_npz(buf, ctx)
+
+
+def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    result = ReadResult(format="npz")
+    archive = zipread.read_archive(buf, ctx)
+    if archive is None:
+        result.findings.append(
+            make_finding(
+                "SL205",
+                "npz archive has no end-of-central-directory record",
+                member=ctx.member,
+                file_offset=ctx.file_offset,
+            )
+        )
+        return result
+    # Layout anomalies (CRC, flags, name mismatch, duplicates, overlap, member limit) come from zipread.
+    result.findings.extend(archive.findings)
+    result.meta["npz_members"] = [e.name for e in archive.entries]
+    npy_count = 0
+    for entry in archive.entries:
+        if entry.is_dir and not entry.size:
+            continue
+        got = zipread.extract(buf, entry, ctx)
+        result.findings.extend(got.findings)
+        member = ctx.child_member(entry.name)
+        if got.data is None:
+            result.findings.append(
+                make_finding(
+                    "SL205",
+                    "npz member's bytes could not be located",
+                    member=member,
+                    offset=entry.header_offset,
+                )
+            )
+            continue
+        encoding = (
+            ctx.encoding
+            if entry.method == zipread.STORED
+            else (*ctx.encoding, _METHODS.get(entry.method, "?"))
+        )
+        if bytes(got.data[:6]) == MAGIC:
+            npy_count += 1
+            read_npy(
+                got.data,
+                result,
+                ctx,
+                key=entry.name,
+                member=member,
+                file_offset=got.file_offset,
+                encoding=encoding,
+            )
+        else:
+            result.children.append(
+                Child(name=entry.name, data=got.data, file_offset=got.file_offset, encoding=encoding)
+            )
+    if npy_count and not result.streams:
+        result.findings.append(
+            make_finding("SL400", f"npz of {npy_count} arrays without objects: no pickle", member=ctx.member)
+        )
+    return result
