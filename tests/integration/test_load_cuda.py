@@ -57,7 +57,9 @@ def test_cpu_file_to_gpu(name: str) -> None:
     assert out["x"].device == ref["x"].device
 
 
-@pytest.mark.parametrize("map_location", [None, "cpu", {"cuda:0": "cpu"}, lambda s, loc: s], ids=str)
+@pytest.mark.parametrize(
+    "map_location", [None, "cpu", {"cuda:0": "cpu"}, lambda s, loc: s], ids=["none", "cpu", "dict", "callable"]
+)
 def test_gpu_file(map_location: Any) -> None:
     data = _save(_objects("cuda"))
     ref = torch.load(io.BytesIO(bytes(data)), weights_only=True, map_location=map_location)
