@@ -25,8 +25,13 @@ elif tool == "modelscan":
     from modelscan.modelscan import ModelScan
     fn = lambda p: ModelScan().scan(p)
 elif tool == "fickling":
+    import zipfile
     import fickling
-    fn = lambda p: fickling.is_likely_safe(p)
+    from fickling.analysis import check_safety
+    from fickling.pytorch import PyTorchModelWrapper
+    # fickling's is_likely_safe reads a file as one raw pickle; torch archives go through its
+    # PyTorch wrapper, as fickling documents.
+    fn = lambda p: check_safety(PyTorchModelWrapper(p).pickled) if zipfile.is_zipfile(p) else fickling.is_likely_safe(p)
 else:
     raise SystemExit("unknown tool")
 best = float("inf")

@@ -108,3 +108,31 @@ def system_payload(marker: Path, protocol: int = 2) -> bytes:
     """`os.system("touch marker")`."""
     arg = unicode(f"touch {marker}") if protocol >= 1 else string0(f"touch {marker}")
     return wrap(call(glob("os", "system"), arg), protocol)
+
+
+def real_load_in_subprocess(data: bytes, workdir: Path, mode: str = "loads", timeout: float = 120):  # type: ignore[no-untyped-def]
+    """Unpickle ``data`` with the real CPython loader in a child process (to prove a fixture is live).
+
+    ``mode``: "loads" (pickle.loads), "file" (pickle.load of open()), "bytesio" (pickle.load of
+    io.BytesIO), "all" (pickle.load of open() until the file ends, as a multi-pickle reader does).
+    Only for fixtures whose payload is harmless (it creates a marker under ``workdir``).
+    """
+    import subprocess
+    import sys
+
+    path = workdir / "live_fixture.pkl"
+    path.write_bytes(data)
+    script = {
+        "loads": "pickle.loads(open(p, 'rb').read())",
+        "file": "pickle.load(open(p, 'rb'))",
+        "bytesio": "pickle.load(io.BytesIO(open(p, 'rb').read()))",
+        "all": "f = open(p, 'rb')\nwhile f.peek(1): pickle.load(f)",
+    }[mode]
+    code = f"import io, pickle, sys\np = sys.argv[1]\n{script}\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        cwd=workdir,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -14,6 +14,8 @@ class ImportSite:
     offset: int  # byte offset of the opcode inside the stream
     opcode: str  # GLOBAL, STACK_GLOBAL, INST, EXT1, ...
     uses: set[Use] = field(default_factory=set)
+    # The (module, name) as written in the stream, when the Python 2 mapping changed it.
+    raw: tuple[str, str] | None = None
 
     @property
     def qualname(self) -> str:
@@ -64,6 +66,13 @@ class WalkResult:
     # Constant-folded value each complete pickle returned (UNKNOWN where not constant): readers of
     # small structural pickles (legacy torch magic number, storage keys) use it without unpickling.
     values: list[object] = field(default_factory=list)
+    # Why replaying this stream through CPython's unpickler could hang or crash the process (deep
+    # tuples hashed recursively, crafted hash collisions); None when a replay is safe.
+    replay_hazard: str | None = None
+    frames: int = 0  # FRAME opcodes walked (readers of one stream can differ only at a FRAME)
+    # (offset, length) of large byte payloads outside frames, in stream order: the replay skips
+    # exactly these regions instead of copying them.
+    payloads: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def import_keys(self) -> list[tuple[str, str]]:

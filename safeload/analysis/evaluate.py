@@ -1,0 +1,245 @@
+"""Walker output + policy -> findings and per-import rows. The only place the two meet.
+
+Every import is checked against the policy whatever its use (a global that is only referenced can
+still be called later by an allowed callable). Floor hits say the file is very likely malicious
+and offer no remedy; other refusals carry the policy's exact remedy line. Persistent ids are
+checked against the storage scheme of the stream's container.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+from safeload.analysis.types import UNKNOWN, ImportSite, PersistentIdSite, WalkResult
+from safeload.formats.base import PersistentScheme
+from safeload.model import Finding, GlobalUse, Use, make_finding
+from safeload.text import escape
+
+__all__ = ["evaluate_stream"]
+
+# Findings of one kind per stream beyond this are summarised in one more finding.
+MAX_PER_KIND = 50
+_USE_ORDER = {u: i for i, u in enumerate(Use)}
+# torch's find_class turns any name containing "Storage" into a storage type; real files name them
+# in these modules.
+_STORAGE_MODULES = frozenset({"torch", "torch.storage", "torch.cuda"})
+_STORAGE_NAME = re.compile(r"[A-Z][A-Za-z0-9]*Storage\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
+
+
+class Decision(Protocol):
+    allowed: bool
+    on_floor: bool
+    reason: str
+
+
+class PolicyLike(Protocol):
+    name: str
+
+    def decide(self, qualname: str) -> Decision: ...
+
+    def remedy(self, qualname: str) -> str: ...
+
+
+def evaluate_stream(
+    walk: WalkResult,
+    *,
+    policy: PolicyLike,
+    member: str | None,
+    file_offset: int | None,
+    persistent_scheme: PersistentScheme,
+) -> tuple[list[Finding], list[GlobalUse]]:
+    """Findings for one walked stream, and one GlobalUse row per import site."""
+    where = _Where(member, file_offset)
+    findings: list[Finding] = []
+    rows: list[GlobalUse] = []
+    findings += _imports(walk.imports, policy, where, rows)
+    for anomaly in walk.anomalies:
+        findings.append(
+            where.finding(anomaly.code, anomaly.message, anomaly.offset, global_name=anomaly.global_name)
+        )
+    findings += _persistent_ids(walk.persistent_ids, persistent_scheme, where)
+    return findings, rows
+
+
+class _Where:
+    def __init__(self, member: str | None, file_offset: int | None) -> None:
+        self.member = member
+        self.file_offset = file_offset
+
+    def finding(self, code: str, message: str, offset: int | None, **kw: object) -> Finding:
+        absolute = None if self.file_offset is None or offset is None else self.file_offset + offset
+        return make_finding(code, message, member=self.member, offset=offset, file_offset=absolute, **kw)
+
+
+def _sorted_uses(uses: Iterable[Use]) -> tuple[Use, ...]:
+    return tuple(sorted(set(uses), key=_USE_ORDER.__getitem__))
+
+
+def _imports(
+    sites: list[ImportSite], policy: PolicyLike, where: _Where, rows: list[GlobalUse]
+) -> list[Finding]:
+    decisions: dict[str, Decision] = {}
+    groups: dict[str, list[ImportSite]] = {}
+    for site in sites:
+        qualname = site.qualname
+        decision = decisions.get(qualname)
+        if decision is None:
+            decision = decisions[qualname] = policy.decide(qualname)
+        groups.setdefault(qualname, []).append(site)
+        rows.append(
+            GlobalUse(
+                name=qualname,
+                member=where.member,
+                offset=site.offset,
+                opcode=site.opcode,
+                uses=_sorted_uses(site.uses),
+                allowed=decision.allowed and not decision.on_floor,
+            )
+        )
+    findings: list[Finding] = []
+    for qualname, group in groups.items():
+        decision = decisions[qualname]
+        if decision.allowed and not decision.on_floor:
+            continue
+        first = group[0]
+        uses = _sorted_uses(u for s in group for u in s.uses)
+        how = "/".join(u.value for u in uses)
+        extra = f" ({len(group)} sites)" if len(group) > 1 else ""
+        raw = next((s.raw for s in group if s.raw is not None), None)
+        if raw is not None:
+            extra += f"; written as {raw[0]}.{raw[1]} and renamed by the Python 2 name mapping"
+        if decision.on_floor:
+            message = (
+                f"{qualname} ({how}) is on the floor: {decision.reason}. "
+                f"No policy can allow it; the file is very likely malicious{extra}"
+            )
+            findings.append(where.finding("SL100", message, first.offset, global_name=qualname, uses=uses))
+        else:
+            message = f"{qualname} ({how}) is not allowed by policy {policy.name}: {decision.reason}{extra}"
+            findings.append(
+                where.finding(
+                    "SL101",
+                    message,
+                    first.offset,
+                    global_name=qualname,
+                    uses=uses,
+                    remedy=policy.remedy(qualname),
+                )
+            )
+    return findings
+
+
+# -- persistent ids ---------------------------------------------------------------------------------
+
+
+def _persistent_ids(sites: list[PersistentIdSite], scheme: PersistentScheme, where: _Where) -> list[Finding]:
+    findings: list[Finding] = []
+    bad = 0
+    for site in sites:
+        why = _check_pid(site.value, scheme)
+        if why is None:
+            continue
+        bad += 1
+        if bad <= MAX_PER_KIND:
+            findings.append(where.finding("SL106", f"{why}: {_show(site.value)}", site.offset))
+    if bad > MAX_PER_KIND:
+        findings.append(
+            where.finding("SL106", f"{bad - MAX_PER_KIND} more persistent ids outside the scheme", None)
+        )
+    return findings
+
+
+def _check_pid(pid: object, scheme: PersistentScheme) -> str | None:
+    """None when ``pid`` is one the stream's loader defines; else why not."""
+    if scheme is PersistentScheme.NONE:
+        return "persistent id in a plain pickle (its loader defines none)"
+    if scheme is PersistentScheme.TORCH_ZIP:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and _is(pid[0], "storage")):
+            return "torch zip persistent id is not ('storage', type, key, location, numel)"
+        _, storage_type, key, location, numel = pid
+        return (
+            _storage_type(storage_type)
+            or _text(key, "key")
+            or _text(location, "location", allow_bytes=True)
+            or _count(numel, "numel")
+        )
+    if scheme is PersistentScheme.TORCH_LEGACY:
+        if isinstance(pid, tuple) and len(pid) == 6 and _is(pid[0], "storage"):
+            _, storage_type, key, location, numel, view = pid
+            return (
+                _storage_type(storage_type)
+                or _text(key, "root key")
+                or _text(location, "location", allow_bytes=True)
+                or _count(numel, "numel")
+                or _view(view)
+            )
+        if isinstance(pid, tuple) and len(pid) == 4 and _is(pid[0], "module"):
+            return _module_id(pid[1:])
+        return "legacy torch persistent id is neither ('storage', ...) nor ('module', ...)"
+    if scheme is PersistentScheme.TORCH_LEGACY_TAR:
+        if isinstance(pid, tuple):
+            return (
+                _module_id(pid)
+                if len(pid) == 3
+                else "legacy tar persistent id tuple is not (class, file, source)"
+            )
+        if (type(pid) is str and _DIGITS.match(pid)) or (type(pid) is int and pid >= 0):
+            return None
+        return "legacy tar persistent id is not a storage key"
+    return f"unknown persistent-id scheme {scheme.value}"
+
+
+def _is(value: object, word: str) -> bool:
+    # torch decodes a bytes typename as ASCII (_maybe_decode_ascii) before comparing.
+    return value == word or value == word.encode()
+
+
+def _storage_type(value: object) -> str | None:
+    if not isinstance(value, ImportSite):
+        return "storage type is not a global"
+    if value.module not in _STORAGE_MODULES or not _STORAGE_NAME.match(value.name):
+        return f"storage type {escape(value.qualname)} is not a torch storage class"
+    return None
+
+
+def _text(value: object, what: str, *, allow_bytes: bool = False) -> str | None:
+    if type(value) is str or (allow_bytes and type(value) is bytes and value.isascii()):
+        return None
+    return f"{what} is not a string"
+
+
+def _count(value: object, what: str) -> str | None:
+    if type(value) is int and value >= 0:
+        return None
+    return f"{what} is not a non-negative integer"
+
+
+def _view(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple) and len(value) == 3:
+        return _text(value[0], "view key") or _count(value[1], "view offset") or _count(value[2], "view size")
+    return "view metadata is not None or (key, offset, size)"
+
+
+def _module_id(data: tuple[object, ...]) -> str | None:
+    cls, source_file, source = data
+    if not isinstance(cls, ImportSite):
+        return "module persistent id does not name a class"
+    for part in (source_file, source):
+        if part is not None and type(part) is not str:
+            return "module persistent id source is not a string"
+    return None
+
+
+def _show(value: object) -> str:
+    if value is UNKNOWN:
+        return "a value computed at load time"
+    if isinstance(value, ImportSite):
+        return escape(value.qualname, 80)
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_show(v) for v in value[:8]) + (", ..." if len(value) > 8 else "") + ")"
+    return escape(repr(value), 80)

@@ -1,0 +1,253 @@
+"""What calls, builds, containers and persistent ids mean to the walker.
+
+Part of the walker (see ``walker.py``): REDUCE / NEWOBJ / OBJ / INST results and their provenance,
+the uses recorded on imports, BUILD checks (dunder attributes, joblib array wrappers), dict and set
+keys whose hashes an attacker controls, and how an unresolvable STACK_GLOBAL is described.
+"""
+
+from __future__ import annotations
+
+from safeload.analysis import joblib_arrays as jl
+from safeload.analysis.types import PersistentIdSite
+from safeload.analysis.values import Dct, Glob, Lst, Obj, Opaque, Pers, SetV, Tup, fold
+from safeload.analysis.walk_args import Arguments, Stop
+from safeload.model import Use
+from safeload.text import escape
+
+# Records kept per stream; past this the walk stops with a limit finding (memory stays bounded).
+MAX_PERSISTENT_IDS = 1_000_000
+_NESTED = (Tup, Lst, Dct, SetV)
+_FACTORY_NAMES = frozenset(name.split(".", 1)[1] for name in jl.INSTANCE_FACTORIES)
+_SMALL_INT = (1 << 61) - 2
+
+
+class Semantics(Arguments):
+    """Meaning of the object-building opcodes (a mixin: the walker supplies the state)."""
+
+    hash_seen: dict[int, object]
+    collisions: int
+
+    def note(self, code: str, offset: int, message: str, global_name: str | None = None) -> None:
+        raise NotImplementedError
+
+    def pickle(self, pos: int, name_proto: int | None, joblib: bool) -> tuple[int, object]:
+        raise NotImplementedError
+
+    def _call(self, func: object, args: object) -> Obj:
+        """REDUCE: ``func(*args)``."""
+        self._mark(args, Use.ARGUMENT)
+        if type(func) is Glob and func.site is not None:
+            site = func.site
+            site.uses.add(Use.CALLED)
+            cls = site
+            if site.module == "copyreg" and site.name in _FACTORY_NAMES and type(args) is Tup and args.items:
+                first = args.items[0]
+                if type(first) is Glob and first.site is not None:
+                    first.site.uses.add(Use.INSTANTIATED)
+                    cls = first.site
+            return Obj(site, cls, args)
+        return Obj(None, None, args)
+
+    def _new(self, cls: object, args: object) -> Obj:
+        """NEWOBJ / NEWOBJ_EX / OBJ: an instance of ``cls``."""
+        self._mark(args, Use.ARGUMENT)
+        if type(cls) is Glob and cls.site is not None:
+            cls.site.uses.add(Use.INSTANTIATED)
+            return Obj(cls.site, cls.site, args)
+        return Obj(None, None, args)
+
+    def _mark(self, value: object, use: Use) -> None:
+        """Add ``use`` to every global found inside ``value`` (bounded: this runs per call)."""
+        if type(value) is Tup:
+            if not value.g:
+                return
+            # The common case, a flat argument tuple, without the work list.
+            for v in value.items:
+                t = type(v)
+                if t is Glob:
+                    if v.site is not None:
+                        v.site.uses.add(use)
+                elif t in _NESTED:
+                    break
+            else:
+                return
+        todo = [value]
+        budget = 256
+        while todo and budget > 0:
+            v = todo.pop()
+            budget -= 1
+            t = type(v)
+            if t is Glob:
+                if v.site is not None:  # type: ignore[union-attr]
+                    v.site.uses.add(use)  # type: ignore[union-attr]
+            elif t is Tup or t is Lst or t is SetV:
+                todo.extend(v.items[:budget])  # type: ignore[union-attr]
+            elif t is Dct:
+                for k, val in v.pairs[:budget]:  # type: ignore[union-attr]
+                    todo.append(k)
+                    todo.append(val)
+
+    def _persistent(self, pid: object, offset: int) -> Pers:
+        ids = self.result.persistent_ids
+        if len(ids) >= MAX_PERSISTENT_IDS:
+            raise Stop("SL203", offset, f"more than {MAX_PERSISTENT_IDS} persistent ids")
+        self._mark(pid, Use.PERSISTENT_ID)
+        ids.append(PersistentIdSite(offset, fold(pid, max_nodes=1000, max_depth=10)))
+        return Pers(pid)
+
+    def _setitems(self, target: object, items: list[object]) -> None:
+        t = type(target)
+        if t is Dct:
+            keys = items[::2]
+            self._keys(keys)
+            target.pairs.extend(zip(keys, items[1::2], strict=True))  # type: ignore[union-attr]
+        elif t is Obj:
+            if target.pairs is None:  # type: ignore[union-attr]
+                target.pairs = []  # type: ignore[union-attr]
+            target.pairs.extend(zip(items[::2], items[1::2], strict=True))  # type: ignore[union-attr]
+        elif t is Lst:
+            # list[i] = v works on a real list; keep the folded value faithful.
+            lst = target.items  # type: ignore[union-attr]
+            for k, v in zip(items[::2], items[1::2], strict=True):
+                if isinstance(k, int) and -len(lst) <= k < len(lst):
+                    lst[k] = v
+
+    def _keys(self, keys: list[object]) -> None:
+        """Count dict/set keys whose hashes an attacker can make collide (a replay would crawl)."""
+        for k in keys:
+            t = type(k)
+            if t is str or t is bytes:
+                continue
+            if t is int and -_SMALL_INT < k < _SMALL_INT:  # type: ignore[operator]
+                continue
+            if t is not int and t is not float and t is not Tup:
+                continue  # identity-hashed stubs, unhashables, randomized str/bytes
+            value = fold(k, max_nodes=64, max_depth=20)
+            try:
+                h = hash(value)
+            except TypeError:
+                continue
+            first = self.hash_seen.setdefault(h, value)
+            if first is not value and first != value:
+                self.collisions += 1
+
+    def _build(self, inst: object, state: object, offset: int) -> bool:
+        """BUILD ``inst`` with ``state``; True when ``inst`` is a joblib array wrapper."""
+        self._dunders(state, offset)
+        t = type(inst)
+        if t is Glob:
+            site = inst.site  # type: ignore[union-attr]
+            if site is not None:
+                site.uses.add(Use.BUILD_TARGET)
+            name = site.qualname if site is not None else None
+            self.note(
+                "SL104",
+                offset,
+                "BUILD sets attributes on a class or function object itself (process-wide effect)",
+                global_name=name,
+            )
+            return False
+        if t is not Obj:
+            return False
+        obj: Obj = inst  # type: ignore[assignment]
+        obj.built += 1
+        for s in (obj.site, obj.cls):
+            if s is not None:
+                s.uses.add(Use.BUILD_TARGET)
+        wrapper = obj.cls is not None and jl.is_wrapper(obj.cls.module, obj.cls.name)
+        if not wrapper:
+            obj.state = state
+            return False
+        # The wrapper has no __setstate__: its __dict__ takes the state dict (and slot state).
+        attrs = obj.state if isinstance(obj.state, dict) else {}
+        parts = state.items if type(state) is Tup and len(state.items) == 2 else (state,)  # type: ignore[union-attr]
+        for part in parts:
+            if part is None:
+                continue
+            if type(part) is not Dct:
+                raise Stop("SL200", offset, "joblib array wrapper state is not a constant dict")
+            for k, v in part.pairs:
+                if type(k) is str:
+                    attrs[k] = v
+        obj.state = attrs
+        return True
+
+    def _dunders(self, state: object, offset: int) -> None:
+        """SL104 when a BUILD state would set a dunder (or an unknowable) attribute."""
+        parts = state.items if type(state) is Tup and len(state.items) == 2 else (state,)  # type: ignore[union-attr]
+        for part in parts:
+            t = type(part)
+            if t is Dct:
+                pairs = part.pairs  # type: ignore[union-attr]
+            elif t is Obj and part.pairs:  # type: ignore[union-attr]
+                pairs = part.pairs  # type: ignore[union-attr]
+            else:
+                continue
+            for k, _ in pairs:
+                if type(k) is str:
+                    if len(k) > 4 and k.startswith("__") and k.endswith("__"):
+                        self.note("SL104", offset, f"BUILD state sets {escape(k)}")
+                elif not isinstance(k, (int, float, bytes, bool)) and k is not None:
+                    self.note("SL104", offset, f"BUILD state has a non-constant key ({self._describe(k)})")
+
+    def _array(self, wrapper: Obj, pos: int, offset: int, proto: int) -> int:
+        """Skip what joblib reads after a wrapper BUILD; returns the offset where opcodes resume."""
+        attrs = wrapper.state if isinstance(wrapper.state, dict) else {}
+        folded = {k: fold(v, max_nodes=1000, max_depth=10) for k, v in attrs.items() if k != "dtype"}
+        dtype = attrs.get("dtype")
+        info: tuple[int, bool] | str
+        if type(dtype) is Obj and dtype.site is not None and dtype.site.qualname in jl.DTYPE_NAMES:
+            args = dtype.args
+            spec = args.items[0] if type(args) is Tup and args.items else None
+            info = jl.dtype_info(spec, fold(dtype.state, max_nodes=1000, max_depth=10))
+        else:
+            info = "wrapper dtype is not a constant numpy.dtype"
+        read = jl.array_read(folded, info)
+        if isinstance(read, str):
+            raise Stop("SL200", offset, f"joblib array bytes cannot be located: {read}")
+        if read.pickled:
+            # joblib reads object arrays with a fresh pure-Python unpickler whose find_class is the
+            # outer one's (so the outer protocol decides the Python 2 name mapping).
+            end, _ = self.pickle(pos, proto, False)
+            return end
+        if read.padded:
+            if pos >= self.n:
+                raise self._truncated(offset)
+            pos += 1 + self.buf[pos]
+        end = pos + read.nbytes
+        if end > self.n:
+            raise Stop("SL200", offset, f"joblib array data ({read.nbytes} bytes) runs past the end")
+        return end
+
+    def _dynamic(self, module: object, name: object, offset: int) -> None:
+        m = module if type(module) is str else None
+        nm = name if type(name) is str else None
+        shown = f"{m if m is not None else '?'}.{nm if nm is not None else '?'}"
+        self.note(
+            "SL102",
+            offset,
+            f"STACK_GLOBAL with operands that are not constant strings: module {self._describe(module)}, "
+            f"name {self._describe(name)}",
+            global_name=shown,
+        )
+
+    @staticmethod
+    def _describe(v: object) -> str:
+        t = type(v)
+        if t is str:
+            return repr(escape(v, 80))
+        if t is Glob:
+            site = v.site  # type: ignore[union-attr]
+            return f"the global {escape(site.qualname)}" if site is not None else "an unresolved global"
+        if t is Obj:
+            site = v.site  # type: ignore[union-attr]
+            return (
+                f"the result of {escape(site.qualname)}(...)" if site is not None else "the result of a call"
+            )
+        if t is Pers:
+            return "a persistent-load result"
+        if t is Opaque:
+            return f"opaque {v.kind}"  # type: ignore[union-attr]
+        if t in (Tup, Lst, Dct, SetV):
+            return f"a {t.__name__.lower()}"
+        return f"a {t.__name__} constant {escape(repr(v), 40)}"

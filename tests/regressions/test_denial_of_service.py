@@ -1,0 +1,112 @@
+"""THREATS.md §5: hostile streams never make the scan blow up, crash or pass unread."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import safeload
+from safeload.analysis.walker import walk
+from safeload.limits import Limits
+from safeload.model import Verdict
+from tests import pickle_builder as pb
+
+
+def codes(data: bytes) -> tuple[Verdict, set[str]]:
+    report = safeload.scan_bytes(data, policy="default")
+    return report.verdict, {f.code for f in report.findings}
+
+
+def billion_laughs(levels: int = 60, fan: int = 16) -> bytes:
+    out = pb.proto(4) + pb.EMPTY_LIST + pb.MEMOIZE
+    for level in range(levels):
+        out += pb.MARK + (b"j" + struct.pack("<I", level)) * fan + b"l" + pb.MEMOIZE
+    return out + pb.STOP
+
+
+def test_memo_fan_out_stays_linear() -> None:
+    data = billion_laughs()
+    tracemalloc.start()
+    try:
+        verdict, found = codes(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert verdict is Verdict.SAFE and found == set()  # no globals: nothing to refuse
+    assert peak < 32 << 20
+
+
+def test_huge_integers_are_bounded() -> None:
+    for data in [
+        b"L" + b"7" * 1_000_000 + b"\n.",
+        b"I" + b"7" * 1_000_000 + b"\n.",
+        b"\x80\x02\x8b" + struct.pack("<i", 400_000) + b"\x01" * 400_000 + b".",
+    ]:
+        verdict, found = codes(data)
+        assert verdict is Verdict.UNSCANNABLE and "SL203" in found
+
+
+def test_deep_nesting_is_bounded() -> None:
+    for data in [b"(" * 100_000 + b"N.", b"\x80\x02N" + b"\x85" * 100_000 + b"."]:
+        verdict, found = codes(data)
+        assert verdict is Verdict.UNSCANNABLE and "SL203" in found
+    # Lists nested by APPEND need no MARK: the scan still finishes (CPython builds them iteratively).
+    verdict, found = codes(b"]" * 50_000 + b"a" * 49_999 + b".")
+    assert verdict is Verdict.SAFE and found == set()
+
+
+def test_deep_tuple_key_cannot_crash_the_scanner() -> None:
+    """Hashing a 200000-deep tuple segfaults CPython; the replay must never try it."""
+    data = b"\x80\x02}N" + b"\x85" * 200_000 + b"\x88s."
+    code = (
+        "import sys, safeload\n"
+        "from safeload.limits import Limits\n"
+        "data = sys.stdin.buffer.read()\n"
+        "print(safeload.scan_bytes(data).verdict.value)\n"
+        "from safeload.analysis import walk, replay_imports\n"
+        "w = walk(data, limits=Limits(max_nesting_depth=1_000_000))\n"
+        "print(replay_imports(data, multi=True, walk=w).skipped is not None)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=data, capture_output=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.split() == [b"UNSCANNABLE", b"True"]
+
+
+def test_colliding_hash_keys_are_not_replayed() -> None:
+    modulus = (1 << 61) - 1
+    item = b"".join(
+        b"\x8a\x0a" + (k * modulus).to_bytes(10, "little", signed=True) + b"N" for k in range(1, 5000)
+    )
+    data = b"\x80\x02}(" + item + b"u."
+    verdict, found = codes(data)
+    assert verdict is Verdict.UNSCANNABLE and "SL203" in found
+
+
+def test_huge_memo_index_is_refused() -> None:
+    verdict, found = codes(b"\x80\x02Nr\xff\xff\xff\xff.")
+    assert verdict is Verdict.UNSCANNABLE and "SL203" in found
+
+
+def test_huge_declared_lengths_allocate_nothing() -> None:
+    for op in (b"\x8e", b"\x96", b"\x8d", b"\x95"):
+        data = b"\x80\x05" + op + struct.pack("<Q", 1 << 62) + b"x."
+        tracemalloc.start()
+        try:
+            verdict, found = codes(data)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert verdict is not Verdict.SAFE and "SL200" in found
+        assert peak < 16 << 20
+
+
+def test_many_tiny_opcodes_hit_the_opcode_limit() -> None:
+    data = pb.exec_payload(Path("/nonexistent/marker"), 2)[:-1] + b"N0" * 100_000 + b"N."
+    result = walk(data, limits=Limits(max_opcodes=10_000))
+    assert "SL203" in {a.code for a in result.anomalies}
+    assert [i.qualname for i in result.imports] == ["builtins.exec"]
