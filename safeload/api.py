@@ -29,7 +29,7 @@ from safeload.errors import (
 from safeload.explain import explain
 from safeload.formats.base import Container, PickleStream
 from safeload.formats.detect import open_container
-from safeload.gcpause import gc_paused
+from safeload.gcpause import fewer_collections
 from safeload.model import Finding, GlobalUse, ScanReport, StreamReport, Verdict, decide, make_finding
 from safeload.policy import Policy, load_policy
 from safeload.source import Source, from_bytes, open_source
@@ -59,7 +59,7 @@ def resolve_policy(policy: PolicySpec, allow: Iterable[str] = ()) -> Policy:
     return load_policy(policy, allow=tuple(allow))
 
 
-@gc_paused
+@fewer_collections
 def analyse(
     source: Source,
     policy: Policy,
@@ -119,7 +119,9 @@ def _analyse_stream(
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
     result = walk(stream.data, limits=policy.limits, multi=stream.multi, joblib_arrays=stream.joblib_arrays)
     if not any(a.code == "SL203" for a in result.anomalies):
-        replays = replay_imports(stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays, walk=result)
+        replays = replay_imports(
+            stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays, walk=result
+        )
         result.anomalies.extend(differential(result, replays))
     findings, globals_ = evaluate_stream(
         result,

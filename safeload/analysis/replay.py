@@ -275,6 +275,8 @@ def _replay_one(
 def _purge_extension_cache() -> None:
     """Drop any stub the C unpickler cached for a registered extension code."""
     cache = copyreg._extension_cache  # type: ignore[attr-defined]
+    if not cache:
+        return
     for code, obj in list(cache.items()):
         if is_stub(obj):
             cache.pop(code, None)

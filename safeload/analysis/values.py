@@ -111,6 +111,7 @@ class Opaque(Sym):
 EMPTY_TUP = Tup((), 1, False)
 
 _CONST = (type(None), bool, int, float, str, bytes)
+_CONST_TYPES = frozenset(_CONST)
 
 
 class _Budget(Exception):
@@ -170,16 +171,18 @@ def fold(value: object, *, max_nodes: int = 100_000, max_depth: int = 100) -> ob
         return out, size
 
     def many(items: Iterable[object], depth: int) -> tuple[list[object], int]:
-        out: list[object] = []
-        total = 1
-        for x in items:
-            if x is None or type(x) in _CONST:  # leaves inline: most nodes are leaves
-                out.append(x)
-                total += 1
-                continue
-            folded, size = go(x, depth + 1)
-            out.append(folded)
-            total += size
+        # Leaves (most nodes) stay as they are: copy the list once, then replace only the others.
+        out = list(items)
+        total = 1 + len(out)
+        if _CONST_TYPES.issuperset(map(type, out)):
+            if total > max_nodes:
+                raise _Budget
+            return out, total
+        for i, x in enumerate(out):
+            if type(x) not in _CONST_TYPES:
+                folded, size = go(x, depth + 1)
+                out[i] = folded
+                total += size - 1
         if total > max_nodes:
             raise _Budget
         return out, total

@@ -264,6 +264,13 @@ class _Walker(Semantics):
                 elif op == 0x4B:  # BININT1
                     append(buf[pos])
                     pos += 1
+                    # Runs of BININT1 (list and tuple contents) skip the dispatch; anything the
+                    # loop head would check (frame end, data end, periodic limits) goes back there.
+                    while pos < fend and pos < n and ops < check_at and buf[pos] == 0x4B:
+                        ops += 1
+                        op_start = pos
+                        append(buf[pos + 1])
+                        pos += 2
                 elif op == 0x8C or op == 0x58:  # SHORT_BINUNICODE, BINUNICODE
                     if op == 0x8C:  # SHORT_BINUNICODE
                         size = buf[pos]

@@ -228,6 +228,8 @@ def _read_child(child: Child, view: _View, ctx: ReadContext, state: _State) -> i
 def _supersede(views: list[_View], state: _State) -> list[_View]:
     formats = {v.result.format for v in views}
     replaced = set().union(*(_SUPERSEDES.get(f, frozenset()) for f in formats)) if formats else set()
+    if not replaced.intersection(formats):
+        return views  # nothing superseded (the common case): every view is kept as it is
     kept = [v for v in views if v.result.format not in replaced]
     seen = {(f.code, f.member) for v in kept for f in v.result.findings}
     for v in views:

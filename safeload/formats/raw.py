@@ -183,10 +183,11 @@ def scan_pickle(
             pos += 1
             ops += 1
             kind = op.kind
+            name = op.name
             if kind == _FIXED:
                 if pos + op.size > n:
                     raise _Stop(f"{op.name} argument truncated")
-                if op.name == "PROTO":
+                if name == "PROTO":
                     protocol = buf[pos]
                     if protocol > _HIGHEST_PROTOCOL:
                         raise _Stop(f"unsupported protocol {protocol}")
@@ -210,11 +211,11 @@ def scan_pickle(
                 if strict:
                     _check_line(op, first, second)
             if strict:
-                if op.name in _PERSISTENT:
+                if name in _PERSISTENT:
                     # A plain unpickler has no persistent_load and stops here (torch's legacy one
                     # is only set for the object pickle, after the magic number).
                     raise _Stop(f"{op.name}: a plain unpickler stops at a persistent id")
-                if op.name == "POP" and marks and marks[-1] == depth:
+                if name == "POP" and marks and marks[-1] == depth:
                     marks.pop()  # CPython's POP discards a MARK on top of the stack
                     continue
                 if op.pops_to_mark:
@@ -228,9 +229,9 @@ def scan_pickle(
                     marks.append(depth)
                 depth += op.pushes
             # Only after the stack check: an import CPython refuses on an empty stack never acts.
-            if op.name in _ACTING:
+            if name in _ACTING:
                 acting = True
-            if op.name == "STOP":
+            if name == "STOP":
                 return OpScan(pos, ops, acting, None, protocol)
     except _Stop as stop:
         return OpScan(None, ops, acting, str(stop), protocol)

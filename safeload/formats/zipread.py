@@ -337,13 +337,18 @@ class _Reader:
     def _central(self, start: int, size: int, total: int, shift: int) -> list[ZipEntry]:
         limit = self.ctx.limits.max_zip_members
         entries: list[ZipEntry] = []
+        buf = self.buf
+        nbuf = len(buf)
+        unpack = _CENTRAL.unpack_from
+        rec_size = _CENTRAL.size
         pos = start
-        stop = min(len(self.buf), start + size)
+        stop = min(nbuf, start + size)
         while pos < stop:
             if len(entries) >= limit:
                 self.note("SL203", f"more than {limit} zip members; the rest were not read", offset=pos)
                 break
-            rec = self.u(_CENTRAL, pos)
+            # Inlined ``self.u(_CENTRAL, pos)``: this loop runs once per member.
+            rec = None if pos < 0 or pos + rec_size > nbuf else unpack(buf, pos)
             if rec is None or rec[0] != CENTRAL_SIG:
                 if len(entries) < total:
                     self.note("SL205", f"central directory record {len(entries)} is damaged", offset=pos)
@@ -351,10 +356,10 @@ class _Reader:
                     self.note("SL306", "bytes after the last central directory record", offset=pos)
                 break
             (_, _, _, flags, method, _, _, crc, comp, usize, nlen, xlen, clen, _, _, ext_attr, hoff) = rec
-            name_at = pos + _CENTRAL.size
-            raw_name = bytes(self.buf[name_at : name_at + nlen])
-            extra = bytes(self.buf[name_at + nlen : name_at + nlen + xlen])
-            if name_at + nlen + xlen + clen > len(self.buf):
+            name_at = pos + rec_size
+            raw_name = bytes(buf[name_at : name_at + nlen])
+            extra = bytes(buf[name_at + nlen : name_at + nlen + xlen])
+            if name_at + nlen + xlen + clen > nbuf:
                 self.note("SL205", "central directory record runs past the end of the file", offset=pos)
                 break
             if max(comp, usize, hoff) == _U32:
