@@ -24,6 +24,7 @@ import pickletools
 from dataclasses import dataclass
 
 from safeload.formats.base import PickleStream, ReadContext, ReadResult, StreamRole
+from safeload.formats.raw import is_opcode
 
 NAME = "joblib"
 
@@ -40,6 +41,7 @@ _STRING_OPS = {
     "SHORT_BINUNICODE",
     "BINUNICODE8",
 }
+_PERSID_OPCODES = frozenset(b"PQ")  # PERSID, BINPERSID
 _PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
 _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 # Opcodes that push nothing, so they do not disturb "the two values STACK_GLOBAL pops".
@@ -55,6 +57,11 @@ class WrapperSite:
 
 def find_wrapper(buf: memoryview) -> WrapperSite | None:
     """Where the first pickle first imports NumpyArrayWrapper, within the sniff bounds."""
+    # joblib.load unpickles without persistent_load: a stream that opens with a persistent id (as
+    # a zip's "PK" reads) fails before it can import anything, so it is no joblib view. Checking
+    # the first byte spares copying the window of every archive and checkpoint.
+    if not buf or not is_opcode(buf[0]) or buf[0] in _PERSID_OPCODES:
+        return None
     window = bytes(buf[:SNIFF_WINDOW])
     if WRAPPER_NAME.encode() not in window:
         return None
