@@ -34,6 +34,12 @@ from common import OUT, table  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
+def _tool(name: str) -> str:
+    """The console script next to this interpreter, else the one on PATH."""
+    here = BIN / name
+    return str(here) if here.exists() else (shutil.which(name) or str(here))
+
+
 def make_small(folder: Path, count: int) -> None:
     import torch
 
@@ -88,7 +94,7 @@ def bench_tree(name: str, tree: Path, files: int, jobs: list[int], timeout: floa
         cache = OUT / f"cache-{slug}-{n}"
         shutil.rmtree(cache, ignore_errors=True)
         cmd = [
-            str(BIN / "safeload"),
+            _tool("safeload"),
             "audit",
             str(tree),
             "--jobs",
@@ -103,8 +109,8 @@ def bench_tree(name: str, tree: Path, files: int, jobs: list[int], timeout: floa
         ]
         results[f"safeload audit --jobs {n}"] = timed(cmd, timeout)
         results[f"safeload audit --jobs {n} (cached re-run)"] = timed(cmd, timeout)
-    results["picklescan -p"] = timed([str(BIN / "picklescan"), "-p", str(tree)], timeout)
-    results["modelscan -p"] = timed([str(BIN / "modelscan"), "-p", str(tree)], timeout)
+    results["picklescan -p"] = timed([_tool("picklescan"), "-p", str(tree)], timeout)
+    results["modelscan -p"] = timed([_tool("modelscan"), "-p", str(tree)], timeout)
 
     reference = results[f"safeload audit --jobs {max(jobs)}"]
     for tool, seconds in results.items():

@@ -12,7 +12,7 @@ OUT = Path(__file__).resolve().parent / "out"
 # Each peer is called through its Python API in a fresh interpreter; the import is not timed, the
 # scan is, and peak RSS covers the whole process (imports included, the same for every tool).
 RUNNER = r"""
-import json, resource, sys, time
+import json, sys, time
 tool, path, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
 paths = [path] if not path.startswith("@") else open(path[1:]).read().split("\n")
 if tool == "safeload":
@@ -41,7 +41,8 @@ for _ in range(repeat):
         if p:
             fn(p)
     best = min(best, time.perf_counter() - t)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
+rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"seconds": best, "peak_rss": rss}))
 """
 
