@@ -1,4 +1,5 @@
-"""Scan speed of safeload against picklescan, modelscan and fickling, on the same files, same run.
+"""Scan speed of safeload against picklescan, modelscan and fickling, on the same files, same run:
+a torch zip checkpoint, a raw pickle of large byte payloads, an npz, a joblib file, small pickles.
 
     python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--small 1000]
 
@@ -29,6 +30,22 @@ def make_raw_pickle(path: Path, size_mb: int) -> None:
     chunk = os.urandom(1 << 20)
     blobs = {f"blob{i}": chunk + i.to_bytes(4, "little") for i in range(size_mb)}
     path.write_bytes(pickle.dumps(blobs, protocol=4))
+
+
+def make_npz(path: Path, size_mb: int) -> None:
+    import numpy as np
+
+    arrays = {f"a{i}": np.zeros(4 * 1024 * 1024, dtype=np.float32) for i in range(max(1, size_mb // 16))}
+    with path.open("wb") as f:
+        np.savez(f, **arrays)
+
+
+def make_joblib(path: Path, size_mb: int) -> None:
+    import joblib
+    import numpy as np
+
+    obj = {f"layer{i}": np.zeros(4 * 1024 * 1024, dtype=np.float32) for i in range(max(1, size_mb // 16))}
+    joblib.dump({"weights": obj, "meta": {"epochs": 3}}, path)
 
 
 def make_small(folder: Path, count: int) -> Path:
@@ -64,6 +81,11 @@ def main() -> None:
     if not raw.exists():
         make_raw_pickle(raw, args.raw_mb)
     cases.append((f"raw pickle {args.raw_mb} MB", str(raw), raw.stat().st_size))
+    for label, maker, suffix in (("npz", make_npz, "npz"), ("joblib", make_joblib, "joblib")):
+        target = OUT / f"{label}_{args.size_mb}mb.{suffix}"
+        if not target.exists():
+            maker(target, args.size_mb)
+        cases.append((f"{label} {args.size_mb} MB", str(target), target.stat().st_size))
     listing = make_small(OUT / "small", args.small)
     small_bytes = sum(Path(p).stat().st_size for p in listing.read_text().split("\n"))
     cases.append((f"{args.small} small pickles", "@" + str(listing), small_bytes))
