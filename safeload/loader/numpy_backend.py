@@ -25,7 +25,7 @@ import numpy as np
 
 from safeload.errors import LoadError
 from safeload.formats.base import StorageEntry
-from safeload.loader.storages import Where, check_storage_bytes, check_view
+from safeload.loader.storages import Where, check_storage_bytes, check_view, parse_zip_pid
 from safeload.loader.unpickler import Gate, Guarded
 from safeload.text import escape
 
@@ -261,17 +261,7 @@ class NumpyBackend:
 
     def zip_persistent_load(self, storages: Mapping[str, StorageEntry]) -> Callable[[object], object]:
         def persistent_load(pid: object) -> object:
-            if type(pid) is not tuple or len(pid) != 5:
-                raise self.where.error(
-                    "persistent id is not a 5-tuple ('storage', type, key, location, numel)"
-                )
-            typename, storage_type, key, _location, numel = pid
-            if (
-                typename.decode("ascii", "replace") if isinstance(typename, bytes) else typename
-            ) != "storage":
-                raise self.where.error("persistent id is not a storage id")
-            if type(key) is not str:
-                raise self.where.error("persistent id storage key is not a string")
+            storage_type, key, _location, numel = parse_zip_pid(pid, self.where)
             return self.storage(storages.get(key), key, self._storage_dtype(storage_type), numel)
 
         return persistent_load

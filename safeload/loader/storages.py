@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safeload.errors import LoadError
+from safeload.text import escape
 
 # torch and numpy index with int64; anything larger cannot be a real shape, stride or offset.
 INT64_MAX = (1 << 63) - 1
@@ -109,3 +110,23 @@ def check_storage_bytes(
             f"of {element_size} bytes ({expected} bytes): the file is corrupt or crafted"
         )
     return n
+
+
+def ascii_text(value: object) -> str:
+    """torch's _maybe_decode_ascii: Python 2 files give bytes under encoding='bytes'."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return value if isinstance(value, str) else repr(value)
+
+
+def parse_zip_pid(pid: object, where: Where) -> tuple[object, str, object, object]:
+    """A torch zip persistent id ('storage', storage_type, key, location, numel), checked as torch's
+    _load reads it; returns (storage_type, key, location, numel). Both backends go through here."""
+    if type(pid) is not tuple or len(pid) != 5:
+        raise where.error("persistent id is not a 5-tuple ('storage', type, key, location, numel)")
+    typename, storage_type, key, location, count = pid
+    if ascii_text(typename) != "storage":
+        raise where.error(f"persistent id of kind {escape(typename)}; only 'storage' is defined")
+    if type(key) is not str:
+        raise where.error("persistent id storage key is not a string")
+    return storage_type, key, location, count

@@ -16,7 +16,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from safeload.formats.base import StorageEntry
-from safeload.loader.storages import Where, check_dims, check_int, check_storage_bytes, check_view
+from safeload.loader.storages import (
+    Where,
+    ascii_text,
+    check_dims,
+    check_int,
+    check_storage_bytes,
+    check_view,
+    parse_zip_pid,
+)
 from safeload.loader.unpickler import Gate, Guarded
 from safeload.text import escape
 
@@ -187,15 +195,7 @@ class TorchBackend:
         """torch zip ids: ('storage', storage_type, key, location, numel), as torch's _load reads them."""
 
         def persistent_load(pid: object) -> object:
-            if type(pid) is not tuple or len(pid) != 5:
-                raise self.where.error(
-                    "persistent id is not a 5-tuple ('storage', type, key, location, numel)"
-                )
-            typename, storage_type, key, location, numel = pid
-            if _ascii(typename) != "storage":
-                raise self.where.error(f"persistent id of kind {escape(typename)}; only 'storage' is defined")
-            if type(key) is not str:
-                raise self.where.error("persistent id storage key is not a string")
+            storage_type, key, location, numel = parse_zip_pid(pid, self.where)
             dtype = self._dtype_of_storage_type(storage_type)
             return self.storage(storages.get(key), key, dtype, numel, _location(location, self.where))
 
@@ -484,11 +484,7 @@ def _check_state(state: object, where: Where) -> None:
                 raise where.error(f"object state sets attribute {escape(key)}, which a checkpoint never sets")
 
 
-def _ascii(value: object) -> str:
-    # torch's _maybe_decode_ascii: Python 2 files give bytes under encoding='bytes'.
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace")
-    return value if isinstance(value, str) else repr(value)
+_ascii = ascii_text
 
 
 def _key(value: object, where: Where) -> str:
