@@ -6,6 +6,7 @@ it, so the loader unpickles exactly the bytes the scanner walked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -107,6 +108,8 @@ class ReadContext:
     limits: Limits
     budget: Budget
     encoding: tuple[str, ...] = ()
+    # Parses several readers of the same buffer share (the zip directory: generic zip and npz).
+    shared: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     def child_member(self, name: str) -> str:
         return name if self.member is None else f"{self.member}{NEST_SEP}{name}"
@@ -120,6 +123,8 @@ class Child:
     data: memoryview
     file_offset: int | None  # absolute, when stored uncompressed in the file
     encoding: tuple[str, ...] = ()
+    # Integrity checks worth paying for only when the member holds a pickle (a zip member's CRC).
+    verify_if_pickled: Callable[[], list[Finding]] | None = None
 
 
 @dataclass

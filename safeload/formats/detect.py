@@ -222,7 +222,10 @@ def _read_child(child: Child, view: _View, ctx: ReadContext, state: _State) -> i
         budget=state.budget,
         encoding=child.encoding,
     )
-    return _read(child.data, sub, state, whole=view.label in _TRANSPARENT)
+    pickles = _read(child.data, sub, state, whole=view.label in _TRANSPARENT)
+    if pickles and child.verify_if_pickled is not None:
+        state.findings.extend(child.verify_if_pickled())
+    return pickles
 
 
 def _supersede(views: list[_View], state: _State) -> list[_View]:

@@ -33,6 +33,7 @@ For npz, ``meta["npz_members"]`` lists every member name in archive order.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import struct
 import zlib
@@ -75,6 +76,7 @@ class NpyHeader:
     shape: tuple[int, ...]
     fortran_order: bool
     data_offset: int
+    dtype_name: str  # str(dtype), for reports (numpy builds it slowly; it is cached with the header)
 
     @property
     def has_object(self) -> bool:
@@ -102,8 +104,18 @@ def parse_header(data: memoryview) -> NpyHeader:
     end = start + length
     if end > len(data):
         raise NpyError(f"npy header declares {length} bytes but only {len(data) - start} follow", start)
+    raw = bytes(data[start:end])
+    # An npz's members mostly repeat a few headers, and ast.literal_eval compiles its input (tens of
+    # microseconds per member): ordinary-sized headers are interpreted once.
+    interpret = _interpret_cached if len(raw) <= _CACHED_HEADER else _interpret
+    descr, dtype, shape, fortran_order, dtype_name = interpret(raw, encoding, start)
+    return NpyHeader(version, descr, dtype, shape, fortran_order, end, dtype_name)
+
+
+def _interpret(raw: bytes, encoding: str, start: int) -> tuple[object, np.dtype, tuple[int, ...], bool, str]:
+    """A header's text as numpy reads it."""
     try:
-        text = bytes(data[start:end]).decode(encoding)
+        text = raw.decode(encoding)
         # numpy's own parser; only literals, nothing is called or imported.
         header = ast.literal_eval(text)
     except (UnicodeDecodeError, SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
@@ -121,9 +133,11 @@ def parse_header(data: memoryview) -> NpyHeader:
         dtype = descr_to_dtype(header["descr"])
     except Exception as exc:  # noqa: BLE001 - numpy.dtype raises TypeError, ValueError, KeyError...
         raise NpyError(f"npy descr is not a dtype numpy builds: {type(exc).__name__}", start) from None
-    return NpyHeader(
-        version, header["descr"], dtype, tuple(int(x) for x in shape), header["fortran_order"], end
-    )
+    return header["descr"], dtype, tuple(int(x) for x in shape), header["fortran_order"], str(dtype)
+
+
+_CACHED_HEADER = 4096
+_interpret_cached = functools.lru_cache(maxsize=256)(_interpret)
 
 
 def _abs(file_offset: int | None, offset: int) -> int | None:
@@ -152,7 +166,7 @@ def read_npy(
         "member": member,
         "version": h.version,
         "descr": h.descr,
-        "dtype": str(h.dtype),
+        "dtype": h.dtype_name,
         "shape": h.shape,
         "fortran_order": h.fortran_order,
         "has_object": h.has_object,
@@ -265,10 +279,8 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
             continue
         # numpy's zipfile checks each member's CRC as it reads it. A plain array holds no pickle, so
         # its CRC decides nothing about code: skip hashing (and paging in) gigabytes of weights.
-        # Object arrays and members that are not arrays are verified as numpy would read them.
+        # Object arrays are verified here, other members once detection finds a pickle in them.
         got = zipread.extract(buf, entry, ctx, check_crc=False)
-        if got.data is None or not _plain_array(got.data):
-            got = zipread.extract(buf, entry, ctx)
         result.findings.extend(got.findings)
         member = ctx.child_member(entry.name)
         if got.data is None:
@@ -288,6 +300,8 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
         )
         if bytes(got.data[:6]) == MAGIC:
             npy_count += 1
+            if got.complete and not _plain_array(got.data):
+                result.findings.extend(zipread.crc_findings(got.data, entry, ctx))
             read_npy(
                 got.data,
                 result,
@@ -299,7 +313,13 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
             )
         else:
             result.children.append(
-                Child(name=entry.name, data=got.data, file_offset=got.file_offset, encoding=encoding)
+                Child(
+                    name=entry.name,
+                    data=got.data,
+                    file_offset=got.file_offset,
+                    encoding=encoding,
+                    verify_if_pickled=zipread.deferred_crc(got, entry, ctx),
+                )
             )
     if npy_count and not result.streams:
         result.findings.append(

@@ -126,11 +126,13 @@ def _read_torch(
             continue
         if entry.is_dir and not entry.size:
             continue
-        got = zipread.extract(buf, entry, ctx)
+        got = zipread.extract(buf, entry, ctx, check_crc=False)
         result.findings.extend(got.findings)
         if got.data is None:
             continue
         if entry.raw_name.lower().endswith(b".pkl") or raw.sniff(got.data):
+            if got.complete:
+                result.findings.extend(zipread.crc_findings(got.data, entry, ctx))
             result.streams.append(_other_stream(entry, got, ctx))
             result.findings.append(
                 make_finding(
@@ -251,13 +253,19 @@ def _encoding(entry: ZipEntry, ctx: ReadContext) -> tuple[str, ...]:
 
 def _child(entry: ZipEntry, got: zipread.Extracted, ctx: ReadContext) -> Child:
     assert got.data is not None
-    return Child(name=entry.name, data=got.data, file_offset=got.file_offset, encoding=_encoding(entry, ctx))
+    return Child(
+        name=entry.name,
+        data=got.data,
+        file_offset=got.file_offset,
+        encoding=_encoding(entry, ctx),
+        verify_if_pickled=zipread.deferred_crc(got, entry, ctx),
+    )
 
 
 def _hand_on(buf: memoryview, entry: ZipEntry, ctx: ReadContext, result: ReadResult) -> None:
     if entry.is_dir and not entry.size:
         return
-    got = zipread.extract(buf, entry, ctx)
+    got = zipread.extract(buf, entry, ctx, check_crc=False)
     result.findings.extend(got.findings)
     if got.data is not None:
         result.children.append(_child(entry, got, ctx))

@@ -20,7 +20,8 @@ would read are still handed on. Stored members are zero-copy slices of the buffe
 CRC: torch never checks it, other tools refuse a member whose CRC is wrong, so a bad CRC is an
 evasion signal (SL300). ``extract`` checks it on every member it is asked for, at zlib speed
 (~1 GB/s); callers skip it for bytes nothing unpickles (torch storages: a 10 GB checkpoint would
-pay seconds to learn nothing about code execution).
+pay seconds to learn nothing about code execution) and defer it (``deferred_crc``) for members
+handed back to detection, which runs it only when the member turns out to hold a pickle.
 """
 
 from __future__ import annotations
@@ -552,9 +553,17 @@ def _n(raw: bytes) -> str:
 def read_archive(buf: memoryview, ctx: ReadContext) -> ZipArchive | None:
     """Parse the archive's directory and local headers; None when there is no end record at all.
 
-    Findings land in ``archive.findings`` (or, for None, are lost: call ``sniff`` first).
+    Findings land in ``archive.findings`` (or, for None, are lost: call ``sniff`` first). Callers
+    copy them and never change the archive: one parse per buffer serves every zip-based reader.
     """
-    return _Reader(buf, ctx).read()
+    key = (id(buf), ctx.member, ctx.file_offset)
+    hit = ctx.shared.get("zip")
+    if isinstance(hit, tuple) and hit[0] == key and hit[1] is buf:
+        archive: ZipArchive | None = hit[2]
+        return archive
+    archive = _Reader(buf, ctx).read()
+    ctx.shared["zip"] = (key, buf, archive)  # holds buf, so its id cannot be reused meanwhile
+    return archive
 
 
 def entries(buf: memoryview, ctx: ReadContext) -> list[ZipEntry]:
@@ -601,10 +610,27 @@ def extract(buf: memoryview, entry: ZipEntry, ctx: ReadContext, *, check_crc: bo
         note("SL205", f"compression method {entry.method} is not one torch or safeload reads")
         return Extracted(None, None, findings, False)
     if check_crc and complete:
-        crc = zlib.crc32(data)
-        if crc != entry.crc:
-            note("SL300", f"CRC {crc:#010x} does not match the recorded {entry.crc:#010x}")
+        findings.extend(crc_findings(data, entry, ctx))
     return Extracted(data, file_offset, findings, complete)
+
+
+def crc_findings(data: memoryview, entry: ZipEntry, ctx: ReadContext) -> list[Finding]:
+    """SL300 when ``data`` (the member's complete bytes) does not hash to the recorded CRC."""
+    crc = zlib.crc32(data)
+    if crc == entry.crc:
+        return []
+    message = f"CRC {crc:#010x} does not match the recorded {entry.crc:#010x}"
+    return [_finding("SL300", message, ctx, entry.name, entry.header_offset)]
+
+
+def deferred_crc(got: Extracted, entry: ZipEntry, ctx: ReadContext) -> Callable[[], list[Finding]] | None:
+    """The CRC check of an extracted member, to run only if its content turns out to hold a pickle:
+    a bad CRC on bytes nothing unpickles decides nothing about code, and hashing gigabytes of array
+    data to learn that costs seconds."""
+    data = got.data
+    if data is None or not got.complete:
+        return None
+    return lambda: crc_findings(data, entry, ctx)
 
 
 def _inflate(
