@@ -3,7 +3,8 @@ a torch zip checkpoint, a raw pickle of large byte payloads, an npz, a joblib fi
 
     python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--small 1000]
 
-Prints seconds, MB/s, peak RSS and each peer's time as a ratio to safeload's (>1: safeload faster).
+Prints seconds, MB/s, peak RSS, each peer's time as a ratio to safeload's (>1: safeload faster) and
+whether each tool read every file to the end or stopped part way (a parse error, a skipped file).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, TOOLS, run_tool, table  # noqa: E402
+from common import OUT, TOOLS, coverage, run_tool, table  # noqa: E402
 
 
 def make_torch_zip(path: Path, size_mb: int) -> None:
@@ -97,7 +98,7 @@ def main() -> None:
         for tool in TOOLS:
             r = results[tool]
             if isinstance(r, str):
-                rows.append([label, tool, r, "", "", ""])
+                rows.append([label, tool, r, "", "", "", ""])
                 continue
             ratio = r["seconds"] / base["seconds"] if isinstance(base, dict) and base["seconds"] else float("nan")
             rows.append([
@@ -107,8 +108,11 @@ def main() -> None:
                 f"{size / 1e6 / r['seconds']:.0f}" if r["seconds"] else "inf",
                 f"{r['peak_rss'] / 1e6:.0f}",
                 "1.00 (base)" if tool == "safeload" else f"{ratio:.2f}",
+                coverage(r["outcomes"]),
             ])
-    print(table(rows, ["case", "tool", "seconds", "MB/s", "peak RSS MB", "time vs safeload"]))
+    print(table(rows, ["case", "tool", "seconds", "MB/s", "peak RSS MB", "time vs safeload", "read"]))
+    print("read: PARTIAL means the tool stopped part way (a parse error, a skipped file): its time is")
+    print("not a like-for-like comparison.")
 
 
 if __name__ == "__main__":
