@@ -29,9 +29,12 @@ def __getattr__(name: str) -> object:
     if name in ("scan", "scan_bytes", "load", "loads"):
         from safeload import api
 
-        return getattr(api, name)
-    if name in ("Policy", "load_policy"):
+        value = getattr(api, name)
+    elif name in ("Policy", "load_policy"):
         from safeload import policy
 
-        return getattr(policy, name)
-    raise AttributeError(name)
+        value = getattr(policy, name)
+    else:
+        raise AttributeError(name)
+    globals()[name] = value  # later lookups find it directly, without this hook
+    return value

@@ -36,6 +36,9 @@ from safeload.source import Source, from_bytes, open_source
 
 PolicySpec = str | os.PathLike[str] | Policy
 
+# Scans read files below this size instead of mapping them (a map costs more than a small read).
+SMALL_FILE_READ = 1 << 20
+
 
 @dataclass
 class StreamAnalysis:
@@ -117,7 +120,13 @@ def analyse(
 def _analyse_stream(
     stream: PickleStream, policy: Policy, explain_streams: bool
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
-    result = walk(stream.data, limits=policy.limits, multi=stream.multi, joblib_arrays=stream.joblib_arrays)
+    result = walk(
+        stream.data,
+        limits=policy.limits,
+        multi=stream.multi,
+        joblib_arrays=stream.joblib_arrays,
+        fold_values=False,
+    )
     if not any(a.code == "SL203" for a in result.anomalies):
         replays = replay_imports(
             stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays, walk=result
@@ -204,7 +213,9 @@ def scan(
     """Scan a file without importing or running anything it names."""
     resolved = resolve_policy(policy, allow)
     try:
-        source = open_source(path, use_mmap=True, max_bytes=resolved.limits.max_file_bytes)
+        source = open_source(
+            path, use_mmap=True, max_bytes=resolved.limits.max_file_bytes, read_below=SMALL_FILE_READ
+        )
     except SafeloadError as exc:
         return unreadable_report(os.fsdecode(path), exc, resolved)
     return analyse(source, resolved, sha256=sha256).report

@@ -44,10 +44,15 @@ def describe(f: object) -> str:
     return f"<{type(f).__name__}>"
 
 
-def open_source(f: object, *, use_mmap: bool, max_bytes: int) -> Source:
-    """Read or map `f` once. Raises ScanError (with the path) when it cannot be read."""
+def open_source(f: object, *, use_mmap: bool, max_bytes: int, read_below: int = 0) -> Source:
+    """Read or map `f` once. Raises ScanError (with the path) when it cannot be read.
+
+    read_below: with use_mmap, a regular file smaller than this is read into immutable bytes instead
+    (a scan of a small file: mapping and unmapping cost more than reading it, and the walker is
+    fastest on bytes). Loads that asked for mmap leave it at 0.
+    """
     if isinstance(f, (str, os.PathLike)):
-        return _from_path(os.fsdecode(f), use_mmap=use_mmap, max_bytes=max_bytes)
+        return _from_path(os.fsdecode(f), use_mmap=use_mmap, max_bytes=max_bytes, read_below=read_below)
     if hasattr(f, "read"):
         if use_mmap:
             raise ScanError(
@@ -64,7 +69,7 @@ def from_bytes(data: bytes | bytearray | memoryview, name: str) -> Source:
     return Source(buffer=view, path=name, size=len(view), mapped=False, _holders=[data])
 
 
-def _from_path(path: str, *, use_mmap: bool, max_bytes: int) -> Source:
+def _from_path(path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0) -> Source:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as exc:
@@ -80,6 +85,10 @@ def _from_path(path: str, *, use_mmap: bool, max_bytes: int) -> Source:
                 path=path,
                 remedy="raise limits.max_file_bytes in a policy file if you expect files this large",
             )
+        if regular and use_mmap and 0 < info.st_size < read_below:
+            data = _read_small(fd, info.st_size)
+            if data is not None:
+                return Source(buffer=memoryview(data), path=path, size=len(data), mapped=False, _holders=[data])
         if regular and use_mmap and info.st_size > 0:
             # Copy-on-write, as torch.load(mmap=True) maps: loaded tensors stay writable and writes
             # never reach the file.
@@ -97,6 +106,18 @@ def _from_path(path: str, *, use_mmap: bool, max_bytes: int) -> Source:
         raise ScanError(f"cannot read: {exc.strerror or exc}", path=path) from exc
     finally:
         os.close(fd)
+
+
+def _read_small(fd: int, size: int) -> bytes | None:
+    """The whole of a small regular file in one read; None when it changed size meanwhile (the
+    caller then maps it, which sees the file as it is)."""
+    data = os.read(fd, size + 1)
+    while len(data) < size:
+        more = os.read(fd, size + 1 - len(data))
+        if not more:
+            return None
+        data += more
+    return data if len(data) == size else None
 
 
 def _from_file_object(f: IO[bytes], *, max_bytes: int) -> Source:

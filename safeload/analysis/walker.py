@@ -58,6 +58,7 @@ def walk(
     limits: Limits = DEFAULT_LIMITS,
     multi: bool = True,
     joblib_arrays: bool = False,
+    fold_values: bool = True,
 ) -> WalkResult:
     """Walk every pickle in ``data``; never raises on bad input.
 
@@ -65,9 +66,12 @@ def walk(
     raw file or the legacy torch sequence); otherwise bytes after the first STOP are reported.
     ``joblib_arrays``: skip the array bytes joblib's reader consumes after each
     ``NumpyArrayWrapper`` BUILD (object arrays: walk the nested pickle there).
+    ``fold_values``: fill ``result.values`` with each pickle's constant-folded value (readers that
+    need a value, such as the legacy format's header pickles); a policy scan does not need them.
     """
     buf = _as_buffer(data)
     walker = _Walker(buf, limits, joblib_arrays)
+    walker.fold_values = fold_values
     try:
         walker.run(multi)
     except MemoryError:
@@ -97,6 +101,7 @@ class _Walker(Semantics):
         self.n = len(buf)
         self.limits = limits
         self.joblib = joblib
+        self.fold_values = True
         # joblib streams are read by pickle.py's pure-Python unpickler, not the C one.
         self.pure = joblib
         self.result = WalkResult()
@@ -162,7 +167,8 @@ class _Walker(Semantics):
                 break
             result.pickles += 1
             result.end = pos
-            result.values.append(fold(value))
+            if self.fold_values:
+                result.values.append(fold(value))
             if result.pickles == 2:
                 self.note("SL202", start, "several pickles back to back; each was walked")
             if pos >= n:

@@ -333,7 +333,8 @@ class NumpyBackend:
             shape=dims,
             dtype=npdtype,
             buffer=st.data,
-            offset=off * dtype.itemsize,
+            # An empty view may sit past its storage's end (torch allows it); it reads nothing.
+            offset=min(off, elements) * dtype.itemsize,
             strides=tuple(s * dtype.itemsize for s in steps),
         )
         if self._swap:

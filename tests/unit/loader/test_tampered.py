@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
 import torch
 
+import safeload
 from safeload.errors import LoadError, SafeloadError
 from safeload.loader import unpickle
 from tests import pickle_builder as pb
@@ -26,7 +28,6 @@ def test_forged_tensor_loads_when_it_is_in_bounds(framework: str) -> None:
 BAD_VIEWS = [
     pytest.param(0, (5,), (1,), "reaches element 4", id="size-past-end"),
     pytest.param(4, (1,), (1,), "reaches element 4", id="offset-past-end"),
-    pytest.param(5, (0,), (1,), "past the end", id="empty-view-offset-past-end"),
     pytest.param(0, (2,), (4,), "reaches element 4", id="stride-past-end"),
     pytest.param(0, (2, 2), (1 << 62, 1), "reaches element", id="stride-huge"),
     pytest.param(0, (1 << 40, 1 << 40), (1, 1), "more elements than int64", id="size-overflow"),
@@ -48,6 +49,22 @@ def test_out_of_bounds_views_are_refused(
     a = forge.checkpoint(forge.tensor_v2("0", 4, offset, size, stride), {"0": FLOATS})
     with pytest.raises(LoadError, match=message):
         unpickle(a, framework=framework)
+
+
+def test_an_empty_view_past_its_storage_loads_as_torch_loads_it() -> None:
+    # torch's bounds check returns early for a view of zero bytes and keeps the offset as written
+    # (hypothesis found torch.save writing one); it reads nothing, so it is no hazard.
+    base = torch.zeros(0)
+    empty = torch.empty(0).set_(base.untyped_storage(), 5, (1, 0), (1, 1))
+    buf = io.BytesIO()
+    torch.save(empty, buf)
+    expected = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert expected.storage_offset() == 5 and expected.shape == (1, 0)
+
+    got = safeload.loads(buf.getvalue(), policy="strict")
+    assert got.shape == expected.shape and got.storage_offset() == 5 and got.dtype == expected.dtype
+    array = safeload.loads(buf.getvalue(), policy="strict", framework="numpy")
+    assert array.shape == (1, 0) and array.dtype == expected.numpy().dtype
 
 
 @pytest.mark.parametrize("framework", ["torch", "numpy"])
