@@ -100,8 +100,12 @@ def audit(
         nonlocal scanned
         scanned += not outcome.cached
         sha = outcome.report.sha256
-        if outcome.stat_key is not None and sha is not None and hashes.get(outcome.stat_key) != sha:
-            learned[outcome.stat_key] = sha
+        if outcome.stat_key is not None and sha is not None:
+            if hashes.get(outcome.stat_key) != sha:
+                learned[outcome.stat_key] = sha
+            if cache is not None and not outcome.cached:
+                # A file that was read whole and did not change meanwhile (it has a stat key).
+                cache.put_report(outcome.report, __version__)
         for group in members[path]:
             finish(group, outcome.report, outcome.cached)
 
@@ -118,7 +122,9 @@ def audit(
             run_parallel(tasks, config, policy, on_done)
     finally:
         if cache is not None:
-            cache.save_hashes(learned)  # even when interrupted: what was learned stays learned
+            # Even when interrupted: what was learned stays learned, committed whole.
+            cache.save_hashes(learned)
+            cache.close()
 
     reports, skipped = _expand(groups)
     compared = [policy] + [load_policy(n) for n in options.compare if n != policy.name]

@@ -1,60 +1,56 @@
-"""The audit cache: scan results by content, and content hashes by file identity. One JSON file per key.
+"""The audit cache: scan results by content, and content hashes by file identity, in one SQLite file.
 
-Results are keyed by (sha256, policy hash, safeload version), one JSON file per key: the same bytes
-under the same policy and the same scanner give the same report, wherever the file lives. Hashing
-is what a re-run would spend its time on, so the sha256 of a file is also remembered, keyed by
-(device, inode, size, mtime_ns, ctime_ns), in one index file read once per run (thousands of
-tiny files would cost a registry re-run more than the lookups save).
+Results are keyed by (sha256, policy hash, safeload version): the same bytes under the same policy
+and the same scanner give the same report, wherever the file lives. Hashing is what a re-run would
+spend its time on, so the sha256 of a file is also remembered, keyed by (device, inode, size,
+mtime_ns, ctime_ns).
 
 Why the hash cache is safe enough: writing to a file updates its mtime and ctime. mtime can be set
 back (`touch -d`), but that sets ctime to the present, and ctime cannot be set by an unprivileged
 user. A file replaced by rename is a new inode. What it cannot see: a rewrite within one timestamp
 tick of a filesystem with coarse timestamps (FAT: 2 s) that keeps size, inode and both times, or
 someone with root or raw disk access. An inode number reused by a new file comes with a new ctime.
-`--rehash` ignores the index (every file is read and hashed again; results are still reused by
-content).
+`--rehash` ignores the remembered hashes (every file is read and hashed again; results are still
+reused by content).
 
 The cache directory must be as trusted as safeload itself: whoever can write it can mark a file
-SAFE. Entries are validated and any that does not parse or does not match its key is a miss.
-Every write goes to a temporary file in the same directory and is renamed into place, so an
-interrupted run never leaves a half-written entry.
+SAFE. Entries are validated, and one that does not parse or does not match its key is a miss; a
+file that is not a database of this format is set aside and started afresh.
+
+Why SQLite (the standard library's): a registry run writes thousands of entries, and a file per
+entry cost more than the scans of small files (a create, a write and a rename each). Writes are
+buffered and committed in transactions, by the auditing process only, so an interrupted run leaves
+every entry whole or absent, never half-written; concurrent runs on one cache wait for each other's
+commits instead of clobbering them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import itertools
 import os
+import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from safeload.model import ScanReport
 
-CACHE_FORMAT = 1
-_HASH_INDEX = "hashes.json"
-_MAX_HASHES = 2_000_000
-_COUNTER = itertools.count()
-_MAX_ENTRY_BYTES = 64 << 20  # a report with every global of a huge pickle still fits; a bigger file is junk
+CACHE_FORMAT = 2
+DB_NAME = "cache.sqlite3"
 # Findings that describe this run's circumstances, not the bytes: never reused.
 UNCACHEABLE_CODES = frozenset({"SL206", "SL207"})
-
-
-class _Entry(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class HashIndex(_Entry):
-    format: int
-    hashes: dict[str, str]
-
-
-class ResultEntry(_Entry):
-    format: int
-    sha256: str
-    policy_hash: str
-    version: str
-    report: ScanReport
+_FLUSH_ENTRIES = 1000
+_FLUSH_SECONDS = 2.0
+_BUSY_TIMEOUT_S = 60.0
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS hashes (stat_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
+    "policy_hash TEXT NOT NULL, version TEXT NOT NULL, report TEXT NOT NULL)",
+)
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -62,121 +58,153 @@ def stat_key(st: os.stat_result) -> str:
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def _digest(*parts: object) -> str:
-    text = "\0".join(str(p) for p in parts)
+def result_key(sha256: str, policy_hash: str, version: str) -> str:
+    text = "\0".join((sha256, policy_hash, version))
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 class AuditCache:
+    """Open lazily; reads see committed entries; writes are buffered until ``flush`` (or ``close``)."""
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.root_str = os.fspath(root)
-        self._made: set[str] = set()
+        self.path = self.root / DB_NAME
+        self._db: sqlite3.Connection | None = None
+        self._hashes: list[tuple[str, str]] = []
+        self._results: list[tuple[str, str, str, str, str]] = []
+        self._last_flush = time.monotonic()
 
-    def _file(self, kind: str, key: str) -> str:
-        # plain strings: pathlib costs more than the read itself on a cached run of many files
-        return os.path.join(self.root_str, kind, key[:2], key + ".json")
+    # -- connection ------------------------------------------------------------------------------
 
-    def _read(self, path: str | Path) -> bytes | None:
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._db is not None:
+            return self._db
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            if size > _MAX_ENTRY_BYTES:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            db = self._open()
+        except sqlite3.DatabaseError:
+            # Not a database, or another format: a cache may always be dropped (set aside for a look).
+            try:
+                os.replace(self.path, f"{self.path}.unusable-{os.getpid()}")
+                db = self._open()
+            except (OSError, sqlite3.Error):
                 return None
-            chunks = []
-            while size > 0 and (chunk := os.read(fd, size)):
-                chunks.append(chunk)
-                size -= len(chunk)
-            return b"".join(chunks)
         except OSError:
-            return None
-        finally:
-            os.close(fd)
+            return None  # no cache this run: slower, never wrong
+        self._db = db
+        return db
 
-    def _write(self, path: str | Path, text: str) -> None:
-        """Atomic: a reader sees the old entry, the new one, or none; never a partial one."""
-        parent = os.path.dirname(path)
-        tmp = os.path.join(parent, f".tmp-{os.getpid()}-{next(_COUNTER)}.json")
+    def _open(self) -> sqlite3.Connection:
+        fresh = not self.path.exists()
+        db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            if parent not in self._made:
-                os.makedirs(parent, mode=0o700, exist_ok=True)
-                self._made.add(parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(text.encode("utf-8"))
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if not isinstance(exc, OSError):
-                raise
-            # An OSError only means an entry that was not written: the next run is slower, no worse.
+            if fresh:
+                os.chmod(self.path, 0o600)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            with _transaction(db):
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
+                elif row[0] != str(CACHE_FORMAT):
+                    raise sqlite3.DatabaseError(f"cache format {row[0]!r}, not {CACHE_FORMAT}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        self.flush()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     # -- sha256 by file identity -----------------------------------------------------------------
 
     def load_hashes(self) -> dict[str, str]:
-        """The whole index (empty when missing or invalid: every file is then hashed by its scan)."""
-        data = self._read(self.root / _HASH_INDEX)
-        if data is None:
+        """Every remembered hash (empty when there is no usable cache: files are then hashed)."""
+        db = self._connect()
+        if db is None:
             return {}
         try:
-            index = HashIndex.model_validate_json(data)
-        except ValidationError:
+            return dict(db.execute("SELECT stat_key, sha256 FROM hashes"))
+        except sqlite3.Error:
             return {}
-        return dict(index.hashes) if index.format == CACHE_FORMAT else {}
 
     def save_hashes(self, learned: dict[str, str]) -> None:
-        """Merge what this run learned into the index (another run may have saved meanwhile)."""
-        if not learned:
-            return
-        merged = {**self.load_hashes(), **learned}
-        if len(merged) > _MAX_HASHES:  # keep the newest: entries of deleted files only cost space
-            merged = dict(list(merged.items())[-_MAX_HASHES:])
-        self._write(self.root / _HASH_INDEX, HashIndex(format=CACHE_FORMAT, hashes=merged).model_dump_json())
+        self._hashes.extend(learned.items())
+        self._maybe_flush()
 
     # -- reports by content ----------------------------------------------------------------------
 
     def get_report(self, sha256: str, policy_hash: str, version: str) -> ScanReport | None:
-        data = self._read(self._file("results", _digest(sha256, policy_hash, version)))
-        if data is None:
+        db = self._connect()
+        if db is None:
             return None
         try:
-            entry = ResultEntry.model_validate_json(data)
+            row = db.execute(
+                "SELECT sha256, policy_hash, version, report FROM results WHERE key = ?",
+                (result_key(sha256, policy_hash, version),),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        if row is None or tuple(row[:3]) != (sha256, policy_hash, version):
+            return None
+        try:
+            report = ScanReport.model_validate_json(row[3])
         except ValidationError:
             return None
-        report = entry.report
-        if (
-            entry.format != CACHE_FORMAT
-            or (entry.sha256, entry.policy_hash, entry.version) != (sha256, policy_hash, version)
-            or report.sha256 != sha256
-            or report.policy_hash != policy_hash
-        ):
+        if report.sha256 != sha256 or report.policy_hash != policy_hash:
             return None
         return report
 
     def put_report(self, report: ScanReport, version: str) -> None:
         if report.sha256 is None or not cacheable(report):
             return
-        entry = ResultEntry(
-            format=CACHE_FORMAT,
-            sha256=report.sha256,
-            policy_hash=report.policy_hash,
-            version=version,
-            report=report,
-        )
-        self._write(
-            self._file("results", _digest(report.sha256, report.policy_hash, version)),
-            entry.model_dump_json(),
-        )
+        key = result_key(report.sha256, report.policy_hash, version)
+        self._results.append((key, report.sha256, report.policy_hash, version, report.model_dump_json()))
+        self._maybe_flush()
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _maybe_flush(self) -> None:
+        pending = len(self._results) + len(self._hashes)
+        if pending >= _FLUSH_ENTRIES or time.monotonic() - self._last_flush >= _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit what is buffered, in one transaction. A failure loses only cache entries."""
+        self._last_flush = time.monotonic()
+        if not self._results and not self._hashes:
+            return
+        hashes, results = self._hashes, self._results
+        self._hashes, self._results = [], []
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            with _transaction(db):
+                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?)", hashes)
+                db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", results)
+        except sqlite3.Error:
+            pass  # entries not written: the next run is slower, no worse
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (Ctrl-C included)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+    db.execute("COMMIT")
 
 
 def cacheable(report: ScanReport) -> bool:

@@ -48,7 +48,7 @@ class Outcome:
 
 
 class Scanner:
-    """Scans one file: stat, scan (the scan hashes the very bytes it walks), stat again, cache."""
+    """Scans one file: stat, scan (the scan hashes the very bytes it walks), stat again."""
 
     def __init__(self, policy: Policy, cache: AuditCache | None) -> None:
         self.policy = policy
@@ -102,8 +102,7 @@ class Scanner:
             changed = make_finding("SL206", "the file changed while it was being scanned; scan it again")
             findings = (*report.findings, changed)
             return Outcome(report.model_copy(update={"findings": findings, "verdict": decide(findings)}))
-        if self.cache is not None:
-            self.cache.put_report(report, __version__)
+        # The auditing process stores the result (workers only read the cache).
         return Outcome(report, stat_key=stat_key(after) if report.sha256 else None)
 
     def safe_process(self, path: str, lookup: bool) -> Outcome:

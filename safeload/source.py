@@ -13,8 +13,6 @@ import stat
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import numpy as np
-
 from safeload.errors import LimitExceededError, ScanError
 
 _CHUNK = 8 << 20
@@ -135,6 +133,8 @@ def _read_sized(f: IO[bytes], max_bytes: int, name: str, expected: int) -> tuple
     numpy.empty, not bytearray(n): bytearray zero-fills every page before the read overwrites it.
     Only the bytes actually read are exposed.
     """
+    import numpy as np  # here, not at the top: a scan that maps or reads small files never needs it
+
     array = np.empty(expected, dtype=np.uint8)
     view = memoryview(array)
     got = 0

@@ -110,6 +110,23 @@ class Arguments:
             pos = end + 1 if end >= 0 else n + 1
         return pos, parts[0], parts[1]
 
+    def _c_names(self, pos: int, offset: int, encoding: str) -> tuple[int, str, str]:
+        """GLOBAL/INST arguments as the C unpickler reads them: two newline-terminated lines."""
+        find = self.find_nl
+        end = find(pos)
+        if end > pos:
+            end2 = find(end + 1)
+            if end2 > end + 1:
+                buf = self.buf
+                try:
+                    return end2 + 1, str(buf[pos:end], encoding), str(buf[end + 1 : end2], encoding)
+                except UnicodeDecodeError:
+                    pass
+        # Something is wrong with the lines: the step-by-step reading says exactly what.
+        pos, module = self._line_text(pos, offset, encoding)
+        pos, name = self._line_text(pos, offset, encoding)
+        return pos, module, name
+
     def _line_text(self, pos: int, offset: int, encoding: str) -> tuple[int, str]:
         pos, raw = self._line(pos, offset)
         try:

@@ -46,6 +46,8 @@ _BIG_STR = 1 << 20
 _SMALL_BYTES = 4096
 # Byte payloads from this size (outside frames) are listed so the replay need not copy them.
 _PAYLOAD = 1 << 20
+# Streams up to this size are walked from a bytes copy (see _as_buffer).
+_COPY_SMALL = 1 << 20
 # Past this many colliding dict/set keys, replaying the stream through CPython could crawl.
 _HAZARD_COLLISIONS = 1_000
 # What makes a tuple worth scanning for globals passed as arguments.
@@ -87,6 +89,10 @@ def walk(
 def _as_buffer(data: bytes | bytearray | memoryview) -> bytes | memoryview:
     if isinstance(data, bytes):
         return data
+    if len(data) <= _COPY_SMALL:
+        # Indexing, slicing and searching bytes is several times cheaper than a memoryview's;
+        # offsets are the same in the copy.
+        return bytes(data)
     view = memoryview(data)
     if view.ndim != 1 or view.format not in ("B", "b", "c") or not view.c_contiguous:
         view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
@@ -430,8 +436,7 @@ class _Walker(Semantics):
                         x = marks.pop()
                         fence = marks[-1] if marks else 0
                     if not self.pure:
-                        pos, module = self._line_text(pos, op_start, enc)
-                        pos, name = self._line_text(pos, op_start, enc)
+                        pos, module, name = self._c_names(pos, op_start, enc)
                         site = self.site(module, name, op_start, opname, proto if mproto is None else mproto)
                     if op == 0x63:  # GLOBAL
                         append(Glob(site))

@@ -38,13 +38,14 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
-
-import numpy as np
-from numpy.lib.format import descr_to_dtype
+from typing import TYPE_CHECKING
 
 from safeload.formats import zipread
 from safeload.formats.base import Child, PickleStream, ReadContext, ReadResult, StorageEntry, StreamRole
 from safeload.model import make_finding
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NAME = "numpy"
 
@@ -129,6 +130,9 @@ def _interpret(raw: bytes, encoding: str, start: int) -> tuple[object, np.dtype,
         raise NpyError(f"npy shape is not a tuple of non-negative ints: {shape!r}"[:200], start)
     if not isinstance(header["fortran_order"], bool):
         raise NpyError("npy fortran_order is not a bool", start)
+    # numpy is imported on the first .npy header, not with the scanner: most scans never need it.
+    from numpy.lib.format import descr_to_dtype
+
     try:
         dtype = descr_to_dtype(header["descr"])
     except Exception as exc:  # noqa: BLE001 - numpy.dtype raises TypeError, ValueError, KeyError...

@@ -3,11 +3,14 @@ unreadable entries, a malicious file; the cache; waivers; baselines; the CLI and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pickle
+import sqlite3
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 
 from safeload import audit_walk, audit_workers
 from safeload.audit import AuditError, AuditOptions, Progress, audit
+from safeload.audit_cache import DB_NAME
 from safeload.audit_views import load_baseline, reapply_waivers
 from safeload.cli import main
 from safeload.model import Verdict, make_finding
@@ -139,8 +143,8 @@ def test_duplicates_by_content_are_scanned_once_when_their_hash_is_known(
     # every file is hashed again, and results are still reused by content
     assert rehashed.stats.scanned == 0 and rehashed.stats.from_cache == 6
     # a fresh result cache, known hashes: the good blob and dup.pt share one scan
-    for entry in (cache / "results").rglob("*.json"):
-        entry.unlink()
+    with contextlib.closing(sqlite3.connect(cache / DB_NAME)) as db, db:
+        db.execute("DELETE FROM results")
     again = audit([str(registry)], AuditOptions(cache_dir=cache))
     assert again.stats.scanned == 5 and again.stats.from_cache == 0
 
@@ -283,28 +287,67 @@ def test_cache_entries_are_validated_and_written_atomically(tmp_path: Path) -> N
     f.write_bytes(b"abc")
     before = stat_key(f.stat())
     cache.save_hashes({before: "d" * 64})
+    cache.flush()
     cache.save_hashes({"other": "e" * 64})  # merged, not replaced
-    assert cache.load_hashes() == {before: "d" * 64, "other": "e" * 64}
+    cache.close()
+    assert AuditCache(tmp_path / "c").load_hashes() == {before: "d" * 64, "other": "e" * 64}
+    assert stat.S_IMODE((tmp_path / "c" / DB_NAME).stat().st_mode) == 0o600
     f.write_bytes(b"abc")  # same size, same bytes: ctime (and mtime) still move on
     assert stat_key(f.stat()) != before
     os.utime(f, ns=(f.stat().st_atime_ns, int(before.split(":")[3])))  # mtime set back: ctime still differs
     assert stat_key(f.stat()) != before
-    (tmp_path / "c" / "hashes.json").write_text("{broken")
-    assert cache.load_hashes() == {}
 
     report = ScanReport(path="x", sha256="e" * 64, size=3, verdict=Verdict.SAFE, policy="p", policy_hash="h")
+    cache = AuditCache(tmp_path / "c")
     cache.put_report(report, "1.0")
+    assert cache.get_report("e" * 64, "h", "1.0") is None  # buffered: nothing half-written is visible
+    cache.close()
+    cache = AuditCache(tmp_path / "c")
     assert cache.get_report("e" * 64, "h", "1.0") == report
     assert cache.get_report("e" * 64, "other-policy", "1.0") is None
     assert cache.get_report("e" * 64, "h", "2.0") is None
-    (entry,) = (tmp_path / "c" / "results").rglob("*.json")
-    entry.write_text(entry.read_text().replace('"SAFE"', '"MAYBE"'))
-    assert cache.get_report("e" * 64, "h", "1.0") is None  # corrupt: a miss, then a fresh scan
-    assert not list((tmp_path / "c").rglob(".tmp-*"))
+    cache.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "c" / DB_NAME)) as db, db:
+        db.execute("UPDATE results SET report = replace(report, '\"SAFE\"', '\"MAYBE\"')")
+    assert AuditCache(tmp_path / "c").get_report("e" * 64, "h", "1.0") is None  # corrupt: a miss
+    with contextlib.closing(sqlite3.connect(tmp_path / "c" / DB_NAME)) as db, db:
+        db.execute("DELETE FROM results")
     unreadable_ = report.model_copy(update={"findings": (make_finding("SL206", "gone"),)})
-    entry.unlink()
+    cache = AuditCache(tmp_path / "c")
     cache.put_report(unreadable_, "1.0")  # circumstances of one run are never reused
-    assert not list((tmp_path / "c" / "results").rglob("*.json"))
+    cache.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "c" / DB_NAME)) as db:
+        assert db.execute("SELECT count(*) FROM results").fetchone() == (0,)
+
+
+def test_an_unusable_cache_file_is_set_aside(tmp_path: Path) -> None:
+    from safeload.audit_cache import AuditCache
+
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / DB_NAME).write_bytes(b"not a database, " * 100)
+    cache = AuditCache(root)
+    assert cache.load_hashes() == {}
+    cache.save_hashes({"k": "a" * 64})
+    cache.close()
+    assert AuditCache(root).load_hashes() == {"k": "a" * 64}
+    assert [p.name.startswith(DB_NAME + ".unusable-") for p in root.iterdir() if "unusable" in p.name] == [True]
+
+
+def test_an_interrupted_audit_keeps_what_it_committed(registry: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    seen: list[Progress] = []
+
+    def interrupt_after_two(event: Progress) -> None:
+        seen.append(event)
+        if sum(e.verdict is Verdict.SAFE for e in seen) == 2:  # two files scanned (and cacheable)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        audit([str(registry)], AuditOptions(cache_dir=cache), progress=interrupt_after_two)
+    # Whatever was scanned before Ctrl-C is whole in the cache; the next run reuses it.
+    again = audit([str(registry)], AuditOptions(cache_dir=cache))
+    assert again.stats.from_cache >= 1 and again.stats.scanned + again.stats.from_cache == 6
 
 
 def test_baseline_files_are_checked(tmp_path: Path) -> None:
