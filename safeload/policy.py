@@ -201,6 +201,9 @@ def _is_qualname(name: str) -> bool:
     return len(segments) >= 2 and all(s.isidentifier() for s in segments)
 
 
+_DECISION_CACHE = 4096
+
+
 @dataclass(frozen=True, eq=False)
 class Policy:
     """A resolved policy. Immutable; equal and hashable by content (``hash``)."""
@@ -217,6 +220,9 @@ class Policy:
     # name (or "prefix.*") -> the file that allowed it, or "allow=" for call-site names
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     floor: Floor | None = None
+    # Decisions already made (a policy serves many files naming the same few globals). Bounded:
+    # names come from files, and a hostile one can name a million distinct globals.
+    _decided: dict[str, Decision] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
@@ -230,6 +236,15 @@ class Policy:
         return self.floor if self.floor is not None else floor()
 
     def decide(self, qualname: str) -> Decision:
+        known = self._decided.get(qualname)
+        if known is not None:
+            return known
+        decision = self._decide(qualname)
+        if len(self._decided) < _DECISION_CACHE:
+            self._decided[qualname] = decision
+        return decision
+
+    def _decide(self, qualname: str) -> Decision:
         hit = self._floor().hit(qualname)
         if hit is not None:
             return Decision(False, True, hit.describe(), FLOOR_FILE)

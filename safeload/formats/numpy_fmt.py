@@ -36,7 +36,6 @@ import ast
 import functools
 import math
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,7 @@ MAGIC = b"\x93NUMPY"
 MAX_HEADER = 1 << 20
 ZIP_LOCAL = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
-_METHODS = {zipread.DEFLATED: "deflate", zipread.BZIP2: "bzip2"}
+_METHODS = {zipread.DEFLATED: "deflate", zipread.BZIP2: "bzip2", zipread.LZMA: "lzma"}
 _HEADER_KEYS = {"descr", "fortran_order", "shape"}
 _VERSIONS = {(1, 0): ("<H", "latin1"), (2, 0): ("<I", "latin1"), (3, 0): ("<I", "utf8")}
 
@@ -222,17 +221,11 @@ def _first_member_is_npy(buf: memoryview) -> bool:
     if len(buf) < _LOCAL_HEADER.size or bytes(buf[:4]) != ZIP_LOCAL:
         return False
     fields = _LOCAL_HEADER.unpack_from(buf, 0)
-    method, name_len, extra_len = fields[3], fields[9], fields[10]
+    method, comp_size, name_len, extra_len = fields[3], fields[7], fields[9], fields[10]
     start = _LOCAL_HEADER.size + name_len + extra_len
-    head = bytes(buf[start : start + 512])
-    if method == zipread.STORED:
-        return head.startswith(MAGIC)
-    if method == zipread.DEFLATED:
-        try:
-            return zlib.decompressobj(-15).decompress(head, len(MAGIC)) == MAGIC
-        except zlib.error:
-            return False
-    return False
+    # A size of 0 may mean "in a data descriptor after the data": decoders stop on their own.
+    end = start + comp_size if comp_size else len(buf)
+    return zipread.head(buf[start:end], method, len(MAGIC)) == MAGIC
 
 
 def sniff(buf: memoryview) -> bool:

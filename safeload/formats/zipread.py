@@ -27,6 +27,7 @@ handed back to detection, which runs it only when the member turns out to hold a
 from __future__ import annotations
 
 import bz2
+import lzma
 import struct
 import zlib
 from collections.abc import Callable
@@ -53,7 +54,7 @@ _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _MAX_BACK_SCAN = _U16 + _EOCD.size
 
-STORED, DEFLATED, BZIP2 = 0, 8, 12
+STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
 
 FLAG_DESCRIPTOR = 0x0008
 FLAG_UTF8 = 0x0800
@@ -597,7 +598,9 @@ def extract(buf: memoryview, entry: ZipEntry, ctx: ReadContext, *, check_crc: bo
             want, complete = available, False
         data = buf[start : start + want]
         file_offset = None if ctx.file_offset is None else ctx.file_offset + start
-    elif entry.method in (DEFLATED, BZIP2):
+    elif entry.method in (DEFLATED, BZIP2, LZMA):
+        # torch's reader knows only stored and deflate (it fails on the others); Python's zipfile,
+        # which numpy.load and most other zip readers use, also reads bzip2 and LZMA.
         raw = buf[start : start + min(entry.comp_size, available)]
         if entry.comp_size > available:
             note("SL205", f"compressed data truncated: {available} of {entry.comp_size} bytes present")
@@ -633,6 +636,50 @@ def deferred_crc(got: Extracted, entry: ZipEntry, ctx: ReadContext) -> Callable[
     return lambda: crc_findings(data, entry, ctx)
 
 
+def head(raw: memoryview, method: int, n: int) -> bytes | None:
+    """The first ``n`` bytes of a member's content (for sniffing), None when they cannot be had.
+    Decodes no more than it must: a block of bzip2 at most."""
+    try:
+        if method == STORED:
+            return bytes(raw[:n])
+        if method == DEFLATED:
+            return zlib.decompressobj(-15).decompress(raw[:4096], n)
+        if method == BZIP2:
+            return bz2.BZ2Decompressor().decompress(raw, n)
+        if method == LZMA:
+            return _lzma_decode(raw, n, 4096)[0]  # liblzma's smallest dictionary
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError):
+        return None
+    return None
+
+
+def _lzma(raw: memoryview, entry: ZipEntry, cap: int) -> tuple[bytes, bool]:
+    out, eof = _lzma_decode(raw, cap + 1, max(4096, cap + 1))
+    # General purpose bit 1: the stream ends with an end marker; without one, its size ends it.
+    return out, eof or (not entry.flags & 0x2 and len(out) == entry.size)
+
+
+def _lzma_decode(raw: memoryview, max_length: int, max_dict: int) -> tuple[bytes, bool]:
+    """A zip LZMA member as zipfile reads it: version (2 bytes), properties size (2), the LZMA1
+    properties, then a raw LZMA1 stream. Returns (output, end marker reached)."""
+    if len(raw) < 4:
+        raise ValueError("LZMA header truncated")
+    props_size = int.from_bytes(raw[2:4], "little")
+    if props_size != 5 or len(raw) < 4 + props_size:
+        raise ValueError(f"LZMA properties of {props_size} bytes (zip LZMA uses 5)")
+    props = bytes(raw[4:9])
+    if props[0] >= 9 * 5 * 5:
+        raise ValueError("LZMA properties byte out of range")
+    pb, rest = divmod(props[0], 9 * 5)
+    lp, lc = divmod(rest, 9)
+    # liblzma allocates the whole dictionary up front, and a raw decoder takes no memory limit:
+    # a header may declare 4 GiB. No match reaches further back than the output allowed here.
+    dict_size = min(int.from_bytes(props[1:5], "little"), max_dict)
+    filters = [{"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc, "lp": lp, "pb": pb}]
+    d = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters)
+    return d.decompress(raw[9:], max_length), d.eof
+
+
 def _inflate(
     raw: memoryview, entry: ZipEntry, ctx: ReadContext, note: Callable[[str, str], None]
 ) -> tuple[bytes, bool]:
@@ -652,11 +699,13 @@ def _inflate(
             d = zlib.decompressobj(-15)
             out = d.decompress(raw, cap + 1)
             finished = d.eof
-        else:
+        elif entry.method == BZIP2:
             b = bz2.BZ2Decompressor()
             out = b.decompress(bytes(raw), cap + 1)
             finished = b.eof
-    except (zlib.error, OSError, EOFError, ValueError) as exc:
+        else:
+            out, finished = _lzma(raw, entry, cap)
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
         note("SL205", f"compressed data is corrupt: {exc}")
         return b"", False
     if len(out) > cap:

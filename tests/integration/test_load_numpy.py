@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import zipfile
 from pathlib import Path
 
 import joblib
@@ -50,6 +51,22 @@ def test_npy(tmp_path: Path, name: str) -> None:
 def test_npz(tmp_path: Path, compressed: bool) -> None:
     path = tmp_path / "a.npz"
     (np.savez_compressed if compressed else np.savez)(path, **arrays())
+    out = safeload.load(path)
+    with np.load(path) as ref:
+        assert sorted(out) == sorted(ref.files)
+        for key in ref.files:
+            assert_arrays_equal(ref[key], out[key])
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA], ids=["bzip2", "lzma"])
+def test_npz_members_in_every_method_zipfile_reads(tmp_path: Path, compression: int) -> None:
+    # np.savez never writes these, but numpy.load reads them (through zipfile): so does safeload.
+    path = tmp_path / "a.npz"
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for key, value in arrays().items():
+            with zf.open(f"{key}.npy", "w") as member:
+                np.lib.format.write_array(member, value)
+    assert safeload.scan(path).verdict is safeload.Verdict.SAFE
     out = safeload.load(path)
     with np.load(path) as ref:
         assert sorted(out) == sorted(ref.files)

@@ -117,3 +117,44 @@ def test_a_pickle_nested_in_a_member_is_verified(marker: Path) -> None:
     c = scan(data)
     assert "inner.zip" in [f.member for f in c.findings if f.code == "SL300"]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_members_zipfile_decompresses_are_scanned(marker: Path, compression: int) -> None:
+    # numpy.load reads npz members through zipfile, which inflates bzip2 and LZMA too: an object
+    # array stored that way is unpickled by numpy, so it must be scanned, not left unreadable.
+    payload = exec_payload(marker)
+    data = zip_bytes({"a.npy": npy_bytes(np.zeros(3)), "o.npy": object_npy(payload)}, compression)
+    c = scan(data)
+    assert c.formats == ["npz"]
+    assert payload in [bytes(s.data) for s in c.streams]
+    assert not [f for f in c.findings if f.code in ("SL205", "SL203")]
+    assert not marker.exists()
+
+
+def test_a_hostile_lzma_dictionary_size_is_not_allocated(marker: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dictionaries: list[int] = []
+    real = zipread.lzma.LZMADecompressor
+
+    def recording(*args: object, filters: list[dict[str, int]], **kw: object) -> object:
+        dictionaries.append(filters[0]["dict_size"])
+        return real(*args, filters=filters, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zipread.lzma, "LZMADecompressor", recording)
+    payload = exec_payload(marker)
+    data = bytearray(zip_bytes({"p.pkl": payload}, zipfile.ZIP_LZMA))
+    local = data.find(b"PK\x03\x04")
+    start = local + 30 + int.from_bytes(data[local + 26 : local + 28], "little")
+    start += int.from_bytes(data[local + 28 : local + 30], "little")
+    data[start + 5 : start + 9] = (0xFFFFFFFF).to_bytes(4, "little")  # a 4 GiB dictionary
+    c = scan(bytes(data))
+    assert [bytes(s.data) for s in c.streams] == [payload]
+    # liblzma would allocate the declared 4 GiB up front; no more than the output is needed.
+    assert dictionaries and max(dictionaries) <= max(4096, len(payload) + 1)
+    assert not marker.exists()
+
+
+def object_npy(pickled: bytes) -> bytes:
+    header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header += " " * (117 - len(header)) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + pickled
