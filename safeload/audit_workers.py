@@ -215,7 +215,14 @@ def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, o
     unfinished: list[Task] = []
     pool = _new_pool(config, policy, config.jobs)
     try:
-        pending = {pool.submit(_worker_batch, b): b for b in batches}
+        pending = {}
+        for i, b in enumerate(batches):
+            try:
+                pending[pool.submit(_worker_batch, b)] = b
+            except BrokenProcessPool:
+                # A worker died while batches were still being handed out (as early as its start).
+                unfinished.extend(task for rest in batches[i:] for task in rest)
+                break
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:

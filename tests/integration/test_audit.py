@@ -437,3 +437,47 @@ def test_workers_that_always_die_fail_closed(tmp_path: Path, monkeypatch: pytest
     messages = [o.report.findings[0].message for o in done.values()]  # type: ignore[attr-defined]
     assert messages.count("the worker process scanning this file died") == 3
     assert messages.count("worker processes keep dying") == 3
+
+
+def test_a_pool_that_breaks_while_batches_are_handed_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers can die before every batch is submitted (a crash on the first file, under load):
+    submit itself then raises. The audit must go on one file at a time, never end in a traceback."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    folder = _many(tmp_path, 6)
+    policy = load_policy("default")
+    pools: list[str] = []
+
+    class Breaking:
+        def __init__(self) -> None:
+            self.submitted = 0
+
+        def submit(self, fn: object, batch: list[audit_workers.Task]) -> Future[object]:
+            self.submitted += 1
+            if self.submitted > 1:
+                raise BrokenProcessPool("a worker died while batches were handed out")
+            future: Future[object] = Future()
+            future.set_exception(BrokenProcessPool("died"))
+            return future
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+            pass
+
+    class InProcess(Breaking):
+        def submit(self, fn: object, batch: list[audit_workers.Task]) -> Future[object]:
+            future: Future[object] = Future()
+            future.set_result(audit_workers.Scanner(policy, None).batch(batch))
+            return future
+
+    def new_pool(config: audit_workers.PoolConfig, policy_: object, workers: int) -> object:
+        pools.append("round" if not pools else "isolated")
+        return Breaking() if len(pools) == 1 else InProcess()
+
+    monkeypatch.setattr(audit_workers, "_new_pool", new_pool)
+    done: dict[str, audit_workers.Outcome] = {}
+    tasks = [(str(p), False) for p in sorted(folder.iterdir())]
+    audit_workers.run_parallel(tasks, audit_workers.PoolConfig("default", (), None, 2), policy, done.setdefault)
+    assert pools[0] == "round" and "isolated" in pools
+    assert set(done) == {p for p, _ in tasks}
+    assert {o.report.verdict for o in done.values()} == {Verdict.SAFE}
