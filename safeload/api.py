@@ -13,6 +13,7 @@ from typing import Any
 
 from safeload import __version__
 from safeload.analysis.evaluate import evaluate_stream
+from safeload.analysis.joblib_arrays import is_wrapper
 from safeload.analysis.replay import differential, replay_imports
 from safeload.analysis.types import WalkResult
 from safeload.analysis.walker import walk
@@ -27,7 +28,7 @@ from safeload.errors import (
     UnsupportedFormatError,
 )
 from safeload.explain import explain
-from safeload.formats.base import Container, PickleStream
+from safeload.formats.base import Container, PickleStream, StreamRole
 from safeload.formats.detect import open_container
 from safeload.gcpause import fewer_collections
 from safeload.model import Finding, GlobalUse, ScanReport, StreamReport, Verdict, decide, make_finding
@@ -91,6 +92,8 @@ def analyse(
             if pin_streams:
                 stream = dataclasses.replace(stream, data=memoryview(bytes(stream.data)))
             analysed, stream_findings, report = _analyse_stream(stream, policy, explain_streams)
+            if analysed.stream is not stream:
+                _now_joblib(container, analysed.stream)
             stream_analyses.append(analysed)
             findings.extend(stream_findings)
             stream_reports.append(report)
@@ -120,13 +123,10 @@ def analyse(
 def _analyse_stream(
     stream: PickleStream, policy: Policy, explain_streams: bool
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
-    result = walk(
-        stream.data,
-        limits=policy.limits,
-        multi=stream.multi,
-        joblib_arrays=stream.joblib_arrays,
-        fold_values=False,
-    )
+    result = _walk(stream, policy)
+    late = _joblib_after_all(stream, result)
+    if late is not None:
+        stream, result = late, _walk(late, policy)
     if not any(a.code == "SL203" for a in result.anomalies):
         replays = replay_imports(
             stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays, walk=result
@@ -153,6 +153,44 @@ def _analyse_stream(
         explanation=explanation,
     )
     return StreamAnalysis(stream=stream, walk=result, globals=globals_), findings, report
+
+
+def _walk(stream: PickleStream, policy: Policy) -> WalkResult:
+    return walk(
+        stream.data,
+        limits=policy.limits,
+        multi=stream.multi,
+        joblib_arrays=stream.joblib_arrays,
+        fold_values=False,
+    )
+
+
+def _joblib_after_all(stream: PickleStream, walked: WalkResult) -> PickleStream | None:
+    """The same stream read the way joblib reads it, when a plain walk broke right where joblib's
+    array bytes would start; else None.
+
+    Detection recognizes joblib by an import of its array wrapper in the first few MiB; a file with
+    more before its first array (a large vocabulary, say) is only recognized here, by the walk:
+    it imported the wrapper, then broke on bytes that follow one.
+    """
+    if stream.role is not StreamRole.RAW or walked.complete or stream.joblib_arrays:
+        return None
+    wrappers = [i.offset for i in walked.imports if is_wrapper(i.module, i.name)]
+    breaks = [a.offset for a in walked.anomalies if a.code == "SL200"]
+    if not wrappers or not breaks or min(breaks) < min(wrappers):
+        return None
+    return dataclasses.replace(stream, role=StreamRole.JOBLIB, joblib_arrays=True, multi=False)
+
+
+def _now_joblib(container: Container, stream: PickleStream) -> None:
+    if "joblib" not in container.formats:
+        container.formats.append("joblib")
+    loadable = container.meta.get("loadable")
+    if stream.loadable and isinstance(loadable, dict) and loadable.get("member") == stream.member:
+        container.meta["loadable"] = {**loadable, "format": "joblib"}
+    for i, s in enumerate(container.streams):
+        if s.data is stream.data and s.member == stream.member:
+            container.streams[i] = stream
 
 
 def _finding_from_error(exc: SafeloadError) -> Finding:

@@ -13,7 +13,8 @@ Sniff: the first pickle imports NumpyArrayWrapper. A cheap substring test reject
 the opcodes of the first pickle are walked (``pickletools.genops``: it decodes, never runs) within
 a bounded window until a GLOBAL/INST/STACK_GLOBAL names the wrapper, the pickle stops, or the window
 or opcode budget is spent. A joblib file whose first array comes later than the window is not
-claimed here; the raw reader then fails on the array bytes and the file is UNSCANNABLE (closed).
+claimed here: the raw reader's stream then breaks on the array bytes right after the wrapper was
+imported, and the scan reads that stream again the joblib way (api._joblib_after_all).
 A raw-pickle reader also claims joblib files: detection should prefer this reader for the same buffer.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import mmap
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 import safeload
 from safeload.errors import DisallowedGlobalError
+from tests.pickle_builder import marker_code
 
 WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
 
@@ -120,3 +122,44 @@ def test_joblib(tmp_path: Path, compress: object) -> None:
     assert_arrays_equal(ref["list"][1], out["list"][1])
     assert list(out["object_array"]) == [1, "a"]
     assert out["n"] == 3 and out["ns"] == ref["ns"]
+
+
+class _Payload:
+    """joblib.dump pickles it as a call of exec (nothing runs when it is pickled)."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return exec, (self.code,)
+
+
+def _vocabulary() -> dict[str, int]:
+    # More pickle than joblib_fmt.SNIFF_WINDOW before the first array, as a large text vocabulary
+    # (CountVectorizer.vocabulary_) puts there.
+    from safeload.formats.joblib_fmt import SNIFF_WINDOW
+
+    words = {f"token{i:07d}": i for i in range(SNIFF_WINDOW // 12)}
+    assert len(pickle.dumps(words)) > SNIFF_WINDOW
+    return words
+
+
+def test_joblib_whose_first_array_comes_late(tmp_path: Path) -> None:
+    path = tmp_path / "vectorizer.joblib"
+    joblib.dump({"vocabulary": _vocabulary(), "idf": np.linspace(0, 1, 50), "n": 3}, path)
+    report = safeload.scan(path)
+    assert report.verdict is safeload.Verdict.SAFE and "joblib" in report.formats
+    out, ref = safeload.load(path), joblib.load(path)
+    assert out["vocabulary"] == ref["vocabulary"] and out["n"] == 3
+    assert_arrays_equal(ref["idf"], out["idf"])
+
+
+def test_payload_after_a_late_first_array_is_caught(tmp_path: Path, marker: Path) -> None:
+    path = tmp_path / "vectorizer.joblib"
+    joblib.dump({"vocabulary": _vocabulary(), "idf": np.ones(4), "x": _Payload(marker_code(marker))}, path)
+    report = safeload.scan(path)
+    assert report.verdict is safeload.Verdict.UNSAFE
+    assert "builtins.exec" in {f.global_name for f in report.findings}
+    with pytest.raises(safeload.errors.UnsafeModelError):
+        safeload.load(path)
+    assert not marker.exists()
