@@ -1,7 +1,8 @@
 """Scan speed of safeload against picklescan, modelscan and fickling, on the same files, same run:
-a torch zip checkpoint, a raw pickle of large byte payloads, an npz, a joblib file, small pickles.
+a torch zip checkpoint, a raw pickle of large byte payloads, an npz, a joblib file, a legacy torch
+file, a zlib-compressed joblib file, a gzip-wrapped pickle, small pickles.
 
-    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--small 1000]
+    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--other-mb 256] [--small 1000]
 
 Prints seconds, MB/s, peak RSS, each peer's time as a ratio to safeload's (>1: safeload faster) and
 whether each tool read every file to the end or stopped part way (a parse error, a skipped file).
@@ -49,6 +50,35 @@ def make_joblib(path: Path, size_mb: int) -> None:
     joblib.dump({"weights": obj, "meta": {"epochs": 3}}, path)
 
 
+def make_legacy(path: Path, size_mb: int) -> None:
+    import torch
+
+    n = max(1, size_mb // 16)
+    state = {f"layer{i}.weight": torch.zeros(4 * 1024 * 1024) for i in range(n)}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+
+
+def make_joblib_zlib(path: Path, size_mb: int) -> None:
+    import joblib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    # Random low bits so that zlib has real work: size_mb of float32 that compress to about half.
+    obj = {
+        f"layer{i}": rng.integers(0, 1 << 12, 4 * 1024 * 1024, dtype=np.int32).astype(np.float32)
+        for i in range(max(1, size_mb // 16))
+    }
+    joblib.dump({"weights": obj}, path, compress=("zlib", 1))
+
+
+def make_gzip_pickle(path: Path, size_mb: int) -> None:
+    import gzip
+
+    chunk = os.urandom(1 << 20)
+    blobs = {f"blob{i}": chunk + i.to_bytes(4, "little") for i in range(size_mb)}
+    path.write_bytes(gzip.compress(pickle.dumps(blobs, protocol=4), compresslevel=1))
+
+
 def make_small(folder: Path, count: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -66,6 +96,9 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=1024, help="torch zip checkpoint size")
     ap.add_argument("--raw-mb", type=int, default=200, help="raw pickle with large byte payloads")
     ap.add_argument("--small", type=int, default=1000, help="number of small pickles")
+    ap.add_argument(
+        "--other-mb", type=int, default=256, help="legacy torch, compressed joblib, gzip pickle (MB before compression)"
+    )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
@@ -87,6 +120,16 @@ def main() -> None:
         if not target.exists():
             maker(target, args.size_mb)
         cases.append((f"{label} {args.size_mb} MB", str(target), target.stat().st_size))
+    # Formats behind other readers, smaller: legacy torch, compressed joblib, a gzip-wrapped pickle.
+    for label, maker, suffix, size in (
+        ("torch legacy", make_legacy, "pt", args.other_mb),
+        ("joblib zlib", make_joblib_zlib, "joblib", args.other_mb),
+        ("gzip pickle", make_gzip_pickle, "pkl.gz", args.other_mb),
+    ):
+        target = OUT / f"{label.replace(' ', '_')}_{size}mb.{suffix}"
+        if not target.exists():
+            maker(target, size)
+        cases.append((f"{label} {size} MB", str(target), target.stat().st_size))
     listing = make_small(OUT / "small", args.small)
     small_bytes = sum(Path(p).stat().st_size for p in listing.read_text().split("\n"))
     cases.append((f"{args.small} small pickles", "@" + str(listing), small_bytes))

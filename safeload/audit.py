@@ -105,7 +105,7 @@ def audit(
                 learned[outcome.stat_key] = sha
             if cache is not None and not outcome.cached:
                 # A file that was read whole and did not change meanwhile (it has a stat key).
-                cache.put_report(outcome.report, __version__)
+                cache.put_report(outcome.report, __version__, text=outcome.report_json)
         for group in members[path]:
             finish(group, outcome.report, outcome.cached)
 

@@ -160,11 +160,13 @@ class AuditCache:
             return None
         return report
 
-    def put_report(self, report: ScanReport, version: str) -> None:
+    def put_report(self, report: ScanReport, version: str, *, text: str | None = None) -> None:
+        """``text``: the report's JSON when the caller has it already (a worker sent it)."""
         if report.sha256 is None or not cacheable(report):
             return
         key = result_key(report.sha256, report.policy_hash, version)
-        self._results.append((key, report.sha256, report.policy_hash, version, report.model_dump_json()))
+        text = text if text is not None else report.model_dump_json()
+        self._results.append((key, report.sha256, report.policy_hash, version, text))
         self._maybe_flush()
 
     # -- writing ---------------------------------------------------------------------------------

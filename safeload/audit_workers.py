@@ -45,6 +45,7 @@ class Outcome:
     report: ScanReport
     cached: bool = False  # the result came from the cache (after hashing, with --rehash)
     stat_key: str | None = None  # identity under which report.sha256 may be remembered
+    report_json: str | None = None  # the report as a worker sent it (cached as it is, not re-dumped)
 
 
 class Scanner:
@@ -274,7 +275,7 @@ def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done
 
 def _outcome(result: tuple[str, bool, str | None]) -> Outcome:
     text, cached, key = result
-    return Outcome(ScanReport.model_validate_json(text), cached=cached, stat_key=key)
+    return Outcome(ScanReport.model_validate_json(text), cached=cached, stat_key=key, report_json=text)
 
 
 def _internal_error(path: str, policy: Policy, why: str) -> ScanReport:
