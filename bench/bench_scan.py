@@ -11,6 +11,7 @@ whether each tool read every file to the end or stopped part way (a parse error,
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import pickle
 import sys
@@ -75,7 +76,8 @@ def make_gzip_pickle(path: Path, size_mb: int) -> None:
     import gzip
 
     chunk = os.urandom(1 << 20)
-    blobs = {f"blob{i}": chunk + i.to_bytes(4, "little") for i in range(size_mb)}
+    # An OrderedDict, so that there is a global to find behind the compression.
+    blobs = collections.OrderedDict((f"blob{i}", chunk + i.to_bytes(4, "little")) for i in range(size_mb))
     path.write_bytes(gzip.compress(pickle.dumps(blobs, protocol=4), compresslevel=1))
 
 
@@ -151,11 +153,12 @@ def main() -> None:
                 f"{size / 1e6 / r['seconds']:.0f}" if r["seconds"] else "inf",
                 f"{r['peak_rss'] / 1e6:.0f}",
                 "1.00 (base)" if tool == "safeload" else f"{ratio:.2f}",
-                coverage(r["outcomes"]),
+                coverage(r, base),
             ])
     print(table(rows, ["case", "tool", "seconds", "MB/s", "peak RSS MB", "time vs safeload", "read"]))
-    print("read: PARTIAL means the tool stopped part way (a parse error, a skipped file): its time is")
-    print("not a like-for-like comparison.")
+    print("read: PARTIAL means the tool stopped part way (a parse error, a skipped file); 'k of n globals'")
+    print("counts the (file, global) pairs it reported against safeload's. Either way its time is then no")
+    print("like-for-like comparison.")
 
 
 if __name__ == "__main__":

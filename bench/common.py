@@ -18,14 +18,22 @@ tool, path, repeat = sys.argv[1], sys.argv[2], int(sys.argv[3])
 paths = [path] if not path.startswith("@") else open(path[1:]).read().split("\n")
 # Each fn scans one file and says whether the tool read all of it ("whole") or gave up part way
 # ("partial": a parse error, a skipped file). A partial scan is no comparison for speed.
+# Globals each tool reported, where its API lists them (safeload, picklescan): a tool that saw
+# fewer distinct globals than safeload did not read everything either (a compressed file it did
+# not open, pickles it stopped before).
+seen = set()
 if tool == "safeload":
     import safeload
     def fn(p):
-        return "partial" if safeload.scan(p, policy="default").verdict.value == "UNSCANNABLE" else "whole"
+        report = safeload.scan(p, policy="default")
+        seen.update((p, g) for g in report.globals)
+        return "partial" if report.verdict.value == "UNSCANNABLE" else "whole"
 elif tool == "picklescan":
     from picklescan.scanner import scan_file_path
     def fn(p):
-        return "partial" if scan_file_path(p).scan_err else "whole"
+        result = scan_file_path(p)
+        seen.update((p, f"{g.module}.{g.name}") for g in result.globals)
+        return "partial" if result.scan_err else "whole"
 elif tool == "modelscan":
     from modelscan.modelscan import ModelScan
     def fn(p):
@@ -61,7 +69,8 @@ for _ in range(repeat):
     best = min(best, time.perf_counter() - t)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
 rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": best, "peak_rss": rss, "outcomes": dict(outcomes)}))
+globals_seen = len(seen) if tool in ("safeload", "picklescan") else None
+print(json.dumps({"seconds": best, "peak_rss": rss, "outcomes": dict(outcomes), "globals": globals_seen}))
 """
 
 TOOLS = ("safeload", "picklescan", "modelscan", "fickling")
@@ -89,7 +98,13 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def coverage(outcomes: dict[str, int]) -> str:
-    """"whole" when the tool read every file to the end, else how many it stopped part way through."""
+def coverage(result: dict[str, Any], reference: dict[str, Any] | str) -> str:
+    """"whole" when the tool read every file to the end, else how many it stopped part way through;
+    and, where its API lists globals, how many of the (file, global) pairs safeload found it saw."""
+    outcomes = result["outcomes"]
     partial = outcomes.get("partial", 0)
-    return "whole" if not partial else f"PARTIAL ({partial} of {sum(outcomes.values())})"
+    text = "whole" if not partial else f"PARTIAL ({partial} of {sum(outcomes.values())})"
+    found = reference.get("globals") if isinstance(reference, dict) else None
+    if result.get("globals") is not None and found:
+        text += f", {result['globals']} of {found} globals"
+    return text

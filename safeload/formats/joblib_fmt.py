@@ -25,7 +25,7 @@ import pickletools
 from dataclasses import dataclass
 
 from safeload.formats.base import PickleStream, ReadContext, ReadResult, StreamRole
-from safeload.formats.raw import is_opcode
+from safeload.formats.raw import is_opcode, scan_pickle
 
 NAME = "joblib"
 
@@ -33,6 +33,7 @@ WRAPPER_MODULE = "joblib.numpy_pickle"
 WRAPPER_NAME = "NumpyArrayWrapper"
 SNIFF_WINDOW = 4 << 20
 SNIFF_OPCODES = 500_000
+_QUICK_OPS = 64
 _STRING_OPS = {
     "STRING",
     "BINSTRING",
@@ -63,7 +64,11 @@ def find_wrapper(buf: memoryview) -> WrapperSite | None:
     # the first byte spares copying the window of every archive and checkpoint.
     if not buf or not is_opcode(buf[0]) or buf[0] in _PERSID_OPCODES:
         return None
-    window = bytes(buf[:SNIFF_WINDOW])
+    # A first pickle that ends within a few opcodes (torch's legacy magic number, a small value)
+    # bounds the search: searching megabytes of array or storage bytes for the name costs more
+    # than the rest of such a scan.
+    head = scan_pickle(buf, 0, max_ops=_QUICK_OPS)
+    window = bytes(buf[: min(head.end, SNIFF_WINDOW) if head.end is not None else SNIFF_WINDOW])
     if WRAPPER_NAME.encode() not in window:
         return None
     memo: dict[int, object] = {}

@@ -26,7 +26,7 @@ import struct
 import tarfile
 from dataclasses import dataclass, field
 
-from safeload.analysis.types import ImportSite
+from safeload.analysis.types import ImportSite, WalkResult
 from safeload.analysis.walker import walk
 from safeload.formats import raw
 from safeload.formats.base import (
@@ -201,8 +201,18 @@ class _Sequence(_Base):
         buf = self.buf
         pos = 0
         spans: dict[StreamRole, tuple[int, int]] = {}
+        walks: dict[StreamRole, WalkResult] = {}
         for role in _SEQUENCE_ROLES:
-            end = self.next_pickle(buf, pos)
+            # The walker finds where each pickle ends, and what the object and storage-key
+            # pickles hold: one pass over each (the scan walks each stream once more).
+            walked = walk(
+                buf[pos:],
+                limits=self.ctx.limits,
+                multi=False,
+                fold_values=role is StreamRole.LEGACY_STORAGE_KEYS,
+            )
+            walks[role] = walked
+            end = pos + walked.end if walked.pickles else None
             is_object = role is StreamRole.LEGACY_OBJECT
             scheme = PersistentScheme.TORCH_LEGACY if is_object else PersistentScheme.NONE
             if end is None:
@@ -214,19 +224,21 @@ class _Sequence(_Base):
             self.stream(pos, end, role, loadable=is_object, scheme=scheme)
             spans[role] = (pos, end)
             pos = end
-        self._index_storages(spans, pos)
+        self._index_storages(spans, walks, pos)
         return self.result
 
-    def _index_storages(self, spans: dict[StreamRole, tuple[int, int]], pos: int) -> None:
-        obj = _walk_values(self.buf[slice(*spans[StreamRole.LEGACY_OBJECT])], self.ctx)
-        keys = _walk_values(self.buf[slice(*spans[StreamRole.LEGACY_STORAGE_KEYS])], self.ctx)
+    def _index_storages(
+        self, spans: dict[StreamRole, tuple[int, int]], walks: dict[StreamRole, WalkResult], pos: int
+    ) -> None:
+        pids = [site.value for site in walks[StreamRole.LEGACY_OBJECT].persistent_ids]
+        key_values = walks[StreamRole.LEGACY_STORAGE_KEYS].values
         types: dict[str, str] = {}
-        for pid in obj[1]:
+        for pid in pids:
             if isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[2], str):
                 qualname = _qualname(pid[1])
                 if qualname is not None:
                     types.setdefault(pid[2], qualname)
-        key_list = keys[0][0] if keys[0] else None
+        key_list = key_values[0] if key_values else None
         if not isinstance(key_list, list) or not all(isinstance(k, str) for k in key_list):
             self.note(
                 "SL205",
