@@ -30,8 +30,18 @@ from safeload.errors import (
 from safeload.explain import explain
 from safeload.formats.base import Container, PickleStream, StreamRole
 from safeload.formats.detect import open_container
+from safeload.formats.joblib_fmt import plain_reading
 from safeload.gcpause import fewer_collections
-from safeload.model import Finding, GlobalUse, ScanReport, StreamReport, Verdict, decide, make_finding
+from safeload.model import (
+    Finding,
+    GlobalUse,
+    ScanReport,
+    StreamReport,
+    Verdict,
+    decide,
+    make_finding,
+    unread_report,
+)
 from safeload.policy import Policy, load_policy
 from safeload.source import Source, from_bytes, open_source
 
@@ -91,12 +101,26 @@ def analyse(
         for stream in container.streams:
             if pin_streams:
                 stream = dataclasses.replace(stream, data=memoryview(bytes(stream.data)))
-            analysed, stream_findings, report = _analyse_stream(stream, policy, explain_streams)
-            if analysed.stream is not stream:
-                _now_joblib(container, analysed.stream)
-            stream_analyses.append(analysed)
-            findings.extend(stream_findings)
-            stream_reports.append(report)
+            walked = _walk(stream, policy)
+            late = _joblib_after_all(stream, walked)
+            if late is not None:
+                # Read the joblib way, and keep this plain reading as the secondary view it is.
+                plain = plain_reading(stream)
+                _now_joblib(container, late, plain)
+                # One pickle or several makes no difference to a walk that broke in its first.
+                reuse = walked if not stream.multi or walked.pickles == 0 else None
+                pairs = [(late, None), (plain, reuse)]
+            else:
+                pairs = [(stream, walked)]
+            for one, walk_result in pairs:
+                analysed, stream_findings, report = _analyse_stream(one, policy, explain_streams, walk_result)
+                if one.secondary:
+                    # Up to the first array both readings agree: say only what this one adds.
+                    said = {_finding_key(f) for f in findings}
+                    stream_findings = [f for f in stream_findings if _finding_key(f) not in said]
+                stream_analyses.append(analysed)
+                findings.extend(stream_findings)
+                stream_reports.append(report)
     except SafeloadError as exc:
         findings.append(_finding_from_error(exc))
     except (MemoryError, RecursionError) as exc:
@@ -121,12 +145,12 @@ def analyse(
 
 
 def _analyse_stream(
-    stream: PickleStream, policy: Policy, explain_streams: bool
+    stream: PickleStream, policy: Policy, explain_streams: bool, walked: WalkResult | None = None
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
-    result = _walk(stream, policy)
-    late = _joblib_after_all(stream, result)
-    if late is not None:
-        stream, result = late, _walk(late, policy)
+    result = walked if walked is not None else _walk(stream, policy)
+    if stream.secondary:
+        # A plain loader fails where this reading breaks, after importing what the walk saw.
+        result.anomalies[:] = [a for a in result.anomalies if a.code not in _EXPECTED_IN_SECONDARY]
     if not any(a.code == "SL203" for a in result.anomalies):
         replays = replay_imports(
             stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays, walk=result
@@ -151,8 +175,14 @@ def _analyse_stream(
         opcodes=result.opcodes,
         globals=tuple(globals_),
         explanation=explanation,
+        secondary=stream.secondary,
     )
     return StreamAnalysis(stream=stream, walk=result, globals=globals_), findings, report
+
+
+# What a secondary reading may do without making the file unscannable: break part way (SL200),
+# leave bytes after its pickle (SL201), hold several pickles (SL202).
+_EXPECTED_IN_SECONDARY = frozenset({"SL200", "SL201", "SL202"})
 
 
 def _walk(stream: PickleStream, policy: Policy) -> WalkResult:
@@ -173,7 +203,7 @@ def _joblib_after_all(stream: PickleStream, walked: WalkResult) -> PickleStream 
     more before its first array (a large vocabulary, say) is only recognized here, by the walk:
     it imported the wrapper, then broke on bytes that follow one.
     """
-    if stream.role is not StreamRole.RAW or walked.complete or stream.joblib_arrays:
+    if stream.role is not StreamRole.RAW or walked.complete or stream.joblib_arrays or stream.secondary:
         return None
     wrappers = [i.offset for i in walked.imports if is_wrapper(i.module, i.name)]
     breaks = [a.offset for a in walked.anomalies if a.code == "SL200"]
@@ -182,15 +212,21 @@ def _joblib_after_all(stream: PickleStream, walked: WalkResult) -> PickleStream 
     return dataclasses.replace(stream, role=StreamRole.JOBLIB, joblib_arrays=True, multi=False)
 
 
-def _now_joblib(container: Container, stream: PickleStream) -> None:
+def _now_joblib(container: Container, joblib_reading: PickleStream, plain: PickleStream) -> None:
+    """The container as detection would have built it, had it seen the wrapper in time."""
     if "joblib" not in container.formats:
         container.formats.append("joblib")
     loadable = container.meta.get("loadable")
-    if stream.loadable and isinstance(loadable, dict) and loadable.get("member") == stream.member:
+    if joblib_reading.loadable and isinstance(loadable, dict) and loadable.get("member") == plain.member:
         container.meta["loadable"] = {**loadable, "format": "joblib"}
     for i, s in enumerate(container.streams):
-        if s.data is stream.data and s.member == stream.member:
-            container.streams[i] = stream
+        if s.data is plain.data and s.member == plain.member:
+            container.streams[i : i + 1] = [joblib_reading, plain]
+            break
+
+
+def _finding_key(f: Finding) -> tuple[object, ...]:
+    return (f.code, f.member, f.offset, f.global_name)
 
 
 def _finding_from_error(exc: SafeloadError) -> Finding:
@@ -225,16 +261,8 @@ def _versions_once() -> tuple[tuple[str, str], ...]:
 
 def unreadable_report(path: str, exc: SafeloadError, policy: Policy) -> ScanReport:
     """A report for an input that could not even be read (missing file, over the size limit)."""
-    findings = (_finding_from_error(exc),)
-    return ScanReport(
-        path=path,
-        sha256=None,
-        size=0,
-        findings=findings,
-        verdict=decide(findings),
-        policy=policy.name,
-        policy_hash=policy.hash,
-        versions=_versions(),
+    return unread_report(
+        path, _finding_from_error(exc), policy=policy.name, policy_hash=policy.hash, versions=_versions()
     )
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from safeload import __version__
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import AuditError, reapply_waivers
-from safeload.model import ScanReport, decide, make_finding
+from safeload.model import ScanReport, decide, make_finding, unread_report
 
 if TYPE_CHECKING:
     from safeload.policy import Policy
@@ -135,16 +135,9 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 def unreadable(path: str, message: str, policy: Policy) -> ScanReport:
     """A file that could not be read. Built here, not by the api, so that a cached run never has to
     import the scanner."""
-    findings = (make_finding("SL206", message),)
-    return ScanReport(
-        path=path,
-        sha256=None,
-        size=0,
-        findings=findings,
-        verdict=decide(findings),
-        policy=policy.name,
-        policy_hash=policy.hash,
-        versions={"safeload": __version__, "python": platform.python_version()},
+    versions = {"safeload": __version__, "python": platform.python_version()}
+    return unread_report(
+        path, make_finding("SL206", message), policy=policy.name, policy_hash=policy.hash, versions=versions
     )
 
 

@@ -103,6 +103,11 @@ class StreamReport(_Frozen):
     opcodes: int = 0
     globals: tuple[GlobalUse, ...] = ()
     explanation: str | None = Field(default=None, description="Decompiled Python of a flagged stream (fickling)")
+    secondary: bool = Field(
+        default=False,
+        description="Another loader's reading of bytes a more exact reader claims (pickle.load of a "
+        "joblib file): its imports are judged, its breaking part way is expected",
+    )
 
 
 class ScanReport(_Frozen):
@@ -131,6 +136,23 @@ def decide(findings: tuple[Finding, ...] | list[Finding]) -> Verdict:
     if Effect.INCOMPLETE in effects:
         return Verdict.UNSCANNABLE
     return Verdict.SAFE
+
+
+def unread_report(
+    path: str, finding: Finding, *, policy: str, policy_hash: str, versions: dict[str, str]
+) -> ScanReport:
+    """The report for an input that could not be read at all (missing, vanished, over a limit)."""
+    findings = (finding,)
+    return ScanReport(
+        path=path,
+        sha256=None,
+        size=0,
+        findings=findings,
+        verdict=decide(findings),
+        policy=policy,
+        policy_hash=policy_hash,
+        versions=versions,
+    )
 
 
 class ScanRun(_Frozen):

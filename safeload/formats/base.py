@@ -56,6 +56,9 @@ class PickleStream:
     loadable: bool = False
     # Decompression/transport applied by a wrapper (gzip, zlib, ...) before these bytes, for reports.
     encoding: tuple[str, ...] = ()
+    # Another loader's reading of bytes a more exact reader claims (pickle.load of a joblib file):
+    # what it would import counts; that it breaks part way (on array bytes) does not.
+    secondary: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ A raw-pickle reader also claims joblib files: detection should prefer this reade
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickletools
 from dataclasses import dataclass
@@ -127,4 +128,13 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
         loadable=True,
         encoding=ctx.encoding,
     )
-    return ReadResult(format=NAME, streams=[stream], meta={"joblib": meta})
+    return ReadResult(format=NAME, streams=[stream, plain_reading(stream)], meta={"joblib": meta})
+
+
+def plain_reading(stream: PickleStream) -> PickleStream:
+    """The same bytes as pickle.load (or torch.load) reads them: one pickle, array bytes taken for
+    opcodes. It breaks at the first array; whatever it would import before that is judged too, so
+    array bytes crafted as opcodes cannot hide a payload from a plain loader."""
+    return dataclasses.replace(
+        stream, role=StreamRole.RAW, joblib_arrays=False, multi=False, loadable=False, secondary=True
+    )

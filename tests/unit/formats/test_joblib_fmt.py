@@ -46,11 +46,14 @@ def test_every_protocol_is_claimed(protocol: int, tmp_path: Path) -> None:
     result = joblib_fmt.read(buf, make_ctx(file_offset=0))
     assert result.format == "joblib"
     assert codes(result) == []
-    (stream,) = result.streams
+    stream, plain = result.streams
     assert stream.role is StreamRole.JOBLIB
     assert stream.joblib_arrays is True and stream.multi is False and stream.loadable is True
     assert stream.data.obj is buf.obj and stream.data.nbytes == len(data)
     assert stream.file_offset == 0
+    # What pickle.load would read of the same bytes, judged too (see test_polyglot_...)
+    assert plain.secondary and plain.role is StreamRole.RAW and not plain.loadable
+    assert not plain.joblib_arrays and plain.data.obj is buf.obj
     site = result.meta["joblib"]
     assert data[site["wrapper_offset"] :].startswith(
         (b"c", b"i", b"\x93")  # GLOBAL, INST or STACK_GLOBAL
@@ -68,8 +71,8 @@ def test_every_compression_is_claimed_after_unwrapping(compress: str, tmp_path: 
     result = joblib_fmt.read(
         child.data, make_ctx(member=child.name, file_offset=None, encoding=child.encoding)
     )
-    (stream,) = result.streams
-    assert stream.encoding == (compress,)
+    stream, plain = result.streams
+    assert stream.encoding == plain.encoding == (compress,)
     assert stream.file_offset is None
     assert result.meta["joblib"]["compression"] == compress
 
@@ -118,7 +121,7 @@ def test_payload_after_array_bytes_is_in_the_stream(tmp_path: Path, marker: Path
     data, payload = malicious_joblib(tmp_path, marker)
     assert joblib_fmt.sniff(memoryview(data))
     result = joblib_fmt.read(memoryview(data), make_ctx())
-    (stream,) = result.streams
+    stream = result.streams[0]
     at = bytes(stream.data).find(payload)
     # The payload sits after the raw array bytes, which a plain opcode walk cannot get past.
     assert at > bytes(stream.data).find(WEIGHTS.tobytes()) > result.meta["joblib"]["wrapper_offset"]
@@ -160,3 +163,53 @@ def test_truncations_and_flips_never_raise(tmp_path: Path) -> None:
         buf = memoryview(bytes(flipped))
         if joblib_fmt.sniff(buf):
             assert joblib_fmt.read(buf, make_ctx()).streams
+
+
+def polyglot_joblib(tmp_path: Path, marker: Path) -> bytes:
+    """A joblib file harmless to joblib.load whose array bytes are a payload for pickle.load.
+
+    The wrapper's alignment is set to None, so joblib reads no padding and the array's bytes follow
+    its BUILD directly; they are opcodes that call exec and pop the result. joblib.load skips them
+    as the array's data; pickle.load runs them and reads on.
+    """
+    code = call(glob("builtins", "exec"), unicode(f"open({str(marker)!r}, 'w').close()")) + b"0"
+    array = np.frombuffer(code, dtype=np.uint8)
+    data = dump(tmp_path, {"w": array}, protocol=2)
+    alignment = b"numpy_array_alignment_bytes"
+    at = data.index(alignment) + len(alignment)
+    if data[at : at + 1] == b"q":  # BINPUT of the key
+        at += 2
+    assert data[at : at + 2] == b"K\x10"  # BININT1 16
+    data = data[:at] + b"N" + data[at + 2 :]
+    build = data.index(b"b", at)  # the wrapper's BUILD; then the padding length, padding, the array
+    pad = data[build + 1]
+    assert data[build + 2 : build + 2 + pad] == b"\xff" * pad
+    data = data[: build + 1] + data[build + 2 + pad :]
+    assert data[build + 1 : build + 1 + len(code)] == code
+    return data
+
+
+def test_array_bytes_that_are_a_payload_for_pickle_load(tmp_path: Path, marker: Path) -> None:
+    import safeload
+
+    data = polyglot_joblib(tmp_path, marker)
+    report = safeload.scan_bytes(data)
+    assert report.verdict is safeload.Verdict.UNSAFE
+    assert "builtins.exec" in {f.global_name for f in report.findings}
+    # The joblib reading itself is clean: only the plain one imports exec.
+    joblib_view = [g.name for s in report.streams[:1] for g in s.globals]
+    assert "builtins.exec" not in joblib_view
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_the_polyglot_joblib_is_live_for_pickle_load_only(tmp_path: Path) -> None:
+    live = tmp_path / "pickle_ran_it"
+    path = tmp_path / "model.joblib"
+    path.write_bytes(polyglot_joblib(tmp_path, live))
+    joblib_load = "import sys, joblib; v = joblib.load(sys.argv[1]); assert list(v) == ['w'], v"
+    done = subprocess.run([sys.executable, "-c", joblib_load, str(path)], timeout=120, capture_output=True)
+    assert done.returncode == 0 and not live.exists(), done.stderr
+    pickle_load = "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))"
+    subprocess.run([sys.executable, "-c", pickle_load, str(path)], timeout=120, capture_output=True)
+    assert live.exists(), "fixture is not what pickle.load runs: the test would prove nothing"
