@@ -35,6 +35,7 @@ WRAPPER_NAME = "NumpyArrayWrapper"
 SNIFF_WINDOW = 4 << 20
 SNIFF_OPCODES = 500_000
 _QUICK_OPS = 64
+_QUICK_BOUND = 1 << 16
 _STRING_OPS = {
     "STRING",
     "BINSTRING",
@@ -65,11 +66,15 @@ def find_wrapper(buf: memoryview) -> WrapperSite | None:
     # the first byte spares copying the window of every archive and checkpoint.
     if not buf or not is_opcode(buf[0]) or buf[0] in _PERSID_OPCODES:
         return None
-    # A first pickle that ends within a few opcodes (torch's legacy magic number, a small value)
-    # bounds the search: searching megabytes of array or storage bytes for the name costs more
-    # than the rest of such a scan.
-    head = scan_pickle(buf, 0, max_ops=_QUICK_OPS)
-    window = bytes(buf[: min(head.end, SNIFF_WINDOW) if head.end is not None else SNIFF_WINDOW])
+    end = SNIFF_WINDOW
+    if len(buf) > _QUICK_BOUND:
+        # A first pickle that ends within a few opcodes (torch's legacy magic number) bounds the
+        # search: searching megabytes of storage bytes for the name costs more than the rest of
+        # such a scan. (Small buffers are searched whole: cheaper than the opcode scan.)
+        head = scan_pickle(buf, 0, max_ops=_QUICK_OPS)
+        if head.end is not None:
+            end = min(head.end, SNIFF_WINDOW)
+    window = bytes(buf[:end])
     if WRAPPER_NAME.encode() not in window:
         return None
     memo: dict[int, object] = {}
