@@ -726,4 +726,9 @@ class _Walker(Semantics):
             if fend != _NOFRAME and reach > fend:
                 # The failing opcode reads past its frame: a file-backed loader reads other bytes here.
                 self.note("SL107", op_start, f"an opcode crosses the end of a FRAME (frame ends at {fend})")
-            raise stop from None
+            try:
+                raise stop from None
+            finally:
+                # This frame's local would keep the exception, its traceback this frame, and the
+                # frames above it their locals (the scanned buffer): freed only by the cyclic GC.
+                del stop

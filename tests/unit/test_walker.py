@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import gc
 import io
 import pickle
 import struct
 import tracemalloc
+import types
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -511,3 +513,22 @@ def test_joblib_wrapper_with_unknown_state() -> None:
     body += pb.EMPTY_DICT + pb.unicode("shape") + pb.call(pb.glob("m", "f")) + pb.SETITEM + pb.BUILD
     result = walk(pb.wrap(body, 2), joblib_arrays=True)
     assert any(a.code == "SL200" and "joblib" in a.message for a in result.anomalies)
+
+
+def test_a_broken_walk_leaves_no_reference_cycle() -> None:
+    """A walk that stops must not keep its frames (and through them the scanned buffer, up to a
+    decompressed gigabyte) alive until the cyclic collector happens to run."""
+    broken = b"\x80\x04" + b"K\x01" * 10 + b"\xff"
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        result = walk(broken)
+        gc.collect()
+        frames = [o for o in gc.garbage if isinstance(o, types.FrameType)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not result.complete
+    assert frames == []
