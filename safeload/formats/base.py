@@ -9,9 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from safeload.limits import Limits
 from safeload.model import Finding
+
+if TYPE_CHECKING:
+    from safeload.analysis.types import WalkResult
 
 # Separates nesting levels in a member path: "outer.tar!inner.zip!archive/data.pkl".
 NEST_SEP = "!"
@@ -59,6 +63,9 @@ class PickleStream:
     # Another loader's reading of bytes a more exact reader claims (pickle.load of a joblib file):
     # what it would import counts; that it breaks part way (on array bytes) does not.
     secondary: bool = False
+    # The walker's result for exactly ``data`` under these settings, when a reader had to walk it
+    # first (the legacy format's boundaries and storage ids): the scan does not walk it again.
+    walked: WalkResult | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ Nothing here unpickles.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import struct
 import tarfile
@@ -130,6 +131,14 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
 # -- values from the walker ------------------------------------------------------------------------
 
 
+def _exact(walked: WalkResult) -> WalkResult:
+    """A walk of ``buf[pos:]`` that reached its pickle's STOP, as the walk of exactly that pickle:
+    the same but for the note about the bytes after it (the next pickles of the sequence)."""
+    anomalies = [a for a in walked.anomalies if not (a.code == "SL201" and a.offset == walked.end)]
+    complete = not any(a.code in ("SL200", "SL203", "SL207") for a in anomalies)
+    return dataclasses.replace(walked, anomalies=anomalies, complete=complete, values=[])
+
+
 def _walk_values(data: memoryview, ctx: ReadContext) -> tuple[list[object], list[object]]:
     """Constant-folded value of the first pickle, and its persistent ids (nothing is unpickled)."""
     result = walk(data, limits=ctx.limits, multi=False, joblib_arrays=False)
@@ -171,6 +180,7 @@ class _Base:
         multi: bool = False,
         loadable: bool = False,
         scheme: PersistentScheme = PersistentScheme.NONE,
+        walked: WalkResult | None = None,
     ) -> PickleStream:
         """A stream over buf[start:end]; ``base`` is where the member holding it starts in buf."""
         file_offset = None if self.ctx.file_offset is None else self.ctx.file_offset + base + start
@@ -183,6 +193,7 @@ class _Base:
             multi=multi,
             loadable=loadable,
             encoding=self.ctx.encoding,
+            walked=walked,
         )
         self.result.streams.append(s)
         return s
@@ -221,7 +232,7 @@ class _Sequence(_Base):
                 self.stream(pos, len(buf), role, multi=True, loadable=is_object, scheme=scheme)
                 self.note("SL205", f"legacy torch sequence breaks in its {role.value} pickle", pos)
                 return self.result
-            self.stream(pos, end, role, loadable=is_object, scheme=scheme)
+            self.stream(pos, end, role, loadable=is_object, scheme=scheme, walked=_exact(walked))
             spans[role] = (pos, end)
             pos = end
         self._index_storages(spans, walks, pos)

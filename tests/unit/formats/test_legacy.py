@@ -232,3 +232,23 @@ def test_damaged_legacy_files_never_crash_a_reader(legacy: bytes, data: st.DataO
     c = scan(bytes(buf[: data.draw(st.integers(0, len(buf)), label="cut")]))
     assert not [f for f in c.findings if f.code == "SL207"], c.findings
     assert c.streams or any(f.effect.value != "none" for f in c.findings)
+
+
+def test_the_readers_walks_are_the_walks_of_the_streams(legacy: bytes, tmp_path: Path) -> None:
+    # The reader walks each pickle to find its end; the scan reuses that walk. It must be what a
+    # walk of exactly the stream's bytes gives, for a clean file and for one with a payload.
+    from safeload.analysis.walker import walk
+
+    evil = save_checkpoint(tmp_path / "evil.pt", payload=True, legacy=True)
+    for data in (legacy, evil):
+        c = open_container(memoryview(data), path="x", limits=Limits())
+        assert len(c.streams) == 5
+        for s in c.streams:
+            assert s.walked is not None
+            fresh = walk(s.data, limits=Limits(), multi=False, fold_values=False)
+            assert [(i.qualname, i.offset, i.uses) for i in s.walked.imports] == [
+                (i.qualname, i.offset, i.uses) for i in fresh.imports
+            ]
+            assert s.walked.anomalies == fresh.anomalies
+            assert (s.walked.complete, s.walked.opcodes, s.walked.end) == (fresh.complete, fresh.opcodes, fresh.end)
+            assert [p.offset for p in s.walked.persistent_ids] == [p.offset for p in fresh.persistent_ids]
