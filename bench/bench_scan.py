@@ -142,8 +142,8 @@ def main() -> None:
         base = results["safeload"]
         for tool in TOOLS:
             r = results[tool]
-            if isinstance(r, str):
-                rows.append([label, tool, r, "", "", "", ""])
+            if isinstance(r, str):  # a timeout or the peer's error: said where the coverage goes
+                rows.append([label, tool, "-", "", "", "", r])
                 continue
             ratio = r["seconds"] / base["seconds"] if isinstance(base, dict) and base["seconds"] else float("nan")
             rows.append([
