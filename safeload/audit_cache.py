@@ -82,6 +82,8 @@ class AuditCache:
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
             db = self._open()
+        except sqlite3.OperationalError:
+            return None  # locked past the timeout, read-only, I/O: no cache this run, file untouched
         except sqlite3.DatabaseError:
             # Not a database, or another format: a cache may always be dropped (set aside for a look).
             try:

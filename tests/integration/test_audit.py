@@ -481,3 +481,24 @@ def test_a_pool_that_breaks_while_batches_are_handed_out(tmp_path: Path, monkeyp
     assert pools[0] == "round" and "isolated" in pools
     assert set(done) == {p for p, _ in tasks}
     assert {o.report.verdict for o in done.values()} == {Verdict.SAFE}
+
+
+def test_a_locked_cache_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another audit holding the cache past the timeout means no cache for this run, never a
+    cache set aside as unusable."""
+    from safeload import audit_cache
+    from safeload.audit_cache import AuditCache
+
+    root = tmp_path / "c"
+    first = AuditCache(root)
+    first.save_hashes({"k": "a" * 64})
+    first.close()
+    monkeypatch.setattr(audit_cache, "_BUSY_TIMEOUT_S", 0.1)
+    with contextlib.closing(sqlite3.connect(root / DB_NAME, isolation_level=None)) as other:
+        other.execute("BEGIN EXCLUSIVE")
+        blocked = AuditCache(root)
+        assert blocked.load_hashes() == {}
+        blocked.close()
+        other.execute("ROLLBACK")
+    assert sorted(p.name for p in root.iterdir() if "unusable" in p.name) == []
+    assert AuditCache(root).load_hashes() == {"k": "a" * 64}
