@@ -72,8 +72,7 @@ def walk(
     need a value, such as the legacy format's header pickles); a policy scan does not need them.
     """
     buf = _as_buffer(data)
-    walker = _Walker(buf, limits, joblib_arrays)
-    walker.fold_values = fold_values
+    walker = _Walker(buf, limits, joblib_arrays, fold_values)
     try:
         walker.run(multi)
     except MemoryError:
@@ -102,12 +101,12 @@ def _as_buffer(data: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 
 class _Walker(Semantics):
-    def __init__(self, buf: bytes | memoryview, limits: Limits, joblib: bool) -> None:
+    def __init__(self, buf: bytes | memoryview, limits: Limits, joblib: bool, fold_values: bool = True) -> None:
         self.buf = buf
         self.n = len(buf)
         self.limits = limits
         self.joblib = joblib
-        self.fold_values = True
+        self.fold_values = fold_values
         # joblib streams are read by pickle.py's pure-Python unpickler, not the C one.
         self.pure = joblib
         self.result = WalkResult()

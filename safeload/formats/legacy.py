@@ -13,10 +13,9 @@ a ``(key, location, storage_type)`` pickle followed by the raw storage, then a v
 (the object) and ``sys_info`` (unused by torch, scanned all the same). Every pickle in them is a
 stream. safeload's loader does not load this format (torch refuses it under weights_only too).
 
-Pickle boundaries come from raw.scan_pickle (opcodes and argument lengths, as CPython reads them);
-the few values needed (counts, keys, storage types) come from the walker's constant folding, so the
-object pickle is walked twice per scan (here and by the scanner): legacy files are rare and small.
-Nothing here unpickles.
+Each pickle is walked once, here: the walk gives where it ends (as CPython's unpickler reads it)
+and the few values needed (counts, keys, storage types, by constant folding), and the stream carries
+that walk so that the scan does not repeat it. Nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -139,12 +138,6 @@ def _exact(walked: WalkResult) -> WalkResult:
     return dataclasses.replace(walked, anomalies=anomalies, complete=complete, values=[])
 
 
-def _walk_values(data: memoryview, ctx: ReadContext) -> tuple[list[object], list[object]]:
-    """Constant-folded value of the first pickle, and its persistent ids (nothing is unpickled)."""
-    result = walk(data, limits=ctx.limits, multi=False, joblib_arrays=False)
-    return list(result.values), [site.value for site in result.persistent_ids]
-
-
 def _qualname(value: object) -> str | None:
     """The qualified name of a global as the walker folds it (an ImportSite), else None."""
     return value.qualname if isinstance(value, ImportSite) else None
@@ -198,9 +191,6 @@ class _Base:
         self.result.streams.append(s)
         return s
 
-    def next_pickle(self, data: memoryview, pos: int) -> int | None:
-        """End of the pickle starting at ``pos`` of ``data`` (None: it does not end)."""
-        return raw.scan_pickle(data, pos, max_ops=self.ctx.limits.max_opcodes).end
 
 
 # -- the pickle sequence ---------------------------------------------------------------------------
@@ -357,7 +347,8 @@ class _Tar(_Base):
                 member,
             )
             return None
-        end = self.next_pickle(data, pos)
+        walked = walk(data[pos:], limits=self.ctx.limits, multi=False)
+        end = pos + walked.end if walked.pickles else None
         if end is None:
             self.stream(pos, len(data), StreamRole.LEGACY_TAR, member=member, base=base, multi=True)
             self.note(
@@ -367,10 +358,8 @@ class _Tar(_Base):
                 member,
             )
             return None
-        self.stream(pos, end, StreamRole.LEGACY_TAR, member=member, base=base)
-        values = _walk_values(data[pos:end], self.ctx)
-        value = values[0][0] if values[0] else None
-        return end, value
+        self.stream(pos, end, StreamRole.LEGACY_TAR, member=member, base=base, walked=_exact(walked))
+        return end, walked.values[0] if walked.values else None
 
     def _rest(self, data: memoryview, pos: int, base: int, member: str, why: str) -> None:
         if pos < len(data):

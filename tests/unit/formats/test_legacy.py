@@ -240,10 +240,16 @@ def test_the_readers_walks_are_the_walks_of_the_streams(legacy: bytes, tmp_path:
     from safeload.analysis.walker import walk
 
     evil = save_checkpoint(tmp_path / "evil.pt", payload=True, legacy=True)
-    for data in (legacy, evil):
+    tars = [legacy_tar(), legacy_tar(payload_in="storages"), legacy_tar(payload_in="tensors")]
+    for data in (legacy, evil, *tars):
         c = open_container(memoryview(data), path="x", limits=Limits())
-        assert len(c.streams) == 5
-        for s in c.streams:
+        walked = [s for s in c.streams if s.walked is not None]
+        # every pickle of the sequence; the pickles inside the tar's storages and tensors members
+        if data in (legacy, evil):
+            assert len(walked) == len(c.streams) == 5
+        else:
+            assert {s.member for s in walked} == {"storages", "tensors"}
+        for s in walked:
             assert s.walked is not None
             fresh = walk(s.data, limits=Limits(), multi=False, fold_values=False)
             assert [(i.qualname, i.offset, i.uses) for i in s.walked.imports] == [
