@@ -138,10 +138,15 @@ def _read(buf: memoryview, ctx: ReadContext, state: _State, *, whole: bool) -> i
     """Read one buffer with every matching reader; returns how many streams it (and its children) hold."""
     views: list[_View] = []
     for label, module in _READERS:
+        if module is raw and whole and not views:
+            # Alone, a whole file that starts with an opcode is read as a pickle whatever the
+            # strict sniff says (below): skip that opcode scan, the walk decides.
+            break
         result = _run(label, module, buf, ctx, state)
         if result is not None:
             views.append(_View(label, result, ctx.depth, ctx.member, whole))
-    views = _supersede(views, state)
+    if len(views) > 1:
+        views = _supersede(views, state)
     if not views:
         if whole and len(buf) and raw.is_opcode(buf[0]):
             # Starts like a pickle but fits no format: a loader would try to unpickle it, so the

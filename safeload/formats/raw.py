@@ -250,7 +250,8 @@ def sniff(buf: memoryview) -> bool:
     """
     if len(buf) >= 2 and buf[0] == 0x80 and buf[1] <= _HIGHEST_PROTOCOL:
         return True
-    if not buf or buf[0] not in OPCODES:
+    if not buf or buf[0] not in OPCODES or OPCODES[buf[0]].name in _PERSISTENT:
+        # A plain unpickler stops at a leading persistent id (a zip's "PK") before doing anything.
         return False
     scan = scan_pickle(buf, 0, max_ops=_SNIFF_OPS, strict=True, line_limit=4096)
     return scan.error is None or scan.acting

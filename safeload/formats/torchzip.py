@@ -14,8 +14,6 @@ members as children. Bytes outside the archive's records are children too, read 
 
 from __future__ import annotations
 
-import dataclasses
-
 from safeload.formats import raw, zipread
 from safeload.formats.base import (
     Child,
@@ -100,10 +98,9 @@ def _read_torch(
     scanned: set[int] = set()
     # Every entry miniz could take for data.pkl is scanned as data.pkl; the one it takes is loadable.
     for entry in [data_entry] + [e for e in archive.same_name(data_name) if e.index != data_entry.index]:
-        stream = _stream(buf, entry, ctx, result, StreamRole.TORCH_ZIP_DATA, multi=False)
+        loadable = entry.index == data_entry.index and torch_opens
+        stream = _stream(buf, entry, ctx, result, StreamRole.TORCH_ZIP_DATA, multi=False, loadable=loadable)
         if stream is not None:
-            if entry.index == data_entry.index and torch_opens:
-                stream = dataclasses.replace(stream, loadable=True)
             result.streams.append(stream)
         scanned.add(entry.index)
 
@@ -194,7 +191,14 @@ def _int(value: bytes | None) -> int | None:
 
 
 def _stream(
-    buf: memoryview, entry: ZipEntry, ctx: ReadContext, result: ReadResult, role: StreamRole, *, multi: bool
+    buf: memoryview,
+    entry: ZipEntry,
+    ctx: ReadContext,
+    result: ReadResult,
+    role: StreamRole,
+    *,
+    multi: bool,
+    loadable: bool = False,
 ) -> PickleStream | None:
     got = zipread.extract(buf, entry, ctx)
     result.findings.extend(got.findings)
@@ -215,6 +219,7 @@ def _stream(
         persistent_scheme=PersistentScheme.TORCH_ZIP,
         # torch's unpickler reads one pickle from data.pkl; the walker reports what follows it.
         multi=multi,
+        loadable=loadable,
         encoding=_encoding(entry, ctx),
     )
 

@@ -53,6 +53,8 @@ _LOCAL = struct.Struct("<4sHHHHHIIIHH")  # 30 bytes
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _MAX_BACK_SCAN = _U16 + _EOCD.size
+# Most archives have no comment: their end record is found in this much of the tail.
+_SHORT_BACK_SCAN = 4096
 
 STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
 
@@ -67,9 +69,10 @@ _DOS_DIRECTORY = 0x10
 _HEAP_SORT_MAX = 50_000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ZipEntry:
-    """One central-directory record, with what its local header says."""
+    """One central-directory record, with what its local header says. Not changed once parsed (not
+    frozen: a frozen dataclass costs four times as much to build, once per member of every archive)."""
 
     index: int  # position in the central directory
     raw_name: bytes  # central name, as miniz compares it
@@ -190,10 +193,16 @@ def find_eocd(buf: memoryview) -> int | None:
     n = len(buf)
     if n < _EOCD.size:
         return None
-    start = max(0, n - _MAX_BACK_SCAN)
-    tail = bytes(buf[start:])
-    pos = tail.rfind(EOCD_SIG, 0, n - start - _EOCD.size + len(EOCD_SIG))
-    return None if pos < 0 else start + pos
+    # The last signature in a short tail is the last one in the whole window too: look there first.
+    for back in (_SHORT_BACK_SCAN, _MAX_BACK_SCAN):
+        start = max(0, n - back)
+        tail = bytes(buf[start:])
+        pos = tail.rfind(EOCD_SIG, 0, n - start - _EOCD.size + len(EOCD_SIG))
+        if pos >= 0:
+            return start + pos
+        if start == 0:
+            break
+    return None
 
 
 def sniff(buf: memoryview) -> bool:
@@ -440,7 +449,7 @@ class _Reader:
     ) -> tuple[bytes | None, int | None, int | None]:
         """The local header's name, flags and where the data starts, reporting where it disagrees
         with the central directory (miniz uses only the header's two lengths)."""
-        loc = self.u(_LOCAL, header)
+        loc = None if header < 0 or header + _LOCAL.size > len(self.buf) else _LOCAL.unpack_from(self.buf, header)
         if loc is None or loc[0] != LOCAL_SIG:
             self.note("SL205", "no local file header where the central directory points", member, header)
             return None, None, None
@@ -538,13 +547,16 @@ class _Reader:
 
     def _descriptor_len(self, at: int) -> int:
         """Data descriptors are 12-24 bytes; take the length after which the next record starts."""
-        has_sig = bytes(self.buf[at : at + 4]) == DESCRIPTOR_SIG
-        base = 4 if has_sig else 0
+        buf = self.buf
+        base = 4 if buf[at : at + 4] == DESCRIPTOR_SIG else 0
         for body in (12, 20):
-            nxt = bytes(self.buf[at + base + body : at + base + body + 4])
-            if nxt in (LOCAL_SIG, CENTRAL_SIG, ZIP64_EOCD_SIG, EOCD_SIG):
+            start = at + base + body
+            if buf[start : start + 4] in _NEXT_RECORD:
                 return base + body
         return base + 12
+
+
+_NEXT_RECORD = (LOCAL_SIG, CENTRAL_SIG, ZIP64_EOCD_SIG, EOCD_SIG)
 
 
 def _n(raw: bytes) -> str:
