@@ -78,19 +78,23 @@ def analyse(
     source: Source,
     policy: Policy,
     *,
-    sha256: bool | None = None,
+    sha256: bool | str | None = None,
     explain_streams: bool = True,
     pin_streams: bool = False,
 ) -> Analysis:
     """Scan one read-once buffer. Never raises for bad bytes: problems become findings.
 
     sha256: True computes the file's hash, False skips it, None computes it only when the policy
-    has waivers (hashing costs more than scanning a large checkpoint).
+    has waivers (hashing costs more than scanning a large checkpoint); a string is the hash the
+    caller already computed from ``source.buffer``.
     pin_streams: copy each pickle stream out of a mapped file before walking it, so that the loader
     unpickles the walked bytes even if the file is written in place meanwhile.
     """
-    want_hash = sha256 if sha256 is not None else bool(policy.waivers)
-    digest = source.sha256() if want_hash else None
+    if isinstance(sha256, str):
+        digest: str | None = sha256
+    else:
+        want_hash = sha256 if sha256 is not None else bool(policy.waivers)
+        digest = source.sha256() if want_hash else None
     findings: list[Finding] = []
     stream_analyses: list[StreamAnalysis] = []
     stream_reports: list[StreamReport] = []
@@ -282,12 +286,17 @@ def scan(
     """Scan a file without importing or running anything it names."""
     resolved = resolve_policy(policy, allow)
     try:
-        source = open_source(
-            path, use_mmap=True, max_bytes=resolved.limits.max_file_bytes, read_below=SMALL_FILE_READ
-        )
+        source = open_scan_source(path, resolved)
     except SafeloadError as exc:
         return unreadable_report(os.fsdecode(path), exc, resolved)
     return analyse(source, resolved, sha256=sha256).report
+
+
+def open_scan_source(path: str | os.PathLike[str], policy: Policy) -> Source:
+    """The file read once for a scan (mapped, or read when small). Raises SafeloadError."""
+    return open_source(
+        path, use_mmap=True, max_bytes=policy.limits.max_file_bytes, read_below=SMALL_FILE_READ
+    )
 
 
 def scan_bytes(

@@ -98,12 +98,12 @@ def audit(
 
     def on_done(path: str, outcome: Outcome) -> None:
         nonlocal scanned
-        scanned += not outcome.cached
+        scanned += not (outcome.cached or outcome.reused)
         sha = outcome.report.sha256
         if outcome.stat_key is not None and sha is not None:
             if hashes.get(outcome.stat_key) != sha:
                 learned[outcome.stat_key] = sha
-            if cache is not None and not outcome.cached:
+            if cache is not None and not (outcome.cached or outcome.reused):
                 # A file that was read whole and did not change meanwhile (it has a stat key).
                 cache.put_report(outcome.report, __version__, text=outcome.report_json)
         for group in members[path]:

@@ -162,6 +162,20 @@ class AuditCache:
             return None
         return report
 
+    def cached_shas(self, policy_hash: str, version: str, limit: int = 200_000) -> set[str] | None:
+        """The sha256 of every file with a committed result for this policy and version, so that a
+        miss costs no query; None when there are more than ``limit`` (ask ``get_report`` then)."""
+        db = self._connect()
+        if db is None:
+            return set()
+        try:
+            rows = db.execute(
+                "SELECT sha256 FROM results WHERE policy_hash = ? AND version = ?", (policy_hash, version)
+            ).fetchmany(limit + 1)
+        except sqlite3.Error:
+            return set()
+        return None if len(rows) > limit else {row[0] for row in rows}
+
     def put_report(self, report: ScanReport, version: str, *, text: str | None = None) -> None:
         """``text``: the report's JSON when the caller has it already (a worker sent it)."""
         if report.sha256 is None or not cacheable(report):

@@ -12,6 +12,7 @@ import os
 import platform
 import signal
 import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -46,14 +47,20 @@ class Outcome:
     cached: bool = False  # the result came from the cache (after hashing, with --rehash)
     stat_key: str | None = None  # identity under which report.sha256 may be remembered
     report_json: str | None = None  # the report as a worker sent it (cached as it is, not re-dumped)
+    reused: bool = False  # the same bytes were scanned earlier in this run: that report, this path
 
 
 class Scanner:
-    """Scans one file: stat, scan (the scan hashes the very bytes it walks), stat again."""
+    """Scans one file: stat, read, hash, scan those very bytes (unless the same bytes were scanned
+    earlier in this run, or their result is cached), stat again."""
 
     def __init__(self, policy: Policy, cache: AuditCache | None) -> None:
         self.policy = policy
         self.cache = cache
+        # sha256 -> report of bytes scanned in this process (copies in a registry are common).
+        self.seen: dict[str, ScanReport] = {}
+        self._cached: set[str] | None = None  # what the cache holds results for (None: ask it)
+        self._cached_loaded = False
 
     def process(self, path: str, lookup: bool) -> Outcome:
         """`lookup`: hash the file first and reuse a result cached for its bytes; scan on a miss."""
@@ -83,8 +90,6 @@ class Scanner:
         return Outcome(reapply_waivers(report, self.policy), cached=True, stat_key=stat_key(after))
 
     def scan(self, path: str) -> Outcome:
-        from safeload.api import scan
-
         try:
             before = os.stat(path)
         except OSError as exc:
@@ -93,18 +98,49 @@ class Scanner:
             )
         if not stat.S_ISREG(before.st_mode):
             return Outcome(unreadable(path, "not a regular file", self.policy))
-        report = scan(path, policy=self.policy, sha256=True)
+        report, how = self._scan_once(path)
         try:
             after = os.stat(path)
         except OSError:
             # removed after it was read: the report stands for the bytes that were read
-            return Outcome(report)
+            return Outcome(report, cached=how == "cached", reused=how == "reused")
         if _identity(after) != _identity(before):
             changed = make_finding("SL206", "the file changed while it was being scanned; scan it again")
             findings = (*report.findings, changed)
             return Outcome(report.model_copy(update={"findings": findings, "verdict": decide(findings)}))
         # The auditing process stores the result (workers only read the cache).
-        return Outcome(report, stat_key=stat_key(after) if report.sha256 else None)
+        key = stat_key(after) if report.sha256 else None
+        return Outcome(report, cached=how == "cached", stat_key=key, reused=how == "reused")
+
+    def _scan_once(self, path: str) -> tuple[ScanReport, str]:
+        """(report, how): "scanned", "reused" (bytes seen earlier in this run) or "cached"."""
+        from safeload.api import analyse, open_scan_source, unreadable_report
+        from safeload.errors import SafeloadError
+
+        try:
+            source = open_scan_source(path, self.policy)
+        except SafeloadError as exc:
+            return unreadable_report(path, exc, self.policy), "scanned"
+        # The hash is taken from the buffer the scan then walks: what is reused is for these bytes.
+        digest = source.sha256()
+        known = self.seen.get(digest)
+        if known is not None:
+            return known.model_copy(update={"path": path}), "reused"
+        if self.cache is not None and self._may_be_cached(self.cache, digest):
+            hit = self.cache.get_report(digest, self.policy.hash, __version__)
+            if hit is not None:
+                return reapply_waivers(hit, self.policy).model_copy(update={"path": path}), "cached"
+        report = analyse(source, self.policy, sha256=digest).report
+        if len(self.seen) >= _SEEN_MAX:
+            del self.seen[next(iter(self.seen))]  # the oldest: memory stays bounded
+        self.seen[digest] = report
+        return report, "scanned"
+
+    def _may_be_cached(self, cache: AuditCache, digest: str) -> bool:
+        if not self._cached_loaded:
+            self._cached = cache.cached_shas(self.policy.hash, __version__)
+            self._cached_loaded = True
+        return self._cached is None or digest in self._cached
 
     def safe_process(self, path: str, lookup: bool) -> Outcome:
         """As process, but a bug (ours) becomes this file's internal-error finding, never the audit's end."""
@@ -115,17 +151,20 @@ class Scanner:
                 _internal_error(path, self.policy, f"audit failed on this file: {type(exc).__name__}: {exc}")
             )
 
-    def batch(self, tasks: list[Task]) -> list[tuple[str, bool, str | None]]:
+    def batch(self, tasks: list[Task]) -> list[Result]:
         # JSON crosses the process boundary: results are data, never pickled objects.
         out = []
         for path, lookup in tasks:
             o = self.safe_process(path, lookup)
-            out.append((o.report.model_dump_json(), o.cached, o.stat_key))
+            out.append((o.report.model_dump_json(), o.cached, o.stat_key, o.reused))
         return out
 
 
 Task = tuple[str, bool]  # (path, look the hash up in the cache before scanning)
+Result = tuple[str, bool, str | None, bool]  # (report JSON, cached, stat key, reused)
 _HASH_CHUNK = 8 << 20
+# Reports a scanner remembers by hash to reuse for copies of the same bytes.
+_SEEN_MAX = 4096
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
@@ -159,15 +198,22 @@ def _worker_init(policy: PolicyName, allow: tuple[str, ...], policy_hash: str, c
     _WORKER = Scanner(resolved, AuditCache(cache_dir) if cache_dir else None)
 
 
-def _worker_batch(tasks: list[Task]) -> list[tuple[str, bool, str | None]]:
+def _worker_batch(tasks: list[Task]) -> list[Result]:
     if _WORKER is None:
         raise AuditError(_WORKER_ERROR or "worker not initialised")
     return _WORKER.batch(tasks)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork is unsafe once the parent runs threads (rich's progress refresher does).
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        # A fork of this process starts at once, scanner already imported (a forkserver has to
+        # import it first: most of a small audit). Only while no other thread runs: a fork copies
+        # whatever lock another thread holds (rich's progress refresher, a pool's manager thread).
+        import safeload.api  # noqa: F401  (imported here, inherited by every worker)
+
+        return multiprocessing.get_context("fork")
+    if "forkserver" not in methods:
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     # The server imports the scanner once; each worker is then a cheap fork of it.
@@ -266,9 +312,10 @@ def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _outcome(result: tuple[str, bool, str | None]) -> Outcome:
-    text, cached, key = result
-    return Outcome(ScanReport.model_validate_json(text), cached=cached, stat_key=key, report_json=text)
+def _outcome(result: Result) -> Outcome:
+    text, cached, key, reused = result
+    report = ScanReport.model_validate_json(text)
+    return Outcome(report, cached=cached, stat_key=key, report_json=text, reused=reused)
 
 
 def _internal_error(path: str, policy: Policy, why: str) -> ScanReport:

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
         help="audit a model registry: every distinct file scanned once, in parallel, with a cache",
         description="Audit directories and files. Hugging Face cache layouts are understood (snapshots "
         "linking to blobs: each blob is scanned once and reported under every link); files with the same "
-        "sha256 are scanned once. The report lists per file the verdict, sha256, size, formats and "
+        "sha256 are scanned once (once per worker with --jobs). The report lists per file the verdict, sha256, size, formats and "
         "findings, an inventory of globals, and which files each policy would refuse.",
         epilog="Exit codes as for scan: 0 clean, 1 unsafe, 2 something could not be analysed, 3 usage "
         "or policy error. With --baseline, only new findings count.",
