@@ -14,7 +14,7 @@ from typing import Any
 from safeload import __version__
 from safeload.analysis.evaluate import evaluate_stream
 from safeload.analysis.joblib_arrays import is_wrapper
-from safeload.analysis.replay import differential, replay_imports
+from safeload.analysis.replay import could_import, differential, replay_imports
 from safeload.analysis.types import WalkResult
 from safeload.analysis.walker import walk
 from safeload.codes import Effect
@@ -155,7 +155,8 @@ def _analyse_stream(
     if stream.secondary:
         # A plain loader fails where this reading breaks, after importing what the walk saw.
         result.anomalies[:] = [a for a in result.anomalies if a.code not in _EXPECTED_IN_SECONDARY]
-    if not any(a.code == "SL203" for a in result.anomalies):
+    checkable = not any(a.code == "SL203" for a in result.anomalies)
+    if checkable and could_import(stream.data, result, joblib_arrays=stream.joblib_arrays):
         replays = replay_imports(
             stream.data, multi=stream.multi, joblib_arrays=stream.joblib_arrays, walk=result
         )

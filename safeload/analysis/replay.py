@@ -20,6 +20,12 @@ byte after it. A stream whose walk found no lying FRAME (no SL107) is therefore 
 any way. (What that leaves to trust: that a walker which agrees with ``bytes`` on every import also
 parsed the same opcodes, so saw every FRAME that replay ran.)
 
+A stream that cannot import through any reader needs no replay (``could_import``). The C
+unpickler calls ``find_class`` only for STACK_GLOBAL, EXT1/2/4, and GLOBAL and INST after reading
+their two arguments, each a line that must end in a newline (through every reader; it never reads
+backwards). So bytes without any of those four one-byte opcodes, and without a ``c`` or ``i`` byte
+that two newlines follow, import nothing, however they parse: there is nothing to compare.
+
 joblib streams are read by joblib's pure-Python unpickler, which also reads array bytes between
 opcodes; they get one replay (``joblib``) through ``pickle._Unpickler`` doing the same.
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import copyreg
 import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +57,7 @@ try:
 except ImportError:  # pragma: no cover - CPython always has it
     _CUnpickler = None
 
-__all__ = ["READERS", "ReaderReplay", "ReplayResult", "differential", "replay_imports"]
+__all__ = ["READERS", "ReaderReplay", "ReplayResult", "could_import", "differential", "replay_imports"]
 
 READERS = ("file", "bytesio", "bytes")
 JOBLIB_READER = "joblib"
@@ -186,6 +193,31 @@ def _dtype_info(dtype: Any) -> tuple[int, bool] | str:
 
 
 # -- replay ----------------------------------------------------------------------------------------
+
+# STACK_GLOBAL, EXT1, EXT2, EXT4: one byte is all they need.
+_IMPORT_OPCODES = re.compile(b"[\x93\x82\x83\x84]")
+# GLOBAL, INST: they import only after reading two newline-terminated lines.
+_LINE_IMPORT_OPCODES = re.compile(b"[ci]")
+# Larger streams are replayed without looking: they hold such bytes anyway, almost always.
+_INERT_CHECK_MAX = 1 << 20
+
+
+def could_import(data: bytes | bytearray | memoryview, walk: WalkResult, *, joblib_arrays: bool) -> bool:
+    """False only when no reader of ``data`` could import anything (see the module docstring), so
+    that a replay would have nothing to compare; the walker saw no import either."""
+    if joblib_arrays:
+        return True  # pickle.py also takes a last line without its newline: not modelled here
+    if walk.imports or any(a.code in ("SL102", "SL103") for a in walk.anomalies):
+        return True
+    if len(data) > _INERT_CHECK_MAX:
+        return True
+    raw = bytes(data)
+    if _IMPORT_OPCODES.search(raw):
+        return True
+    # A GLOBAL or INST byte must come before the second-to-last newline to have two lines after it.
+    last = raw.rfind(b"\n")
+    second_last = raw.rfind(b"\n", 0, last) if last > 0 else -1
+    return second_last > 0 and _LINE_IMPORT_OPCODES.search(raw, 0, second_last) is not None
 
 
 def hazard(walk: WalkResult) -> str | None:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safeload.analysis.replay import differential, replay_imports
-from safeload.analysis.types import UNKNOWN
+from safeload.analysis.replay import could_import, differential, replay_imports
+from safeload.analysis.types import UNKNOWN, WalkResult
 from safeload.analysis.walker import walk
 
 # Hypothesis warns about the size of these recursive strategies' repr; harmless.
@@ -98,3 +98,64 @@ def _contains(value: object, kind: type | tuple[type, ...]) -> bool:
     if isinstance(value, (list, tuple, set, frozenset)):
         return any(_contains(v, kind) for v in value)
     return False
+
+
+# -- streams judged unable to import: no reader imports anything from them -------------------------
+
+_OPCODE_SOUP = list(b"ci\n\x93\x82\x83\x84().NKJ\x80\x02\x04\x95tl}]q\x00hosy:Vab\x8c\x85R")
+soups = st.lists(st.sampled_from(_OPCODE_SOUP), max_size=60).map(bytes)
+
+
+@st.composite
+def mutated_pickles(draw: st.DrawFn) -> bytes:
+    obj = draw(containers(typed_leaves))
+    data = bytearray(pickle.dumps(obj, protocol=draw(st.integers(0, pickle.HIGHEST_PROTOCOL))))
+    for _ in range(draw(st.integers(0, 4))):
+        if not data:
+            break
+        i = draw(st.integers(0, len(data) - 1))
+        if draw(st.booleans()):
+            del data[i]
+        else:
+            data[i] = draw(st.sampled_from(_OPCODE_SOUP))
+    return bytes(data)
+
+
+def _imports_through_every_reader(data: bytes) -> list[list[tuple[str, str]]]:
+    from safeload.analysis import replay
+
+    view = memoryview(data)
+    return [replay._replay_one(reader, view, [], True, 100).imports for reader in replay.READERS]
+
+
+@SETTINGS
+@given(data=st.one_of(soups, mutated_pickles()))
+def test_streams_judged_unable_to_import_import_nothing(data: bytes) -> None:
+    # Judged on the bytes alone, as if the walker had missed everything (a parser differential).
+    if could_import(data, WalkResult(), joblib_arrays=False):
+        return
+    assert walk(data).imports == []
+    assert _imports_through_every_reader(data) == [[], [], []]
+
+
+@pytest.mark.parametrize(
+    ("data", "imports"),
+    [
+        (b"cos\nsystem\n.", True),  # GLOBAL with its two lines
+        (b"(cos\nsystem\no.", True),
+        (b"\x8c\x02os\x8c\x06system\x93.", True),  # STACK_GLOBAL
+        (b"\x82\x01.", True),  # EXT1
+        (b"(X\x01\x00\x00\x00ci\n\n.", True),  # c and i in a string, two newlines after: replayed
+        (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\nK\n\x86.", False),  # newlines, no c/i before
+        (b"\x80\x02X\x03\x00\x00\x00cat.", False),  # a c, no newline after it
+        (b"\x80\x02X\x04\x00\x00\x00cat\n.", False),  # one newline after it is not two lines
+    ],
+)
+def test_could_import(data: bytes, imports: bool) -> None:
+    assert could_import(data, walk(data), joblib_arrays=False) is imports
+    # the bytes alone decide, whatever the walker saw
+    assert could_import(data, WalkResult(), joblib_arrays=False) is imports
+    if not imports:
+        assert _imports_through_every_reader(data) == [[], [], []]
+    # joblib's pure-Python reader is never judged this way
+    assert could_import(data, walk(data), joblib_arrays=True)
