@@ -100,7 +100,10 @@ def analyse(
     stream_reports: list[StreamReport] = []
     container = Container()
     try:
-        container = open_container(source.buffer, path=source.path, limits=policy.limits)
+        # Pages of the file a reader is done with may go (compressed input); with pin_streams the
+        # loader may still map storages from the file, so nothing is let go.
+        release = None if pin_streams else source.release
+        container = open_container(source.buffer, path=source.path, limits=policy.limits, release=release)
         findings.extend(container.findings)
         for stream in container.streams:
             if pin_streams:

@@ -26,6 +26,20 @@ class Source:
     mapped: bool  # buffer is a read-only mapping of the file (pages load on touch)
     _holders: list[Any] = field(default_factory=list, repr=False)
 
+    def release(self, start: int, end: int) -> None:
+        """Drop the mapped pages wholly inside buffer[start:end] from this process's memory (the
+        kernel keeps them in its page cache; a later read maps them again). No-op unless mapped."""
+        if not self.mapped or not hasattr(mmap_module, "MADV_DONTNEED"):
+            return
+        page = mmap_module.PAGESIZE
+        first = -(-start // page) * page
+        last = (min(end, self.size) // page) * page
+        if last > first:
+            try:
+                self._holders[0].madvise(mmap_module.MADV_DONTNEED, first, last - first)
+            except (OSError, ValueError):
+                pass  # memory stays in use, nothing else changes
+
     def sha256(self) -> str:
         digest = hashlib.sha256()
         for start in range(0, self.size, _CHUNK):

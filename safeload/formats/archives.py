@@ -23,6 +23,7 @@ from typing import Any
 
 from safeload.formats.base import Child, ReadContext, ReadResult
 from safeload.formats.compressed import IN_CHUNK, OUT_CHUNK, Meter
+from safeload.formats.spool import Spool, SpoolError
 from safeload.model import Finding, make_finding
 
 NAME = "archive"
@@ -297,7 +298,7 @@ class _Sink:
 
     def __init__(self, name: str, meter: Meter, compressed: int) -> None:
         self.name = name
-        self.data = bytearray()
+        self.data = Spool()
         self._meter = meter
         self._compressed = compressed
         self._pos = 0
@@ -305,7 +306,7 @@ class _Sink:
     def write(self, s: bytes | bytearray) -> int:
         if not self._meter.charge(len(s), self._compressed):
             raise _BudgetExceeded(self.name)
-        self.data += s
+        self.data.write(s)
         return len(s)
 
     def read(self, size: int | None = None) -> bytes:
@@ -414,13 +415,15 @@ def _7z_children(factory: _Factory, special: dict[str, str], ctx: ReadContext, r
             )
             continue
         if sink.data:
-            r.children.append(
-                Child(
-                    name=sink.name,
-                    data=memoryview(sink.data),
-                    file_offset=None,
-                    encoding=(*ctx.encoding, "7z"),
+            try:
+                data = sink.data.view()
+            except SpoolError as exc:
+                r.findings.append(
+                    make_finding("SL203", f"7z member: {exc}", member=ctx.child_member(sink.name))
                 )
+                continue
+            r.children.append(
+                Child(name=sink.name, data=data, file_offset=None, encoding=(*ctx.encoding, "7z"))
             )
 
 

@@ -120,6 +120,9 @@ class ReadContext:
     encoding: tuple[str, ...] = ()
     # Parses several readers of the same buffer share (the zip directory: generic zip and npz).
     shared: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    # For the file's own mapped buffer only: let go of pages of buf[start:end] a reader has read
+    # through and will not need again (compressed input), so that memory does not grow with it.
+    release: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def child_member(self, name: str) -> str:
         return name if self.member is None else f"{self.member}{NEST_SEP}{name}"

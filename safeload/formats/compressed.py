@@ -6,7 +6,8 @@ streams) are all decompressed, because Python's file readers (gzip.open, bz2.ope
 lz4.frame.open) read on across them; zero padding between or after streams is skipped the way
 those readers skip or ignore it.
 
-Decompression is bounded: input is fed in chunks and output is taken ``max_length`` at a time,
+Decompression is bounded: input is fed in chunks and output is taken ``max_length`` at a time
+(into a Spool: memory, then a temporary file, so large output does not stay in memory),
 every output byte is charged to the file's shared Budget (SL203 when it refuses) and a stream that
 expands beyond ``limits.max_compression_ratio`` is stopped (SL309). A truncated or corrupt stream,
 or bytes after the last stream that no reader continues with, give SL205; what was decompressed
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from safeload.formats.base import Child, ReadContext, ReadResult
+from safeload.formats.spool import Spool, SpoolError
 from safeload.model import Finding, make_finding
 
 NAME = "compressed"
@@ -38,6 +40,8 @@ RATIO_FLOOR = 1 << 24
 # xz/lzma streams declare their dictionary size; liblzma allocates it up front.
 LZMA_MEMLIMIT = 1 << 30
 _SNIFF_IN = 4096
+# Consumed input is let go of in steps this large (when the reader may: see ReadContext.release).
+RELEASE_EVERY = 8 << 20
 _SNIFF_OUT = 64
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
@@ -325,7 +329,7 @@ class Meter:
 
 @dataclass
 class Inflated:
-    data: bytearray
+    data: Spool
     findings: list[Finding] = field(default_factory=list)
     streams: int = 0
     consumed: int = 0  # input bytes that belonged to complete streams (or were read before a stop)
@@ -343,15 +347,25 @@ def _skip_zeros(src: memoryview, pos: int) -> int:
     return pos
 
 
-def inflate(src: memoryview, codec: Codec, ctx: ReadContext, *, what: str, base: int = 0) -> Inflated:
+def inflate(
+    src: memoryview,
+    codec: Codec,
+    ctx: ReadContext,
+    *,
+    what: str,
+    base: int = 0,
+    release: Callable[[int, int], None] | None = None,
+) -> Inflated:
     """Decompress every stream of `src` with `codec`, bounded by the Budget and the ratio limit.
 
-    `base` is where src starts in the reader's buffer, for the offsets findings name.
+    `base` is where src starts in the reader's buffer, for the offsets findings name. `release`
+    (buffer offsets) lets go of input the decompressor has consumed.
     """
     meter = Meter(ctx, what)
-    result = Inflated(bytearray())
+    result = Inflated(Spool())
     out = result.data
     pos = 0
+    released = 0
     while True:
         dec = codec.new()
         start = pos
@@ -371,6 +385,9 @@ def inflate(src: memoryview, codec: Codec, ctx: ReadContext, *, what: str, base:
                         return result
                     chunk = bytes(src[pos : pos + IN_CHUNK])
                     pos += len(chunk)
+                    if release is not None and pos - released >= RELEASE_EVERY:
+                        release(base + released, base + pos)
+                        released = pos
                 else:
                     chunk = b""
                 piece = dec.decompress(chunk, OUT_CHUNK)
@@ -380,7 +397,11 @@ def inflate(src: memoryview, codec: Codec, ctx: ReadContext, *, what: str, base:
                         result.findings.append(meter.finding)
                         result.consumed = pos
                         return result
-                    out += piece
+                    out.write(piece)
+        except SpoolError as exc:
+            result.findings.append(make_finding("SL203", f"{what}: {exc}", member=ctx.member))
+            result.consumed = pos
+            return result
         except Exception as exc:  # noqa: BLE001 - decoders raise zlib.error, OSError, LZMAError, RuntimeError...
             result.findings.append(
                 _unreadable(
@@ -438,11 +459,11 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
         kind = "zlib"
     if not _available(kind):
         inflated = Inflated(
-            bytearray(),
+            Spool(),
             [_unreadable(ctx, f"{kind} data, but the {_OPTIONAL[kind]} package is not installed", 0)],
         )
     else:
-        inflated = inflate(src, CODECS[kind], ctx, what=kind, base=len(buf) - len(src))
+        inflated = inflate(src, CODECS[kind], ctx, what=kind, base=len(buf) - len(src), release=ctx.release)
     if fmt == "zfile" and inflated.complete and meta["declared_length"] != len(inflated.data):
         inflated.findings.append(
             _unreadable(
@@ -455,9 +476,12 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
     encoding = (*ctx.encoding, fmt)
     children = []
     if inflated.data:
-        children.append(
-            Child(name=f"<{fmt}>", data=memoryview(inflated.data), file_offset=None, encoding=encoding)
-        )
+        try:
+            data = inflated.data.view()
+        except SpoolError as exc:
+            inflated.findings.append(make_finding("SL203", f"{fmt}: {exc}", member=ctx.member))
+        else:
+            children.append(Child(name=f"<{fmt}>", data=data, file_offset=None, encoding=encoding))
     if inflated.trailing is not None:
         offset = (len(buf) - len(src)) + inflated.trailing
         children.append(

@@ -17,6 +17,7 @@ legacy formats, then a plain pickle).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -118,8 +119,13 @@ class _State:
     findings: list[Finding] = field(default_factory=list)
 
 
-def open_container(buf: memoryview, *, path: str, limits: Limits) -> Container:
-    """Read a buffer into streams, storages and findings. Never raises on bad bytes."""
+def open_container(
+    buf: memoryview, *, path: str, limits: Limits, release: Callable[[int, int], None] | None = None
+) -> Container:
+    """Read a buffer into streams, storages and findings. Never raises on bad bytes.
+
+    release: drops pages of ``buf`` (a mapped file) that a reader has read through for good.
+    """
     buf = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
     state = _State(path=path, limits=limits, budget=Budget(limits.max_decompressed_bytes))
     if len(buf) > limits.max_file_bytes:
@@ -129,7 +135,9 @@ def open_container(buf: memoryview, *, path: str, limits: Limits) -> Container:
             )
         )
         return Container(findings=state.findings)
-    ctx = ReadContext(path=path, member=None, file_offset=0, depth=0, limits=limits, budget=state.budget)
+    ctx = ReadContext(
+        path=path, member=None, file_offset=0, depth=0, limits=limits, budget=state.budget, release=release
+    )
     _read(buf, ctx, state, whole=True)
     return _merge(state)
 
