@@ -196,7 +196,7 @@ _EXPECTED_IN_SECONDARY = frozenset({"SL200", "SL201", "SL202"})
 def _walk(stream: PickleStream, policy: Policy) -> WalkResult:
     if stream.walked is not None:
         # Walked by its reader with the scan's limits: a copy, as the scan adds to its anomalies.
-        return dataclasses.replace(stream.walked, anomalies=list(stream.walked.anomalies))
+        return stream.walked.with_own_anomalies()
     return walk(
         stream.data,
         limits=policy.limits,

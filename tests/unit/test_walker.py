@@ -532,3 +532,12 @@ def test_a_broken_walk_leaves_no_reference_cycle() -> None:
         gc.enable()
     assert not result.complete
     assert frames == []
+
+
+def test_a_copy_of_a_walk_has_its_own_anomalies() -> None:
+    data = pickle.dumps({"a": 1}, protocol=2) + b"junk"
+    result = walk(data, multi=False)
+    copied = result.with_own_anomalies()
+    assert copied == result and copied is not result
+    copied.anomalies.append(copied.anomalies[0])
+    assert len(copied.anomalies) == len(result.anomalies) + 1
