@@ -33,6 +33,8 @@ _I4 = struct.Struct("<i").unpack_from
 _U8 = struct.Struct("<Q").unpack_from
 _F8 = struct.Struct(">d").unpack_from
 _NL = re.compile(b"\n")
+# Consecutive BININT1 opcodes, each with its one-byte argument.
+_BININT1_RUN = re.compile(b"(?:K.)+", re.DOTALL)
 
 _NOFRAME = sys.maxsize
 _HIGHEST_PROTOCOL = 5
@@ -275,13 +277,18 @@ class _Walker(Semantics):
                 elif op == 0x4B:  # BININT1
                     append(buf[pos])
                     pos += 1
-                    # Runs of BININT1 (list and tuple contents) skip the dispatch; anything the
-                    # loop head would check (frame end, data end, periodic limits) goes back there.
-                    while pos < fend and pos < n and ops < check_at and buf[pos] == 0x4B:
-                        ops += 1
-                        op_start = pos
-                        append(buf[pos + 1])
-                        pos += 2
+                    # Runs of BININT1 (list and tuple contents) are taken in one slice, without the
+                    # dispatch; anything the loop head would check (an opcode crossing the frame or
+                    # data end, periodic limits) is left to it.
+                    if pos < n and buf[pos] == 0x4B:
+                        run = _BININT1_RUN.match(buf, pos, fend if fend < n else n)
+                        if run is not None:
+                            end = min(run.end(), pos + 2 * (check_at - ops))
+                            if end > pos:
+                                stack.extend(buf[pos + 1 : end : 2])
+                                ops += (end - pos) >> 1
+                                op_start = end - 2
+                                pos = end
                 elif op == 0x8C or op == 0x58:  # SHORT_BINUNICODE, BINUNICODE
                     if op == 0x8C:  # SHORT_BINUNICODE
                         size = buf[pos]

@@ -70,7 +70,7 @@ class Decoder(Protocol):
     def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
 
 
-class _ZlibDecoder:
+class ZlibDecoder:
     """zlib.decompressobj behind the bz2-style interface (``needs_input``, ``max_length``)."""
 
     def __init__(self, wbits: int) -> None:
@@ -235,8 +235,8 @@ def _is_zstd(b: memoryview) -> bool:
     return head == ZSTD_MAGIC or (head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
 
 
-GZIP = Codec("gzip", lambda: _ZlibDecoder(31), lambda b: bytes(b[:3]) == GZIP_MAGIC)
-ZLIB = Codec("zlib", lambda: _ZlibDecoder(15), _is_zlib_header)
+GZIP = Codec("gzip", lambda: ZlibDecoder(31), lambda b: bytes(b[:3]) == GZIP_MAGIC)
+ZLIB = Codec("zlib", lambda: ZlibDecoder(15), _is_zlib_header)
 BZ2 = Codec("bz2", bz2.BZ2Decompressor, _is_bz2)
 XZ = Codec("xz", _lzma_auto, lambda b: bytes(b[:6]) == XZ_MAGIC or _is_lzma_alone_header(b))
 LZMA = Codec("lzma", _lzma_auto, XZ.continues)

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from safeload.formats.base import ReadContext
+from safeload.formats.compressed import IN_CHUNK, OUT_CHUNK, Decoder, ZlibDecoder
+from safeload.formats.spool import Spool, SpoolError
 from safeload.model import Finding, make_finding
 from safeload.text import escape
 
@@ -665,15 +667,15 @@ def head(raw: memoryview, method: int, n: int) -> bytes | None:
     return None
 
 
-def _lzma(raw: memoryview, entry: ZipEntry, cap: int) -> tuple[bytes, bool]:
-    out, eof = _lzma_decode(raw, cap + 1, max(4096, cap + 1))
-    # General purpose bit 1: the stream ends with an end marker; without one, its size ends it.
-    return out, eof or (not entry.flags & 0x2 and len(out) == entry.size)
-
-
 def _lzma_decode(raw: memoryview, max_length: int, max_dict: int) -> tuple[bytes, bool]:
     """A zip LZMA member as zipfile reads it: version (2 bytes), properties size (2), the LZMA1
     properties, then a raw LZMA1 stream. Returns (output, end marker reached)."""
+    d, body = _lzma_decoder(raw, max_dict)
+    return d.decompress(body, max_length), d.eof
+
+
+def _lzma_decoder(raw: memoryview, max_dict: int) -> tuple[lzma.LZMADecompressor, memoryview]:
+    """The raw LZMA1 decoder for a zip LZMA member, and the stream it decodes."""
     if len(raw) < 4:
         raise ValueError("LZMA header truncated")
     props_size = int.from_bytes(raw[2:4], "little")
@@ -688,13 +690,12 @@ def _lzma_decode(raw: memoryview, max_length: int, max_dict: int) -> tuple[bytes
     # a header may declare 4 GiB. No match reaches further back than the output allowed here.
     dict_size = min(int.from_bytes(props[1:5], "little"), max_dict)
     filters = [{"id": lzma.FILTER_LZMA1, "dict_size": dict_size, "lc": lc, "lp": lp, "pb": pb}]
-    d = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters)
-    return d.decompress(raw[9:], max_length), d.eof
+    return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters), raw[9:]
 
 
 def _inflate(
     raw: memoryview, entry: ZipEntry, ctx: ReadContext, note: Callable[[str, str], None]
-) -> tuple[bytes, bool]:
+) -> tuple[bytes | memoryview, bool]:
     limits = ctx.limits
     ratio_cap = max(1, len(raw)) * limits.max_compression_ratio
     cap = min(entry.size, ratio_cap)
@@ -706,20 +707,27 @@ def _inflate(
     if not ctx.budget.take(cap):
         note("SL203", f"decompressing {cap} more bytes would pass the file's limit of {ctx.budget.limit}")
         return b"", False
+    spool = Spool()
     try:
+        decoder: Decoder
         if entry.method == DEFLATED:
-            d = zlib.decompressobj(-15)
-            out = d.decompress(raw, cap + 1)
-            finished = d.eof
+            decoder, body = ZlibDecoder(-15), raw
         elif entry.method == BZIP2:
-            b = bz2.BZ2Decompressor()
-            out = b.decompress(bytes(raw), cap + 1)
-            finished = b.eof
+            decoder, body = bz2.BZ2Decompressor(), raw
         else:
-            out, finished = _lzma(raw, entry, cap)
+            decoder, body = _lzma_decoder(raw, max(4096, cap + 1))
+        finished = _decode_into(spool, decoder, body, cap + 1)
+        out = spool.view()
+    except SpoolError as exc:
+        note("SL203", str(exc))
+        return b"", False
     except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+        spool.discard()
         note("SL205", f"compressed data is corrupt: {exc}")
         return b"", False
+    if entry.method == LZMA:
+        # General purpose bit 1: the stream ends with an end marker; without one, its size ends it.
+        finished = finished or (not entry.flags & 0x2 and len(out) == entry.size)
     if len(out) > cap:
         if cap < entry.size:
             return out[:cap], False
@@ -729,3 +737,19 @@ def _inflate(
         note("SL205", f"inflates to {len(out)} bytes, {entry.size} recorded")
         return out, False
     return out, True
+
+
+def _decode_into(spool: Spool, decoder: Decoder, body: memoryview, limit: int) -> bool:
+    """Feed ``body`` to ``decoder`` in chunks, writing at most ``limit`` output bytes to ``spool``
+    (a large member goes to a temporary file, not memory). Returns whether the stream ended."""
+    pos = 0
+    while not decoder.eof and len(spool) < limit:
+        if decoder.needs_input:
+            if pos >= len(body):
+                break
+            chunk = bytes(body[pos : pos + IN_CHUNK])
+            pos += len(chunk)
+        else:
+            chunk = b""
+        spool.write(decoder.decompress(chunk, min(OUT_CHUNK, limit - len(spool))))
+    return decoder.eof

@@ -541,3 +541,22 @@ def test_a_copy_of_a_walk_has_its_own_anomalies() -> None:
     assert copied == result and copied is not result
     copied.anomalies.append(copied.anomalies[0])
     assert len(copied.anomalies) == len(result.anomalies) + 1
+
+
+def test_runs_of_small_ints_stop_where_the_loop_would_check() -> None:
+    ints = b"".join(b"K" + bytes([i]) for i in range(40))
+    # a list of 40 BININT1, taken as one run: the same values, opcodes and offsets as one by one
+    data = b"\x80\x02]q\x00(" + ints + b"e."
+    result = walk(data, multi=False)
+    assert result.complete and result.values == [list(range(40))]
+    assert result.opcodes == 46  # PROTO ] q ( K*40 e .
+    # the opcode limit falls inside the run: the walk stops there, as it would one at a time
+    limited = walk(data + b"", limits=Limits(max_opcodes=20), multi=False)
+    assert codes(limited) == ["SL203"] and limited.opcodes == 20
+    # a FRAME that ends between a BININT1 and its argument: the opcode crosses the frame end
+    body = b"]q\x00(" + ints[:21]  # ends right after the 11th BININT1's opcode byte
+    framed = b"\x80\x04\x95" + struct.pack("<Q", len(body)) + body + ints[21:] + b"e."
+    crossing = walk(framed, multi=False)
+    sl107 = [a for a in crossing.anomalies if a.code == "SL107"]
+    assert len(sl107) == 1 and sl107[0].offset == 11 + len(body) - 1
+    assert crossing.values == [list(range(40))]

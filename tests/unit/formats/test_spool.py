@@ -8,13 +8,14 @@ import mmap
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import safeload
 from safeload.errors import UnsafeModelError
-from safeload.formats import compressed, spool
+from safeload.formats import compressed, spool, zipread
 from safeload.formats.spool import Spool, SpoolError
 from safeload.model import Verdict
 from safeload.source import open_source
@@ -149,3 +150,27 @@ def test_a_compressed_file_is_scanned_without_keeping_its_pages(tmp_path: Path) 
     assert seen and all(a < b for a, b in seen)
     assert all(seen[i][1] == seen[i + 1][0] for i in range(len(seen) - 1))
     assert seen[-1][1] > source.size - compressed.RELEASE_EVERY - compressed.IN_CHUNK
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_large_compressed_zip_members_spill_and_are_read_whole(
+    method: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, marker: Path
+) -> None:
+    monkeypatch.setattr(spool, "SPILL_AT", 4096)
+    benign = pickle.dumps([bytes(range(256)) * 40 for _ in range(20)], protocol=4)
+    path = tmp_path / "bundle.zip"
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        zf.writestr("weights.pkl", benign)
+        zf.writestr("evil.pkl", benign[:-1] + exec_payload(marker)[2:])
+    report = safeload.scan(path)
+    assert report.verdict is Verdict.UNSAFE
+    assert "builtins.exec" in report.globals
+    assert not [f for f in report.findings if f.code in ("SL203", "SL205", "SL300")]
+    got = zipread.extract(
+        memoryview(path.read_bytes()),
+        next(e for e in zipread.entries(memoryview(path.read_bytes()), make_ctx()) if e.name == "weights.pkl"),
+        make_ctx(),
+    )
+    assert isinstance(got.data, memoryview) and isinstance(got.data.obj, mmap.mmap)
+    assert bytes(got.data) == benign and got.complete and got.findings == []
+    assert not marker.exists()
