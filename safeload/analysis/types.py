@@ -30,8 +30,8 @@ class Anomaly:
     global_name: str | None = None
 
 
-@dataclass(frozen=True)
-class PersistentIdSite:
+@dataclass(slots=True)
+class PersistentIdSite:  # one per tensor of a legacy checkpoint: slotted (not frozen) to be cheap
     offset: int
     value: object  # constant-folded Python value (tuples/str/int/...), or UNKNOWN where not constant
 
@@ -75,11 +75,18 @@ class WalkResult:
     payloads: list[tuple[int, int]] = field(default_factory=list)
 
     def with_own_anomalies(self) -> WalkResult:
-        """A shallow copy whose anomaly list can grow without changing this one's (built directly:
-        dataclasses.replace and copy.copy cost ten times as much)."""
+        """A shallow copy whose anomaly list can grow without changing this one's."""
+        return self.replaced(anomalies=list(self.anomalies))
+
+    def replaced(self, **changes: object) -> WalkResult:
+        """A shallow copy with ``changes`` (built directly: dataclasses.replace and copy.copy cost
+        several times as much, once per stream of every scan)."""
         new = object.__new__(WalkResult)
         new.__dict__.update(self.__dict__)
-        new.anomalies = list(self.anomalies)
+        for name, value in changes.items():
+            if name not in new.__dict__:
+                raise TypeError(f"WalkResult has no field {name!r}")
+            new.__dict__[name] = value
         return new
 
     @property

@@ -20,7 +20,6 @@ that walk so that the scan does not repeat it. Nothing here unpickles.
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import struct
 import tarfile
@@ -135,7 +134,7 @@ def _exact(walked: WalkResult) -> WalkResult:
     the same but for the note about the bytes after it (the next pickles of the sequence)."""
     anomalies = [a for a in walked.anomalies if not (a.code == "SL201" and a.offset == walked.end)]
     complete = not any(a.code in ("SL200", "SL203", "SL207") for a in anomalies)
-    return dataclasses.replace(walked, anomalies=anomalies, complete=complete, values=[])
+    return walked.replaced(anomalies=anomalies, complete=complete, values=[])
 
 
 def _qualname(value: object) -> str | None:

@@ -541,6 +541,10 @@ def test_a_copy_of_a_walk_has_its_own_anomalies() -> None:
     assert copied == result and copied is not result
     copied.anomalies.append(copied.anomalies[0])
     assert len(copied.anomalies) == len(result.anomalies) + 1
+    changed = result.replaced(complete=True, values=[])
+    assert changed.complete and changed.values == [] and not result.complete and result.values
+    with pytest.raises(TypeError):
+        result.replaced(no_such_field=1)
 
 
 def test_runs_of_small_ints_stop_where_the_loop_would_check() -> None:
