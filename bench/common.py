@@ -26,6 +26,10 @@ paths = [path] if not path.startswith("@") else open(path[1:]).read().split("\n"
 seen = set()
 if tool == "safeload":
     import safeload
+    # What the peers do at import time, untimed here as theirs is: safeload imports its scanner
+    # and reads its policy on first use instead (a fully cached audit then needs neither).
+    import safeload.api
+    safeload.api.resolve_policy("default")
     def fn(p):
         report = safeload.scan(p, policy="default")
         seen.update((p, g) for g in report.globals)
