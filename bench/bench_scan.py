@@ -21,11 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, TOOLS, coverage, run_tool, table  # noqa: E402
 
 
-def make_torch_zip(path: Path, size_mb: int) -> None:
+def make_torch_zip(path: Path, size_mb: int, tensors: int | None = None) -> None:
+    """``tensors`` float32 tensors (default: one per 16 MB) sharing ``size_mb`` MB."""
     import torch
 
-    n = max(1, size_mb // 16)
-    state = {f"layer{i}.weight": torch.zeros(4 * 1024 * 1024) for i in range(n)}  # 16 MB each
+    n = tensors or max(1, size_mb // 16)
+    numel = size_mb * 1024 * 1024 // 4 // n
+    state = {f"layer{i}.weight": torch.zeros(numel) for i in range(n)}
     torch.save(state, path)
 
 
@@ -109,10 +111,17 @@ def main() -> None:
     if not tz.exists():
         make_torch_zip(tz, args.size_mb)
     cases.append((f"torch zip {args.size_mb} MB", str(tz), tz.stat().st_size))
+    # The same tensors with 1/64 of the bytes: a scan's time must not grow with tensor bytes.
+    tensors = max(1, args.size_mb // 16)
+    tz_twin = OUT / f"ckpt_16mb_{tensors}t.pt"
+    if not tz_twin.exists():
+        make_torch_zip(tz_twin, 16, tensors)
+    cases.append((f"torch zip 16 MB, same {tensors} tensors", str(tz_twin), tz_twin.stat().st_size))
+    # One tensor: what a scan costs besides the pickle (opening, the zip directory, reports).
     tz_small = OUT / "ckpt_16mb.pt"
     if not tz_small.exists():
         make_torch_zip(tz_small, 16)
-    cases.append(("torch zip 16 MB (same layout)", str(tz_small), tz_small.stat().st_size))
+    cases.append(("torch zip 16 MB, 1 tensor", str(tz_small), tz_small.stat().st_size))
     raw = OUT / f"raw_{args.raw_mb}mb.pkl"
     if not raw.exists():
         make_raw_pickle(raw, args.raw_mb)
