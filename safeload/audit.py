@@ -169,21 +169,24 @@ def _resolve_from_cache(
     """Unreadable paths get their report; known hashes and cached results are filled in.
     Returns how many hashes were known."""
     hits = 0
-    by_sha: dict[str, ScanReport | None] = {}
+    known: list[FileGroup] = []
     for group in groups:
         if group.error is not None:
             finish(group, unreadable(group.first, group.error, policy), False)
             continue
         if cache is None or group.st is None or group.inert:
             continue
-        sha = group.sha256 = hashes.get(stat_key(group.st))
-        if sha is None:
-            continue
-        hits += 1
-        if sha not in by_sha:
-            report = cache.get_report(sha, policy.hash, __version__)
-            by_sha[sha] = None if report is None else reapply_waivers(report, policy)
-        cached = by_sha[sha]
+        group.sha256 = hashes.get(stat_key(group.st))
+        if group.sha256 is not None:
+            hits += 1
+            known.append(group)
+    if cache is None or not known:
+        return hits
+    # One read of the cache for every known hash (a query each costs more than the lookup).
+    found = cache.get_reports({g.sha256 for g in known if g.sha256}, policy.hash, __version__)
+    by_sha = {sha: reapply_waivers(report, policy) for sha, report in found.items()}
+    for group in known:
+        cached = by_sha.get(group.sha256 or "")
         if cached is not None:
             finish(group, cached, True)
     return hits

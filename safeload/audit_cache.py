@@ -31,7 +31,7 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -56,6 +56,10 @@ _SCHEMA = (
 def stat_key(st: os.stat_result) -> str:
     """What identifies a file's bytes without reading them (see the module docstring for why)."""
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+# Keys in one SELECT ... IN (...): well under SQLite's limit on bound parameters.
+_KEYS_PER_QUERY = 500
 
 
 def result_key(sha256: str, policy_hash: str, version: str) -> str:
@@ -142,25 +146,36 @@ class AuditCache:
     # -- reports by content ----------------------------------------------------------------------
 
     def get_report(self, sha256: str, policy_hash: str, version: str) -> ScanReport | None:
+        return self.get_reports([sha256], policy_hash, version).get(sha256)
+
+    def get_reports(self, shas: Iterable[str], policy_hash: str, version: str) -> dict[str, ScanReport]:
+        """The cached, valid reports among ``shas`` (one query per few hundred, not one each)."""
         db = self._connect()
         if db is None:
-            return None
-        try:
-            row = db.execute(
-                "SELECT sha256, policy_hash, version, report FROM results WHERE key = ?",
-                (result_key(sha256, policy_hash, version),),
-            ).fetchone()
-        except sqlite3.Error:
-            return None
-        if row is None or tuple(row[:3]) != (sha256, policy_hash, version):
-            return None
-        try:
-            report = ScanReport.model_validate_json(row[3])
-        except ValidationError:
-            return None
-        if report.sha256 != sha256 or report.policy_hash != policy_hash:
-            return None
-        return report
+            return {}
+        wanted = {result_key(sha, policy_hash, version): sha for sha in shas}
+        keys = list(wanted)
+        found: dict[str, ScanReport] = {}
+        for i in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[i : i + _KEYS_PER_QUERY]
+            try:
+                rows = db.execute(
+                    "SELECT key, sha256, policy_hash, version, report FROM results WHERE key IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            except sqlite3.Error:
+                return found
+            for key, sha, row_policy, row_version, text in rows:
+                if wanted.get(key) != sha or (row_policy, row_version) != (policy_hash, version):
+                    continue
+                try:
+                    report = ScanReport.model_validate_json(text)
+                except ValidationError:
+                    continue
+                if report.sha256 == sha and report.policy_hash == policy_hash:
+                    found[sha] = report
+        return found
 
     def cached_shas(self, policy_hash: str, version: str, limit: int = 200_000) -> set[str] | None:
         """The sha256 of every file with a committed result for this policy and version, so that a

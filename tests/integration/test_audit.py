@@ -351,6 +351,14 @@ def test_cache_entries_are_validated_and_written_atomically(tmp_path: Path) -> N
     assert cache.cached_shas("h", "1.0") == {"e" * 64, "f" * 64}
     assert cache.cached_shas("other-policy", "1.0") == set() == cache.cached_shas("h", "2.0")
     assert cache.cached_shas("h", "1.0", limit=1) is None
+    # many at once, over several queries; misses and other policies are left out
+    many = [f"{i:064x}" for i in range(1200)]
+    for sha in many:
+        cache.put_report(report.model_copy(update={"sha256": sha}), "1.0")
+    cache.flush()
+    got = cache.get_reports([*many, "a" * 64], "h", "1.0")
+    assert set(got) == set(many) and all(got[sha].sha256 == sha for sha in many)
+    assert cache.get_reports(many[:3], "other-policy", "1.0") == {}
     cache.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "c" / DB_NAME)) as db, db:
         db.execute("UPDATE results SET report = replace(report, '\"SAFE\"', '\"MAYBE\"')")
