@@ -44,6 +44,8 @@ class Source:
         digest = hashlib.sha256()
         for start in range(0, self.size, _CHUNK):
             digest.update(self.buffer[start : start + _CHUNK])
+            # Hashed pages are not kept mapped: the scan faults in the few it reads again.
+            self.release(start, start + _CHUNK)
         return digest.hexdigest()
 
 

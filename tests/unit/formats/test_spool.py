@@ -174,3 +174,16 @@ def test_large_compressed_zip_members_spill_and_are_read_whole(
     assert isinstance(got.data, memoryview) and isinstance(got.data.obj, mmap.mmap)
     assert bytes(got.data) == benign and got.complete and got.findings == []
     assert not marker.exists()
+
+
+def test_hashing_a_mapped_file_does_not_keep_it_in_memory(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "big.bin"
+    content = os.urandom(96 << 20)
+    path.write_bytes(content)
+    source = open_source(path, use_mmap=True, max_bytes=1 << 40)
+    before = _rss_file_kib()
+    assert source.sha256() == hashlib.sha256(content).hexdigest()
+    assert _rss_file_kib() - before < 32 << 10  # far below the 96 MiB it read
+    assert bytes(source.buffer[-10:]) == content[-10:]  # and the bytes are still there
