@@ -109,14 +109,14 @@ def audit(
         for group in members[path]:
             finish(group, outcome.report, outcome.cached)
 
-    # With --rehash, a file whose hash is not trusted is hashed first so that a result cached for
-    # its bytes is still reused; otherwise the scan itself hashes (one read, not two).
-    tasks = [(path, options.rehash and cache is not None) for path, _ in plan]
+    # Files whose hash is not known (or, with --rehash, not trusted) are read once: the scanner
+    # hashes those bytes and reuses a result cached for them, or scans them.
+    tasks = [path for path, _ in plan]
     try:
         if options.jobs == 1 or len(tasks) <= 1:
             scanner = Scanner(policy, cache)
-            for path, lookup in tasks:
-                on_done(path, scanner.safe_process(path, lookup))
+            for path in tasks:
+                on_done(path, scanner.safe_process(path))
         else:
             config = PoolConfig(options.policy, options.allow, options.cache_dir, options.jobs)
             run_parallel(tasks, config, policy, on_done)

@@ -6,7 +6,6 @@ worker that dies costs only the file that killed it: see run_parallel.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import platform
@@ -44,7 +43,7 @@ class PoolConfig:
 @dataclass(frozen=True)
 class Outcome:
     report: ScanReport
-    cached: bool = False  # the result came from the cache (after hashing, with --rehash)
+    cached: bool = False  # the result was found in the cache by the hash of the bytes read
     stat_key: str | None = None  # identity under which report.sha256 may be remembered
     report_json: str | None = None  # the report as a worker sent it (cached as it is, not re-dumped)
     reused: bool = False  # the same bytes were scanned earlier in this run: that report, this path
@@ -61,33 +60,6 @@ class Scanner:
         self.seen: dict[str, ScanReport] = {}
         self._cached: set[str] | None = None  # what the cache holds results for (None: ask it)
         self._cached_loaded = False
-
-    def process(self, path: str, lookup: bool) -> Outcome:
-        """`lookup`: hash the file first and reuse a result cached for its bytes; scan on a miss."""
-        if lookup and self.cache is not None:
-            hit = self._lookup(path, self.cache)
-            if hit is not None:
-                return hit
-        return self.scan(path)
-
-    def _lookup(self, path: str, cache: AuditCache) -> Outcome | None:
-        try:
-            before = os.stat(path)
-            if not stat.S_ISREG(before.st_mode):
-                return None
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    digest.update(chunk)
-            after = os.stat(path)
-        except OSError:
-            return None  # the scan will say what is wrong with it
-        if _identity(after) != _identity(before):
-            return None
-        report = cache.get_report(digest.hexdigest(), self.policy.hash, __version__)
-        if report is None:
-            return None
-        return Outcome(reapply_waivers(report, self.policy), cached=True, stat_key=stat_key(after))
 
     def scan(self, path: str) -> Outcome:
         try:
@@ -142,10 +114,10 @@ class Scanner:
             self._cached_loaded = True
         return self._cached is None or digest in self._cached
 
-    def safe_process(self, path: str, lookup: bool) -> Outcome:
+    def safe_process(self, path: str) -> Outcome:
         """As process, but a bug (ours) becomes this file's internal-error finding, never the audit's end."""
         try:
-            return self.process(path, lookup)
+            return self.scan(path)
         except Exception as exc:
             return Outcome(
                 _internal_error(path, self.policy, f"audit failed on this file: {type(exc).__name__}: {exc}")
@@ -154,15 +126,14 @@ class Scanner:
     def batch(self, tasks: list[Task]) -> list[Result]:
         # JSON crosses the process boundary: results are data, never pickled objects.
         out = []
-        for path, lookup in tasks:
-            o = self.safe_process(path, lookup)
+        for path in tasks:
+            o = self.safe_process(path)
             out.append((o.report.model_dump_json(), o.cached, o.stat_key, o.reused))
         return out
 
 
-Task = tuple[str, bool]  # (path, look the hash up in the cache before scanning)
+Task = str  # a path to scan (its hash is looked up in the cache from the bytes read)
 Result = tuple[str, bool, str | None, bool]  # (report JSON, cached, stat key, reused)
-_HASH_CHUNK = 8 << 20
 # Reports a scanner remembers by hash to reuse for copies of the same bytes.
 _SEEN_MAX = 4096
 
@@ -272,7 +243,7 @@ def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, o
                 except BrokenProcessPool:
                     unfinished.extend(batch)
                     continue
-                for (path, _lookup), result in zip(batch, results, strict=True):
+                for path, result in zip(batch, results, strict=True):
                     on_done(path, _outcome(result))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -288,15 +259,15 @@ def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done
     deaths = 0
     pool: ProcessPoolExecutor | None = None
     try:
-        for i, (path, lookup) in enumerate(tasks):
+        for i, path in enumerate(tasks):
             if deaths >= _MAX_DEATHS_IN_A_ROW:
                 # Workers die whatever they are given: the environment is broken, not these files.
-                for rest, _ in tasks[i:]:
+                for rest in tasks[i:]:
                     on_done(rest, Outcome(_internal_error(rest, policy, "worker processes keep dying")))
                 return
             pool = pool or _new_pool(config, policy, 1)
             try:
-                (result,) = pool.submit(_worker_batch, [(path, lookup)]).result()
+                (result,) = pool.submit(_worker_batch, [path]).result()
             except BrokenProcessPool:
                 pool.shutdown(wait=False)
                 pool = None

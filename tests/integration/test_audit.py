@@ -482,10 +482,10 @@ def test_workers_that_always_die_fail_closed(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(audit_workers, "_new_pool", dying_pool)
     done: dict[str, object] = {}
-    tasks = [(str(p), False) for p in sorted(folder.iterdir())]
+    tasks = [str(p) for p in sorted(folder.iterdir())]
     config = audit_workers.PoolConfig("default", (), None, 2)
     audit_workers.run_parallel(tasks, config, policy, lambda path, o: done.setdefault(path, o))
-    assert set(done) == {p for p, _ in tasks}
+    assert set(done) == set(tasks)
     for outcome in done.values():
         assert outcome.report.verdict is Verdict.UNSCANNABLE  # type: ignore[attr-defined]
         assert outcome.report.findings[0].code == "SL207"  # type: ignore[attr-defined]
@@ -533,12 +533,12 @@ def test_a_pool_that_breaks_while_batches_are_handed_out(
 
     monkeypatch.setattr(audit_workers, "_new_pool", new_pool)
     done: dict[str, audit_workers.Outcome] = {}
-    tasks = [(str(p), False) for p in sorted(folder.iterdir())]
+    tasks = [str(p) for p in sorted(folder.iterdir())]
     audit_workers.run_parallel(
         tasks, audit_workers.PoolConfig("default", (), None, 2), policy, done.setdefault
     )
     assert pools[0] == "round" and "isolated" in pools
-    assert set(done) == {p for p, _ in tasks}
+    assert set(done) == set(tasks)
     assert {o.report.verdict for o in done.values()} == {Verdict.SAFE}
 
 
