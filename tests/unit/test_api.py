@@ -128,3 +128,13 @@ def test_waiver_marks_finding_waived(tmp_path: Path) -> None:
     waived = [f for f in report.findings if f.waived]
     assert waived and waived[0].waiver_reason == "reviewed by the model team"
     assert safeload.scan_bytes(data[:-1] + b"\x85.", policy=str(policy)).verdict is not Verdict.SAFE
+
+
+def test_report_versions_match_installed_metadata() -> None:
+    from importlib import metadata
+
+    from safeload.api import _installed_version
+
+    for dist in ("numpy", "pydantic", "fickling"):
+        assert _installed_version(dist) == metadata.version(dist)
+    assert _installed_version("no-such-distribution-safeload-test") is None
