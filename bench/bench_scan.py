@@ -103,7 +103,12 @@ def main() -> None:
     ap.add_argument(
         "--other-mb", type=int, default=256, help="legacy torch, compressed joblib, gzip pickle (MB before compression)"
     )
-    ap.add_argument("--repeat", type=int, default=5, help="passes per tool and case: the best is compared")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="passes per tool and case, at least (fast scans get more, up to half a second): the best is compared",
+    )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     cases = []
@@ -166,7 +171,8 @@ def main() -> None:
                 coverage(r, base),
             ])
     print(table(rows, ["case", "tool", "seconds", "first pass", "MB/s", "peak RSS MB", "time vs safeload", "read"]))
-    print("seconds: the best of --repeat passes (compared); first pass: the first, with what each tool")
+    print("seconds: the best pass (compared; at least --repeat passes, more for fast scans); first pass:")
+    print("the first, with what each tool")
     print("imports or builds on first use.")
     print("read: PARTIAL means the tool stopped part way (a parse error, a skipped file); 'k of n globals'")
     print("counts the (file, global) pairs it reported against safeload's. Either way its time is then no")

@@ -104,7 +104,9 @@ def analyse(
         # Pages of the file a reader is done with may go (compressed input); with pin_streams the
         # loader may still map storages from the file, so nothing is let go.
         release = None if pin_streams else source.release
-        container = open_container(source.buffer, path=source.path, limits=policy.limits, release=release)
+        container = open_container(
+            source.buffer, path=source.path, limits=policy.limits, release=release, peek=source.peek
+        )
         findings.extend(container.findings)
         for stream in container.streams:
             if pin_streams:

@@ -68,7 +68,7 @@ class PickleStream:
     walked: WalkResult | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a large checkpoint indexes thousands, and frozen ones cost 3x to build
 class StorageEntry:
     key: str
     data: memoryview  # the storage bytes (a slice of the buffer when stored, else decompressed)
@@ -123,6 +123,15 @@ class ReadContext:
     # For the file's own mapped buffer only: let go of pages of buf[start:end] a reader has read
     # through and will not need again (compressed input), so that memory does not grow with it.
     release: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
+    # For the file's own buffer only: buf[offset:offset + size] read without mapping its page (see
+    # Source.peek), for the few bytes a reader takes from each of many far-apart pages.
+    peek_file: Callable[[int, int], bytes | memoryview] | None = field(default=None, compare=False, repr=False)
+
+    def peek(self, buf: memoryview, offset: int, size: int) -> bytes | memoryview:
+        """buf[offset:offset + size], shorter at the end; ``buf`` is this context's buffer."""
+        if self.peek_file is not None:
+            return self.peek_file(offset, size)
+        return buf[offset : offset + size]
 
     def child_member(self, name: str) -> str:
         return name if self.member is None else f"{self.member}{NEST_SEP}{name}"

@@ -120,11 +120,17 @@ class _State:
 
 
 def open_container(
-    buf: memoryview, *, path: str, limits: Limits, release: Callable[[int, int], None] | None = None
+    buf: memoryview,
+    *,
+    path: str,
+    limits: Limits,
+    release: Callable[[int, int], None] | None = None,
+    peek: Callable[[int, int], bytes | memoryview] | None = None,
 ) -> Container:
     """Read a buffer into streams, storages and findings. Never raises on bad bytes.
 
     release: drops pages of ``buf`` (a mapped file) that a reader has read through for good.
+    peek: reads ``buf[offset:offset + size]`` without mapping its page (Source.peek).
     """
     buf = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
     state = _State(path=path, limits=limits, budget=Budget(limits.max_decompressed_bytes))
@@ -136,7 +142,14 @@ def open_container(
         )
         return Container(findings=state.findings)
     ctx = ReadContext(
-        path=path, member=None, file_offset=0, depth=0, limits=limits, budget=state.budget, release=release
+        path=path,
+        member=None,
+        file_offset=0,
+        depth=0,
+        limits=limits,
+        budget=state.budget,
+        release=release,
+        peek_file=peek,
     )
     _read(buf, ctx, state, whole=True)
     return _merge(state)

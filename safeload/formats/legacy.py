@@ -262,7 +262,8 @@ class _Sequence(_Base):
             if pos + 8 > len(buf):
                 self.note("SL205", f"storage {escape(key)}: the file ends before its element count", pos)
                 return
-            (count,) = struct.unpack_from("<q", buf, pos)
+            # Read without mapping the page: one per storage, far apart in a large file.
+            (count,) = struct.unpack_from("<q", self.ctx.peek(buf, pos, 8))
             nbytes = count * size
             if count < 0 or pos + 8 + nbytes > len(buf):
                 self.note(

@@ -451,13 +451,22 @@ class _Reader:
     ) -> tuple[bytes | None, int | None, int | None]:
         """The local header's name, flags and where the data starts, reporting where it disagrees
         with the central directory (miniz uses only the header's two lengths)."""
-        loc = None if header < 0 or header + _LOCAL.size > len(self.buf) else _LOCAL.unpack_from(self.buf, header)
+        # One peek for the header and, when it matches, the name: each member's header sits on its
+        # own page of a large checkpoint.
+        head = None if header < 0 or header + _LOCAL.size > len(self.buf) else self.ctx.peek(
+            self.buf, header, _LOCAL.size + len(raw_name)
+        )
+        loc = None if head is None or len(head) < _LOCAL.size else _LOCAL.unpack_from(head)
         if loc is None or loc[0] != LOCAL_SIG:
             self.note("SL205", "no local file header where the central directory points", member, header)
             return None, None, None
         (_, _, lflags, lmethod, _, _, lcrc, lcomp, lsize, nlen, xlen) = loc
         name_at = header + _LOCAL.size
-        local_name = bytes(self.buf[name_at : name_at + nlen])
+        local_name = (
+            bytes(head[_LOCAL.size : _LOCAL.size + nlen])
+            if nlen <= len(raw_name)
+            else bytes(self.ctx.peek(self.buf, name_at, nlen))
+        )
         if local_name != raw_name:
             self.note(
                 "SL302",
@@ -549,11 +558,12 @@ class _Reader:
 
     def _descriptor_len(self, at: int) -> int:
         """Data descriptors are 12-24 bytes; take the length after which the next record starts."""
-        buf = self.buf
-        base = 4 if buf[at : at + 4] == DESCRIPTOR_SIG else 0
+        # 4 + 20 + 4: a signature, the longest body, the next record's signature.
+        near = bytes(self.ctx.peek(self.buf, at, 28)) if at >= 0 else b""
+        base = 4 if near[:4] == DESCRIPTOR_SIG else 0
         for body in (12, 20):
-            start = at + base + body
-            if buf[start : start + 4] in _NEXT_RECORD:
+            start = base + body
+            if near[start : start + 4] in _NEXT_RECORD:
                 return base + body
         return base + 12
 

@@ -318,3 +318,35 @@ def test_entry_hidden_past_the_eocd_count(sources: dict[str, bytes], in_marker_d
     assert "SL306" in codes(c)
     assert any(s.member == "model/hidden.pkl" and PAYLOAD_TEXT in bytes(s.data) for s in c.streams)
     assert not in_marker_dir.exists()
+
+
+def _container_summary(c: Container) -> object:
+    return (
+        c.formats,
+        [(f.code, f.message, f.member, f.offset, f.file_offset) for f in c.findings],
+        [(s.member, s.file_offset, s.role, s.loadable, bytes(s.data)) for s in c.streams],
+        {k: (v.file_offset, len(v.data)) for k, v in c.storages.items()},
+        c.meta,
+    )
+
+
+def test_headers_read_through_peek_match_the_mapping(
+    tricks: dict[str, bytes], sources: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A mapped file's local headers, descriptors and storage counts are read with pread
+    (Source.peek); every archive, tricks included, reads the same as from its bytes."""
+    from safeload.source import open_source
+
+    legacy = save_checkpoint(tmp_path / "legacy.pt", legacy=True)
+    for name, data in {**sources, **tricks, "legacy": legacy}.items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(data)
+        source = open_source(path, use_mmap=True, max_bytes=1 << 30)
+        assert source.mapped
+        peeked = open_container(source.buffer, path="checkpoint", limits=Limits(), peek=source.peek)
+        assert _container_summary(peeked) == _container_summary(scan(data)), name
+        # The readers really take those bytes from peek: wrong bytes there change what they see.
+        blind = open_container(
+            source.buffer, path="checkpoint", limits=Limits(), peek=lambda offset, size: b"\0" * size
+        )
+        assert _container_summary(blind) != _container_summary(peeked), name
