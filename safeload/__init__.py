@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from safeload import errors
 from safeload.codes import Severity
-from safeload.model import Finding, ScanReport, Verdict
+
+if TYPE_CHECKING:
+    from safeload.model import Finding, ScanReport, Verdict
 
 __version__ = "0.1.0"
 
@@ -25,8 +29,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # Keep `import safeload` light: policy/api/loader load on first use.
-    if name in ("scan", "scan_bytes", "load", "loads"):
+    # Keep `import safeload` light: the result models (pydantic), policy, api and loader load on
+    # first use (a replayed audit report needs none of them).
+    if name in ("Finding", "ScanReport", "Verdict"):
+        from safeload import model
+
+        value = getattr(model, name)
+    elif name in ("scan", "scan_bytes", "load", "loads"):
         from safeload import api
 
         value = getattr(api, name)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import platform
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
-from safeload import __version__
 from safeload.analysis.evaluate import evaluate_stream
 from safeload.analysis.joblib_arrays import is_wrapper
 from safeload.analysis.replay import could_import, differential, replay_imports
@@ -45,6 +40,7 @@ from safeload.model import (
 )
 from safeload.policy import Policy, load_policy
 from safeload.source import Source, from_bytes, open_source
+from safeload.versions import versions
 
 PolicySpec = str | os.PathLike[str] | Policy
 
@@ -258,32 +254,7 @@ def _apply_waiver(finding: Finding, digest: str, policy: Policy) -> Finding:
 
 
 def _versions() -> dict[str, str]:
-    return dict(_versions_once())
-
-
-@functools.cache
-def _versions_once() -> tuple[tuple[str, str], ...]:
-    # Reading package metadata costs more than scanning a small file: once per process.
-    out = {"safeload": __version__, "python": platform.python_version()}
-    for dist in ("fickling", "numpy", "torch"):
-        version = _installed_version(dist)
-        if version is not None:
-            out[dist] = version
-    return tuple(out.items())
-
-
-_VERSION_LINE = re.compile(r"^Version:[ \t]*(\S+)", re.MULTILINE)
-
-
-def _installed_version(dist: str) -> str | None:
-    """The Version header of an installed distribution. `metadata.version` parses the whole file
-    with the email package: four times slower, and the first scan in a process paid for it."""
-    try:
-        text = metadata.distribution(dist).read_text("METADATA") or ""
-    except metadata.PackageNotFoundError:
-        return None
-    found = _VERSION_LINE.search(text.partition("\n\n")[0])
-    return found.group(1) if found else None
+    return dict(versions())
 
 
 def unreadable_report(path: str, exc: SafeloadError, policy: Policy) -> ScanReport:

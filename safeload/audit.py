@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safeload import __version__
-from safeload.audit_cache import AuditCache, stat_key
-from safeload.audit_model import AuditRun, AuditStats
+from safeload.audit_cache import AuditCache, cacheable, stat_key
+from safeload.audit_model import AuditRun, AuditStats, RunCounts
 from safeload.audit_views import (
     AuditError,
     apply_baseline,
@@ -63,10 +64,18 @@ ProgressFn = Callable[[Progress], None]
 
 
 def audit(
-    paths: Sequence[str], options: AuditOptions | None = None, progress: ProgressFn | None = None
+    paths: Sequence[str],
+    options: AuditOptions | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    groups: list[FileGroup] | None = None,
 ) -> AuditRun:
     """Audit files and directory trees. Raises AuditError or PolicyError for usage problems only;
-    every file problem becomes a finding in the report."""
+    every file problem becomes a finding in the report.
+
+    groups: the tree as ``collect(paths, exclude=[cache_dir])`` walked it just now (audit_memo
+    walks first, to look for a report to replay); otherwise it is walked here.
+    """
     # Not safeload.api: a fully cached run then never imports the scanner (most of its start-up).
     from safeload.policy import load_policy
 
@@ -77,7 +86,8 @@ def audit(
     known = load_baseline(options.baseline) if options.baseline is not None else None
     cache = AuditCache(options.cache_dir) if options.cache_dir is not None else None
 
-    groups = collect(paths, exclude=[str(options.cache_dir)] if options.cache_dir is not None else [])
+    if groups is None:
+        groups = collect(paths, exclude=[str(options.cache_dir)] if options.cache_dir is not None else [])
     total = sum(not g.inert for g in groups)
     done = 0
     notify = progress or (lambda _event: None)
@@ -141,11 +151,8 @@ def audit(
     stats = AuditStats(
         paths=sum(len(g.reported_paths()) for g in groups),
         files=len({file_identity(g.report) for g in groups if g.report is not None}),
-        scanned=scanned,
-        from_cache=sum(1 for g in groups if g.cached),
-        hash_cache_hits=hash_hits,
     )
-    return AuditRun(
+    run = AuditRun(
         version=__version__,
         policy=policy.name,
         reports=tuple(reports),
@@ -157,6 +164,18 @@ def audit(
         policy_checks=checks,
         baseline=baseline_info,
     )
+    today = date.today()
+    in_force = [w.expires for p in compared for w in p.waivers if w.expires >= today]
+    run._counts = RunCounts(
+        scanned=scanned,
+        from_cache=sum(1 for g in groups if g.cached),
+        hash_cache_hits=hash_hits,
+        replayable=cache is not None
+        and all(g.error is None and (g.report is None or cacheable(g.report)) for g in groups),
+        policy_sources=tuple(dict.fromkeys(d for p in compared for d in p.source_digests)),
+        changes_on=min(in_force) + timedelta(days=1) if in_force else None,
+    )
+    return run
 
 
 def _resolve_from_cache(

@@ -13,6 +13,9 @@ someone with root or raw disk access. An inode number reused by a new file comes
 `--rehash` ignores the remembered hashes (every file is read and hashed again; results are still
 reused by content).
 
+The same file keeps the last few whole reports for replay (see audit_memo): a tree in which no
+file's identity changed, audited the same way, gets its report back without a scan.
+
 The cache directory must be as trusted as safeload itself: whoever can write it can mark a file
 SAFE. Entries are validated, and one that does not parse or does not match its key is a miss; a
 file that is not a database of this format is set aside and started afresh.
@@ -33,10 +36,10 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from safeload.model import ScanReport
+if TYPE_CHECKING:
+    from safeload.model import ScanReport
 
 CACHE_FORMAT = 2
 DB_NAME = "cache.sqlite3"
@@ -50,7 +53,12 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS hashes (stat_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
     "policy_hash TEXT NOT NULL, version TEXT NOT NULL, report TEXT NOT NULL)",
+    # Whole audit reports for replay (audit_memo), as UTF-8.
+    "CREATE TABLE IF NOT EXISTS runs (key TEXT PRIMARY KEY, stored REAL NOT NULL, valid_until TEXT, "
+    "sources TEXT NOT NULL, exit_code INTEGER NOT NULL, summary TEXT NOT NULL, report BLOB NOT NULL)",
 )
+# Replayable reports kept (the most recent): one per tree and way of auditing it.
+KEEP_RUNS = 8
 
 
 def stat_key(st: os.stat_result) -> str:
@@ -150,6 +158,11 @@ class AuditCache:
 
     def get_reports(self, shas: Iterable[str], policy_hash: str, version: str) -> dict[str, ScanReport]:
         """The cached, valid reports among ``shas`` (one query per few hundred, not one each)."""
+        # Here, not at the top: a replayed run (audit_memo) opens the cache without the models.
+        from pydantic import ValidationError
+
+        from safeload.model import ScanReport
+
         db = self._connect()
         if db is None:
             return {}
@@ -199,6 +212,41 @@ class AuditCache:
         text = text if text is not None else report.model_dump_json()
         self._results.append((key, report.sha256, report.policy_hash, version, text))
         self._maybe_flush()
+
+    # -- whole reports ---------------------------------------------------------------------------
+
+    def get_run(self, key: str) -> tuple[str | None, str, int, str, bytes] | None:
+        """(valid_until, sources, exit_code, summary, report) stored under ``key``, if any."""
+        db = self._connect()
+        if db is None:
+            return None
+        try:
+            row = db.execute(
+                "SELECT valid_until, sources, exit_code, summary, report FROM runs WHERE key = ?", (key,)
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+
+    def put_run(
+        self, key: str, *, valid_until: str | None, sources: str, exit_code: int, summary: str, report: bytes
+    ) -> None:
+        """Store a report for replay now (not buffered), keeping the KEEP_RUNS most recent."""
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            with _transaction(db):
+                db.execute(
+                    "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, time.time(), valid_until, sources, exit_code, summary, report),
+                )
+                db.execute(
+                    "DELETE FROM runs WHERE key NOT IN (SELECT key FROM runs ORDER BY stored DESC LIMIT ?)",
+                    (KEEP_RUNS,),
+                )
+        except sqlite3.Error:
+            pass  # not kept: the next run audits as usual
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -6,9 +6,11 @@ the scanner, and so that the published JSON schema is generated from these class
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from safeload.model import ScanRun
 
@@ -55,11 +57,27 @@ class BaselineInfo(_Frozen):
 
 
 class AuditStats(_Frozen):
+    """The registry's size. How a run got its results (scanned, cached) is no part of the report:
+    an unchanged registry gives the same report, byte for byte (see RunCounts)."""
+
     paths: int = Field(description="Paths reported (every link to a file counts)")
     files: int = Field(description="Distinct files by content")
-    scanned: int = Field(description="Files scanned in this run")
-    from_cache: int = Field(description="Files whose result came from the cache")
-    hash_cache_hits: int = Field(default=0, description="Files whose sha256 came from the cache, unread")
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """How this run got its results; printed on stderr, never written into the report."""
+
+    scanned: int = 0  # files scanned in this run
+    from_cache: int = 0  # files whose result came from the cache
+    hash_cache_hits: int = 0  # files whose sha256 came from the cache, unread
+    # The report may be replayed for an unchanged tree: no file was unreadable and no result
+    # depends on this run's circumstances (see audit_memo).
+    replayable: bool = False
+    # (policy file, sha256 of the bytes read) for every policy the run used.
+    policy_sources: tuple[tuple[str, str], ...] = ()
+    # The day the first waiver still in force lapses: the report would differ from then on.
+    changes_on: date | None = None
 
 
 class AuditRun(ScanRun):
@@ -71,3 +89,8 @@ class AuditRun(ScanRun):
     inventory: tuple[GlobalCount, ...] = ()
     policy_checks: tuple[PolicyCheck, ...] = ()
     baseline: BaselineInfo | None = None
+    _counts: RunCounts = PrivateAttr(default_factory=RunCounts)
+
+    @property
+    def counts(self) -> RunCounts:
+        return self._counts

@@ -11,11 +11,13 @@ import re
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from safeload.model import ScanReport
+if TYPE_CHECKING:
+    from safeload.model import ScanReport
 
 
-@dataclass
+@dataclass(slots=True)
 class FileGroup:
     """Every path that reaches one file (same device and inode), or one path that could not be read."""
 
@@ -53,9 +55,9 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = ()) -> list[FileGroup
             continue
         skip_dirs.add((st.st_dev, st.st_ino))
 
-    def add(path: str, named: bool, is_link: bool) -> None:
+    def add(path: str, named: bool, is_link: bool, st: os.stat_result | None = None) -> None:
         try:
-            st = os.stat(path)
+            st = st or os.stat(path)
         except OSError as exc:
             _error_group(groups, path, f"cannot stat: {exc.strerror or exc}", named)
             return
@@ -77,8 +79,8 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = ()) -> list[FileGroup
 
     for given in paths:
         if os.path.isdir(given):
-            for path, is_link in _walk(given, groups, skip_dirs):
-                add(path, False, is_link)
+            for path, is_link, st in _walk(given, groups, skip_dirs):
+                add(path, False, is_link, st)
         else:
             add(given, True, os.path.islink(given))
     return list(groups.values())
@@ -99,9 +101,10 @@ def _is_ref(path: str, st: os.stat_result) -> bool:
 
 def _walk(
     root: str, groups: dict[object, FileGroup], skip_dirs: set[tuple[int, int]]
-) -> Iterator[tuple[str, bool]]:
-    """(path, is a link) for files under root, depth first in name order. Directory links are
-    followed once each; a loop is cut. A directory that cannot be listed is reported, not skipped."""
+) -> Iterator[tuple[str, bool, os.stat_result | None]]:
+    """(path, is a link, its stat when the listing had it) for files under root, depth first in
+    name order. Directory links are followed once each; a loop is cut. A directory that cannot be
+    listed is reported, not skipped."""
     seen = set(skip_dirs)
     stack = [root]
     while stack:
@@ -124,8 +127,14 @@ def _walk(
                 is_dir = False
             if is_dir:
                 subdirs.append(entry.path)
-            else:
-                yield entry.path, entry.is_symlink()
+                continue
+            link = entry.is_symlink()
+            try:
+                # The listing's own stat (it follows links, as os.stat does): one call fewer.
+                st = entry.stat()
+            except OSError:
+                st = None  # add() stats it again and reports why it cannot
+            yield entry.path, link, st
         stack.extend(reversed(subdirs))
 
 

@@ -11,11 +11,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from safeload import __version__
 from safeload.codes import Effect
-from safeload.model import ScanReport, Verdict
+
+if TYPE_CHECKING:
+    from safeload.model import ScanReport
 
 EXIT_CLEAN = 0
 EXIT_UNSAFE = 1
@@ -155,6 +157,8 @@ def _no_model_format(report: ScanReport) -> bool:
     Such a file cannot run code under any unpickler: a call needs a callable, and callables only
     come from imports (a differential would have been reported as UNSAFE).
     """
+    from safeload.model import Verdict
+
     findings = report.findings
     if not findings:
         return False

@@ -53,10 +53,15 @@ def register(subparsers: Any) -> None:
         "-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout"
     )
     p.add_argument(
-        "--cache", metavar="DIR", help="reuse results by (sha256, policy, safeload version) from DIR"
+        "--cache",
+        metavar="DIR",
+        help="reuse results by (sha256, policy, safeload version) from DIR; an unchanged tree audited "
+        "the same way replays the last report",
     )
     p.add_argument(
-        "--rehash", action="store_true", help="hash every file again even when its stat is unchanged"
+        "--rehash",
+        action="store_true",
+        help="hash every file again even when its stat is unchanged (and replay no report)",
     )
     p.add_argument(
         "--baseline", metavar="FILE", help="an earlier JSON report: show and count only what is new"
@@ -81,6 +86,20 @@ def output_format(fmt: str | None, output: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    fmt = output_format(args.format, args.output)
+    started = time.monotonic()
+    memo = _memo(args, fmt) if args.cache and not args.rehash else None
+    replay = memo.lookup() if memo is not None else None
+    if replay is not None:
+        _write(args.output, replay.text)
+        print(
+            f"safeload audit: {replay.paths} paths, {replay.files} distinct files, 0 scanned, "
+            f"{replay.files} from cache, {replay.skipped} skipped in {time.monotonic() - started:.1f}s "
+            f"(nothing changed since the last audit: its report replayed); exit {replay.exit_code}",
+            file=sys.stderr,
+        )
+        return replay.exit_code
+
     from safeload.audit import COMPARED_POLICIES, AuditError, AuditOptions, audit
     from safeload.report import render
 
@@ -93,26 +112,54 @@ def run(args: argparse.Namespace) -> int:
         rehash=args.rehash,
         compare=tuple(args.compare) if args.compare else COMPARED_POLICIES,
     )
-    fmt = output_format(args.format, args.output)
-    started = time.monotonic()
     try:
         with _ProgressDisplay(enabled=not args.no_progress) as progress:
-            result = audit(args.paths, options, progress=progress)
+            result = audit(args.paths, options, progress=progress, groups=memo.groups if memo else None)
     except AuditError as exc:
         print(f"safeload audit: {exc}", file=sys.stderr)
         return EXIT_USAGE
     text = render(result, fmt, verbose=args.verbose)
-    if args.output:
-        write_atomic(Path(args.output), text)
-    else:
-        sys.stdout.write(text)
-    s = result.stats
+    _write(args.output, text)
+    s, c = result.stats, result.counts
+    if memo is not None and c.replayable:
+        memo.store(
+            text,
+            exit_code=result.exit_code,
+            paths=s.paths,
+            files=s.files,
+            skipped=len(result.skipped),
+            sources=c.policy_sources,
+            valid_until=c.changes_on,
+        )
     print(
-        f"safeload audit: {s.paths} paths, {s.files} distinct files, {s.scanned} scanned, {s.from_cache} from cache, "
+        f"safeload audit: {s.paths} paths, {s.files} distinct files, {c.scanned} scanned, {c.from_cache} from cache, "
         f"{len(result.skipped)} skipped in {time.monotonic() - started:.1f}s; exit {result.exit_code}",
         file=sys.stderr,
     )
     return result.exit_code
+
+
+def _memo(args: argparse.Namespace, fmt: str) -> Any:
+    from safeload.audit_cache import AuditCache
+    from safeload.audit_memo import RunMemo, RunSpec
+
+    spec = RunSpec(
+        paths=tuple(args.paths),
+        policy=args.policy,
+        allow=tuple(args.allow),
+        compare=tuple(args.compare or ()),
+        fmt=fmt,
+        verbose=args.verbose,
+        baseline=args.baseline,
+    )
+    return RunMemo(AuditCache(args.cache), spec, exclude=[args.cache])
+
+
+def _write(output: str | None, text: str) -> None:
+    if output:
+        write_atomic(Path(output), text)
+    else:
+        sys.stdout.write(text)
 
 
 def write_atomic(target: Path, text: str) -> None:

@@ -220,6 +220,9 @@ class Policy:
     # name (or "prefix.*") -> the file that allowed it, or "allow=" for call-site names
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     floor: Floor | None = None
+    # (source, sha256 of the bytes parsed) for every file in `sources`: what a replayed audit
+    # report (audit_memo) checks the files against, without loading the policy.
+    source_digests: tuple[tuple[str, str], ...] = ()
     # Decisions already made (a policy serves many files naming the same few globals). Bounded:
     # names come from files, and a hostile one can name a million distinct globals.
     _decided: dict[str, Decision] = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -322,6 +325,7 @@ class Policy:
             waivers=self.waivers,
             sources=self.sources,
             fl=fl,
+            source_digests=self.source_digests,
         )
 
     def waiver_for(
@@ -352,6 +356,7 @@ def _make_policy(
     waivers: Iterable[Waiver],
     sources: Iterable[str],
     fl: Floor,
+    source_digests: Iterable[tuple[str, str]] = (),
 ) -> Policy:
     allowed_set = frozenset(allowed)
     wildcard_set = frozenset(wildcards)
@@ -383,6 +388,7 @@ def _make_policy(
         wildcards=wildcard_set,
         origins=origins_view,
         floor=fl,
+        source_digests=tuple(dict.fromkeys(source_digests)),
     )
 
 
@@ -507,6 +513,7 @@ class _Resolved:
     limits: Mapping[str, Any]  # explicitly set Limits fields, merged along extends
     waivers: tuple[Waiver, ...]
     sources: tuple[str, ...]
+    digests: tuple[tuple[str, str], ...] = ()  # (source, sha256 of its bytes), as sources
 
 
 _Key = tuple[str, str]  # ("builtin", name) or ("file", absolute path)
@@ -553,11 +560,13 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
     limits: dict[str, Any] = {}
     waivers: list[Waiver] = []
     sources: list[str] = []
+    digests: list[tuple[str, str]] = []
     for parent in parents:
         entries.update(parent.entries)
         limits.update(parent.limits)
         waivers.extend(parent.waivers)
         sources.extend(parent.sources)
+        digests.extend(parent.digests)
 
     for i, entry in enumerate(model.allow):
         name = entry.global_
@@ -584,6 +593,7 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
         waivers.append(Waiver(w.sha256.lower(), w.code, w.global_, w.reason, w.expires))
 
     sources.append(label)
+    digests.append((label, hashlib.sha256(data).hexdigest()))
     resolved = _Resolved(
         name=model.name or default_name,
         description=model.description,
@@ -591,6 +601,7 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
         limits=MappingProxyType(limits),
         waivers=tuple(dict.fromkeys(waivers)),
         sources=tuple(dict.fromkeys(sources)),
+        digests=tuple(dict.fromkeys(digests)),
     )
     if not resolved.entries:
         raise PolicyError(f"{label}: allow: the policy allows nothing (add [[allow]] entries or extends)")
@@ -638,6 +649,7 @@ def _build(resolved: _Resolved) -> Policy:
         waivers=resolved.waivers,
         sources=resolved.sources,
         fl=floor(),
+        source_digests=resolved.digests,
     )
 
 

@@ -1,34 +1,47 @@
-"""Report renderers. They read the result model; they never scan."""
+"""Report renderers. They read the result model; they never scan.
+
+Renderers are imported when a report is rendered: the command line lists the format names before
+it knows whether it will render anything (a replayed audit report renders nothing).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from safeload.model import ScanRun
-from safeload.report.audit_text import render_text
-from safeload.report.html import render_html
-from safeload.report.markdown import render_markdown
-from safeload.report.sarif import render_sarif
+if TYPE_CHECKING:
+    from safeload.model import ScanRun
 
 Renderer = Callable[..., str]
 
-
-def render_json(run: ScanRun, *, verbose: bool = False) -> str:
-    # Imported on use: json_report is also run as a script (--write-schema), and importing it here
-    # first would make `python -m safeload.report.json_report` warn about a double import.
-    from safeload.report import json_report
-
-    return json_report.render_json(run, verbose=verbose)
+FORMATS: tuple[str, ...] = ("text", "json", "sarif", "html", "markdown")
 
 
-FORMATS: dict[str, Renderer] = {
-    "text": render_text,
-    "json": render_json,
-    "sarif": render_sarif,
-    "html": render_html,
-    "markdown": render_markdown,
-}
+def renderer(fmt: str) -> Renderer:
+    if fmt == "text":
+        from safeload.report.audit_text import render_text
+
+        return render_text
+    if fmt == "json":
+        # Not at the top: json_report is also run as a script (--write-schema), and importing it
+        # with this package would make `python -m safeload.report.json_report` warn of a double import.
+        from safeload.report.json_report import render_json
+
+        return render_json
+    if fmt == "sarif":
+        from safeload.report.sarif import render_sarif
+
+        return render_sarif
+    if fmt == "html":
+        from safeload.report.html import render_html
+
+        return render_html
+    if fmt == "markdown":
+        from safeload.report.markdown import render_markdown
+
+        return render_markdown
+    raise KeyError(fmt)
 
 
 def render(run: ScanRun, fmt: str, *, verbose: bool = False) -> str:
-    return FORMATS[fmt](run, verbose=verbose)
+    return renderer(fmt)(run, verbose=verbose)

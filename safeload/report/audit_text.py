@@ -15,9 +15,7 @@ def render_text(run: ScanRun, *, verbose: bool = False) -> str:
     if not isinstance(run, AuditRun):
         return text
     s = run.stats
-    lines = [
-        f"{s.paths} path(s), {s.files} distinct file(s): {s.scanned} scanned, {s.from_cache} from the cache"
-    ]
+    lines = [f"{s.paths} path(s), {s.files} distinct file(s)"]
     if run.baseline is not None:
         b = run.baseline
         lines.append(

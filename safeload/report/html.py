@@ -84,8 +84,6 @@ def _summary(run: ScanRun) -> str:
     ]
     if isinstance(run, AuditRun):
         cards.append(_card(run.stats.files, "distinct files"))
-        cards.append(_card(run.stats.scanned, "scanned now"))
-        cards.append(_card(run.stats.from_cache, "from cache"))
     waived = sum(1 for r in run.reports for f in r.findings if f.waived)
     if waived:
         cards.append(_card(waived, "waived findings"))

@@ -44,9 +44,7 @@ def render_markdown(run: ScanRun, *, verbose: bool = False) -> str:
     ]
     if isinstance(run, AuditRun):
         s = run.stats
-        out.append(
-            f"\n{s.paths} paths, {s.files} distinct files: {s.scanned} scanned now, {s.from_cache} from the cache."
-        )
+        out.append(f"\n{s.paths} paths, {s.files} distinct files.")
         if run.baseline is not None:
             b = run.baseline
             out.append(

@@ -133,7 +133,7 @@ def test_waiver_marks_finding_waived(tmp_path: Path) -> None:
 def test_report_versions_match_installed_metadata() -> None:
     from importlib import metadata
 
-    from safeload.api import _installed_version
+    from safeload.versions import installed_version as _installed_version
 
     for dist in ("numpy", "pydantic", "fickling"):
         assert _installed_version(dist) == metadata.version(dist)

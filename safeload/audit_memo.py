@@ -1,0 +1,177 @@
+"""Replaying an audit report: an unchanged registry, audited the same way again, gets the report
+the last audit wrote, without a scan, a cache query per file, or the result models.
+
+"Unchanged" is what the hash cache already trusts (see audit_cache): every walked path reaches the
+same file by (device, inode, size, mtime_ns, ctime_ns), linked and named the same way, and no path
+was unreadable. "The same way" is everything else a report depends on, all in the key:
+
+- safeload's version (results are cached by it: a replay says what a fully cached run would say);
+- the command: paths as given, policy, --allow, --compare, format, --verbose; the working directory
+  (SARIF paths are relative to it); the baseline file's bytes;
+- every built-in rules file, byte for byte.
+
+Stored beside the report and checked on replay: the sha256 of each policy file the audit's policies
+were built from (as the loader read them), and the day the first unexpired waiver lapses (from then
+on the report would differ). Any difference is a miss, and the audit runs as usual.
+
+Only reports built from cacheable results are kept (no unreadable file, no finding about the run's
+circumstances), so that a replay never repeats a transient failure. ``--rehash`` never replays.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from importlib import resources
+from pathlib import Path
+
+from safeload import __version__
+from safeload import rules as rules_package
+from safeload.audit_cache import AuditCache, stat_key
+from safeload.audit_walk import FileGroup, collect
+
+_KEY_FORMAT = 1
+# A policy file larger than this is no policy (the loader refuses it); hashing stops there.
+_MAX_POLICY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything besides the files themselves that decides an audit's report."""
+
+    paths: tuple[str, ...]
+    policy: str
+    allow: tuple[str, ...]
+    compare: tuple[str, ...]
+    fmt: str
+    verbose: bool
+    baseline: str | None
+
+
+@dataclass(frozen=True)
+class Replay:
+    text: str
+    exit_code: int
+    paths: int
+    files: int
+    skipped: int
+
+
+class RunMemo:
+    """Walks the tree once (the audit reuses the walk on a miss) and looks the run up."""
+
+    def __init__(self, cache: AuditCache, spec: RunSpec, exclude: Sequence[str]) -> None:
+        self.cache = cache
+        self.spec = spec
+        self.groups: list[FileGroup] = collect(spec.paths, exclude=exclude)
+        self.key = run_key(spec, self.groups)
+
+    def lookup(self) -> Replay | None:
+        row = self.cache.get_run(self.key)
+        if row is None:
+            return None
+        valid_until, sources, exit_code, summary, report = row
+        try:
+            if valid_until is not None and date.today().isoformat() >= valid_until:
+                return None
+            for label, digest in json.loads(sources):
+                if source_digest(label) != digest:
+                    return None
+            counts = json.loads(summary)
+            return Replay(
+                text=report.decode("utf-8"),
+                exit_code=int(exit_code),
+                paths=int(counts["paths"]),
+                files=int(counts["files"]),
+                skipped=int(counts["skipped"]),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None  # not what this module stores: audit as usual
+
+    def store(
+        self,
+        text: str,
+        *,
+        exit_code: int,
+        paths: int,
+        files: int,
+        skipped: int,
+        sources: Sequence[tuple[str, str]],
+        valid_until: date | None,
+    ) -> None:
+        self.cache.put_run(
+            self.key,
+            valid_until=None if valid_until is None else valid_until.isoformat(),
+            sources=json.dumps(list(sources)),
+            exit_code=exit_code,
+            summary=json.dumps({"paths": paths, "files": files, "skipped": skipped}),
+            report=text.encode("utf-8"),
+        )
+
+
+def run_key(spec: RunSpec, groups: Sequence[FileGroup]) -> str:
+    head = (
+        ("safeload audit run", _KEY_FORMAT, __version__),
+        os.getcwd(),
+        (spec.paths, spec.policy, spec.allow, spec.compare, spec.fmt, spec.verbose),
+        (spec.baseline, None if spec.baseline is None else _file_digest(Path(spec.baseline), None)),
+        _rules_digest(),
+    )
+    # One line per group, its lists counted and each item NUL-terminated: no path or OS message
+    # holds a NUL, so no two different walks give the same text (repr would too, at 4x the cost).
+    lines = [repr(head)]
+    for g in groups:
+        named = sorted(g.named)
+        lines.append(
+            f"{len(g.paths)} {len(g.links)} {len(named)} {g.inert:d} "
+            f"{'-' if g.st is None else stat_key(g.st)} {'-' if g.error is None else len(g.error)}\0"
+            f"{g.first}\0{NUL.join(g.paths)}\0{NUL.join(g.links)}\0{NUL.join(named)}\0{g.error or ''}\0"
+        )
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+NUL = "\0"
+
+
+def source_digest(label: str) -> str | None:
+    """sha256 of a policy source as the loader names it: a built-in file name, or an absolute path."""
+    if os.path.isabs(label):
+        return _file_digest(Path(label), _MAX_POLICY_BYTES)
+    return _rules_files().get(label)
+
+
+def _rules_digest() -> str:
+    return hashlib.sha256(repr(sorted(_rules_files().items())).encode()).hexdigest()
+
+
+@functools.cache
+def _rules_files() -> dict[str, str]:
+    """sha256 of every built-in rules file, by name. The package directory is read directly when
+    there is one (importlib.resources costs more to start than the whole lookup)."""
+    folder = os.path.dirname(rules_package.__file__ or "")
+    out: dict[str, str] = {}
+    if folder and os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.endswith(".toml"):
+                out[name] = _file_digest(Path(folder, name), None) or ""
+        return out
+    for item in resources.files("safeload.rules").iterdir():
+        if item.name.endswith(".toml"):
+            out[item.name] = hashlib.sha256(item.read_bytes()).hexdigest()
+    return out
+
+
+def _file_digest(path: Path, limit: int | None) -> str | None:
+    try:
+        with path.open("rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError as exc:
+        return f"unreadable: {exc.errno}"
+    if limit is not None and len(data) > limit:
+        return None
+    return hashlib.sha256(data).hexdigest()

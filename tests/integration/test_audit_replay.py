@@ -1,0 +1,194 @@
+"""Replaying an audit report (audit_memo): an unchanged tree audited the same way gets the same
+report again without a scan; any change that could change the report audits afresh."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+import torch
+
+from safeload import audit_memo
+from safeload.audit_cache import AuditCache
+from safeload.cli import main
+from tests.pickle_builder import exec_payload
+
+REPLAYED = "its report replayed"
+
+
+def _torch_bytes(value: float) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"w": torch.full((3,), value)}, buf)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tree(tmp_path: Path, marker: Path) -> Path:
+    root = tmp_path / "models"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "good.pt").write_bytes(_torch_bytes(1.0))
+    (root / "a" / "copy.pt").write_bytes(_torch_bytes(1.0))
+    (root / "b").mkdir()
+    (root / "b" / "evil.pkl").write_bytes(exec_payload(marker))
+    (root / "b" / "link.pt").symlink_to(root / "a" / "good.pt")
+    return root
+
+
+def _audit(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["audit", *args, "--no-progress"])
+    return code, capsys.readouterr().err
+
+
+def test_an_unchanged_tree_replays_the_same_report(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], marker: Path
+) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "report.json"
+    args = (str(tree), "--cache", str(cache), "-o", str(out), "--jobs", "2")
+    code, err = _audit(capsys, *args)
+    assert code == 1 and REPLAYED not in err and "0 scanned" not in err
+    first = out.read_bytes()
+    out.unlink()
+    code, err = _audit(capsys, *args)
+    assert code == 1 and REPLAYED in err and "0 scanned" in err
+    assert out.read_bytes() == first
+    # The report is the one an audit without any cache writes: reports say nothing of the cache.
+    fresh = tmp_path / "fresh.json"
+    assert main(["audit", str(tree), "-o", str(fresh), "--no-progress"]) == 1
+    assert fresh.read_bytes() == first
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["touch", "add", "remove", "relink", "format", "verbose", "policy", "rehash", "cwd", "allow"],
+)
+def test_any_change_audits_afresh(
+    change: str, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "report.txt"
+    base = [str(tree), "--cache", str(cache), "-o", str(out), "--format", "text"]
+    assert _audit(capsys, *base)[0] == 1
+    assert REPLAYED in _audit(capsys, *base)[1]  # unchanged: replayed
+    extra: list[str] = []
+    if change == "touch":
+        good = tree / "a" / "good.pt"
+        time.sleep(0.01)
+        good.write_bytes(_torch_bytes(2.0))  # same size, new bytes and times
+    elif change == "add":
+        (tree / "a" / "new.pt").write_bytes(_torch_bytes(3.0))
+    elif change == "remove":
+        (tree / "a" / "copy.pt").unlink()
+    elif change == "relink":
+        (tree / "b" / "link.pt").unlink()
+        (tree / "b" / "link.pt").symlink_to(tree / "a" / "copy.pt")
+    elif change == "format":
+        extra = ["--format", "markdown"]
+    elif change == "verbose":
+        extra = ["-v"]
+    elif change == "policy":
+        extra = ["--policy", "strict"]
+    elif change == "rehash":
+        extra = ["--rehash"]
+    elif change == "allow":
+        extra = ["--allow", "collections.Counter"]
+    elif change == "cwd":
+        monkeypatch.chdir(tmp_path)
+    code, err = _audit(capsys, *base, *extra)
+    assert code == 1 and REPLAYED not in err
+    if change != "rehash":
+        # ... and that audit's report is kept for the next unchanged run.
+        assert REPLAYED in _audit(capsys, *base, *extra)[1]
+
+
+def test_a_user_policy_edited_in_place_is_no_replay(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "mine.toml"
+    policy.write_text('schema_version = 1\nname = "mine"\ndescription = "d"\nextends = ["default"]\n')
+    args = (str(tree), "--cache", str(tmp_path / "c"), "--policy", str(policy), "-o", str(tmp_path / "r.md"))
+    assert _audit(capsys, *args)[0] == 1
+    assert REPLAYED in _audit(capsys, *args)[1]
+    # Same file, same name: a new allow entry (the file's identity in the key is its bytes).
+    policy.write_text(policy.read_text() + '[[allow]]\nglobal = "collections.Counter"\nreason = "r"\n')
+    assert REPLAYED not in _audit(capsys, *args)[1]
+    assert REPLAYED in _audit(capsys, *args)[1]
+
+
+def test_a_changed_baseline_is_no_replay(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "old.json"
+    assert main(["audit", str(tree / "a"), "--format", "json", "-o", str(old), "--no-progress"]) == 0
+    args = (str(tree), "--cache", str(tmp_path / "c"), "--baseline", str(old), "-o", str(tmp_path / "r.txt"))
+    first = _audit(capsys, *args)[0]
+    assert first == 1 and REPLAYED in _audit(capsys, *args)[1]
+    assert main(["audit", str(tree), "--format", "json", "-o", str(old), "--no-progress"]) == 1
+    code, err = _audit(capsys, *args)
+    assert REPLAYED not in err and code == 0  # everything is in the new baseline
+
+
+def test_a_replay_ends_when_a_waiver_lapses(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    digest = hashlib.sha256((tree / "b" / "evil.pkl").read_bytes()).hexdigest()
+    today = date.today()
+    policy = tmp_path / "waive.toml"
+    policy.write_text(
+        'schema_version = 1\nname = "w"\ndescription = "d"\nextends = ["default"]\n'
+        f'[[waive]]\nsha256 = "{digest}"\ncode = "SL101"\nreason = "r"\nexpires = {today.isoformat()}\n'
+    )
+    args = (str(tree), "--cache", str(tmp_path / "c"), "--policy", str(policy), "-o", str(tmp_path / "r.txt"))
+    _audit(capsys, *args)
+    assert REPLAYED in _audit(capsys, *args)[1]
+
+    class Tomorrow(date):
+        @classmethod
+        def today(cls) -> date:
+            return today + timedelta(days=1)
+
+    monkeypatch.setattr(audit_memo, "date", Tomorrow)
+    assert REPLAYED not in _audit(capsys, *args)[1]
+
+
+def test_unreadable_files_keep_the_report_from_replay(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tree / "b" / "gone.pt").symlink_to(tree / "nowhere.pt")
+    args = (str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.txt"))
+    assert _audit(capsys, *args)[0] == 1
+    assert REPLAYED not in _audit(capsys, *args)[1]  # a transient failure is never repeated
+
+
+def test_a_damaged_stored_run_is_a_miss(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = tmp_path / "c"
+    args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.txt"))
+    _audit(capsys, *args)
+    db = AuditCache(cache)._connect()
+    assert db is not None
+    db.execute("UPDATE runs SET sources = 'not json', summary = '{}'")
+    db.close()
+    code, err = _audit(capsys, *args)
+    assert code == 1 and REPLAYED not in err
+
+
+def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -> None:
+    """What makes a replay fast: no pydantic, no scanner, no renderer (checked in a fresh process)."""
+    args = ["audit", str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.html"), "--no-progress"]
+    script = (
+        "import sys; from safeload.cli import main; code = main(sys.argv[1:]); "
+        "heavy = [m for m in ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html') "
+        "if m in sys.modules]; print(code, heavy)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    outs = [
+        subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, check=True)
+        for _ in range(2)
+    ]
+    assert outs[0].stdout.split()[0] == "1" and "pydantic" in outs[0].stdout  # audited
+    assert outs[1].stdout.strip() == "1 []" and REPLAYED in outs[1].stderr  # replayed
