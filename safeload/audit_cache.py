@@ -53,9 +53,9 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS hashes (stat_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
     "policy_hash TEXT NOT NULL, version TEXT NOT NULL, report TEXT NOT NULL)",
-    # Whole audit reports for replay (audit_memo), as UTF-8.
+    # Whole audit reports for replay (audit_memo); each report's UTF-8 text is the file runs/<key>.
     "CREATE TABLE IF NOT EXISTS runs (key TEXT PRIMARY KEY, stored REAL NOT NULL, valid_until TEXT, "
-    "sources TEXT NOT NULL, exit_code INTEGER NOT NULL, summary TEXT NOT NULL, report BLOB NOT NULL)",
+    "sources TEXT NOT NULL, exit_code INTEGER NOT NULL, summary TEXT NOT NULL, length INTEGER NOT NULL)",
 )
 # Replayable reports kept (the most recent): one per tree and way of auditing it.
 KEEP_RUNS = 8
@@ -222,31 +222,54 @@ class AuditCache:
             return None
         try:
             row = db.execute(
-                "SELECT valid_until, sources, exit_code, summary, report FROM runs WHERE key = ?", (key,)
+                "SELECT valid_until, sources, exit_code, summary, length FROM runs WHERE key = ?", (key,)
             ).fetchone()
         except sqlite3.Error:
             return None
-        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+        if row is None:
+            return None
+        try:
+            with open(self._run_file(key), "rb") as f:
+                report = f.read(row[4] + 1)
+        except OSError:
+            return None
+        return None if len(report) != row[4] else (row[0], row[1], row[2], row[3], report)
 
     def put_run(
         self, key: str, *, valid_until: str | None, sources: str, exit_code: int, summary: str, report: bytes
     ) -> None:
-        """Store a report for replay now (not buffered), keeping the KEEP_RUNS most recent."""
+        """Store a report for replay now (not buffered), keeping the KEEP_RUNS most recent. The text
+        is a file of its own (a large blob costs SQLite several times the write), whole or absent:
+        it is renamed into place before its row is committed."""
         db = self._connect()
         if db is None:
             return
+        target = self._run_file(key)
+        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
         try:
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(report)
+            os.replace(tmp, target)
             with _transaction(db):
                 db.execute(
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, time.time(), valid_until, sources, exit_code, summary, report),
+                    (key, time.time(), valid_until, sources, exit_code, summary, len(report)),
                 )
                 db.execute(
                     "DELETE FROM runs WHERE key NOT IN (SELECT key FROM runs ORDER BY stored DESC LIMIT ?)",
                     (KEEP_RUNS,),
                 )
-        except sqlite3.Error:
-            pass  # not kept: the next run audits as usual
+                kept = {row[0] for row in db.execute("SELECT key FROM runs")}
+            for name in os.listdir(target.parent):
+                if name not in kept and not name.startswith("."):
+                    os.unlink(target.parent / name)
+        except (OSError, sqlite3.Error):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # not kept: the next run audits as usual
+
+    def _run_file(self, key: str) -> Path:
+        return self.root / "runs" / key
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -169,6 +169,11 @@ def test_a_damaged_stored_run_is_a_miss(tree: Path, tmp_path: Path, capsys: pyte
     cache = tmp_path / "c"
     args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.txt"))
     _audit(capsys, *args)
+    (stored,) = (cache / "runs").iterdir()
+    text = stored.read_bytes()
+    stored.write_bytes(text[:-1])  # cut short
+    assert REPLAYED not in _audit(capsys, *args)[1]
+    assert REPLAYED in _audit(capsys, *args)[1]  # stored whole again by that audit
     db = AuditCache(cache)._connect()
     assert db is not None
     db.execute("UPDATE runs SET sources = 'not json', summary = '{}'")
@@ -192,3 +197,17 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
     ]
     assert outs[0].stdout.split()[0] == "1" and "pydantic" in outs[0].stdout  # audited
     assert outs[1].stdout.strip() == "1 []" and REPLAYED in outs[1].stderr  # replayed
+
+
+def test_only_the_most_recent_reports_are_kept(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safeload.audit_cache import KEEP_RUNS
+
+    cache = tmp_path / "c"
+    formats = ["text", "json", "markdown", "html", "sarif"]
+    for fmt in formats:
+        for verbose in ([], ["-v"]):
+            _audit(capsys, str(tree), "--cache", str(cache), "--format", fmt, "-o", str(tmp_path / "r"), *verbose)
+    assert len(list((cache / "runs").iterdir())) == KEEP_RUNS < 2 * len(formats)
+    # the latest is kept, the first is gone
+    assert REPLAYED in _audit(capsys, str(tree), "--cache", str(cache), "--format", "sarif", "-v")[1]
+    assert REPLAYED not in _audit(capsys, str(tree), "--cache", str(cache), "--format", "text")[1]
