@@ -7,7 +7,7 @@ Two trees, each timed with every tool as a command-line run (start-up included, 
   large: a few big torch.save checkpoints (the issue's figure is 20 files of 1 GB: --large-mb 1024,
          which needs about 20 GB of disk; the default is smaller so that a quick run stays quick).
 safeload runs with each --jobs value, first with an empty cache, then again on the unchanged tree
-(the cached re-run). Printed: seconds, files/s, each peer's time as a ratio to safeload's first run
+(the cached re-run: the tree is walked and stat'ed again, and the last report replayed). Printed: seconds, files/s, each peer's time as a ratio to safeload's first run
 with the most jobs (> 1: safeload faster), and the cached re-run as a share of the first run.
 
 A first audit reads every byte once (the scan hashes what it walks: sha256 is the file's identity

@@ -101,7 +101,11 @@ def analyse(
         # loader may still map storages from the file, so nothing is let go.
         release = None if pin_streams else source.release
         container = open_container(
-            source.buffer, path=source.path, limits=policy.limits, release=release, peek=source.peek
+            source.buffer,
+            path=source.path,
+            limits=policy.limits,
+            release=release,
+            peek=source.peek if source.mapped else None,
         )
         findings.extend(container.findings)
         for stream in container.streams:

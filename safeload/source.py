@@ -17,6 +17,8 @@ from typing import IO, Any
 from safeload.errors import LimitExceededError, ScanError
 
 _CHUNK = 8 << 20
+# Linux maps up to 16 pages around a faulting one (fault-around): what a read of either end costs.
+_NEAR_ENDS = 64 << 10
 
 
 @dataclass
@@ -32,9 +34,10 @@ class Source:
         """buffer[offset:offset + size] (shorter at the end), without mapping its page when the file
         is mapped: the first touch of a page costs several times a pread (~10 us against ~2 us on
         this project's VMs), and a scan of a large file reads a few bytes from many far-apart pages
-        (zip local headers, legacy storage counts). A mapping is no snapshot either: both read the
-        file as it is now."""
-        if self._fd is not None:
+        (zip local headers, legacy storage counts). Near either end of the file, where every scan
+        maps pages anyway (the first pickle, a zip's directory), the mapping is read. A mapping is
+        no snapshot either: both read the file as it is now."""
+        if self._fd is not None and _NEAR_ENDS <= offset < self.size - _NEAR_ENDS:
             try:
                 return os.pread(self._fd, max(0, min(size, self.size - offset)), offset)
             except OSError:

@@ -112,14 +112,22 @@ class ZipArchive:
     _order: list[int] | None = None
     _counted: list[ZipEntry] = field(default_factory=list)
     _keys: list[bytes] = field(default_factory=list)
+    _unique: dict[bytes, ZipEntry] | None = None  # lower-cased name -> entry, when no name repeats
 
     def locate(self, name: bytes) -> ZipEntry | None:
-        """The entry miniz's ``mz_zip_reader_locate_file(name, flags=0)`` returns."""
+        """The entry miniz's ``mz_zip_reader_locate_file(name, flags=0)`` returns. Names compare
+        lower-cased: miniz's MZ_TOLOWER folds ASCII A-Z only, as bytes.lower() does."""
         if self._order is None:
             self._counted = [e for e in self.entries if e.counted]
-            self._keys = [_lower(e.raw_name) for e in self._counted]
-            self._order = _miniz_sorted(self._keys)
-        wanted = _lower(name)
+            self._keys = [e.raw_name.lower() for e in self._counted]
+            unique = dict(zip(self._keys, self._counted, strict=True))
+            # Without repeated names the binary search can only land on the one match: a dict
+            # finds the same entry without sorting.
+            self._unique = unique if len(unique) == len(self._keys) else None
+            self._order = [] if self._unique is not None else _miniz_sorted(self._keys)
+        wanted = name.lower()
+        if self._unique is not None:
+            return self._unique.get(wanted)
         lo, hi = 0, len(self._order) - 1
         while lo <= hi:
             mid = lo + ((hi - lo) >> 1)
@@ -134,8 +142,8 @@ class ZipArchive:
 
     def same_name(self, name: bytes) -> list[ZipEntry]:
         """Every entry miniz would consider named ``name`` (case-insensitive)."""
-        low = _lower(name)
-        return [e for e in self.entries if _lower(e.raw_name) == low]
+        low = name.lower()
+        return [e for e in self.entries if e.raw_name.lower() == low]
 
 
 @dataclass
@@ -144,11 +152,6 @@ class Extracted:
     file_offset: int | None  # absolute offset when the bytes are stored in the file
     findings: list[Finding]
     complete: bool
-
-
-def _lower(name: bytes) -> bytes:
-    # miniz's MZ_TOLOWER folds ASCII A-Z only; bytes.lower() does exactly that.
-    return name.lower()
 
 
 def _miniz_sorted(keys: list[bytes]) -> list[int]:
@@ -182,12 +185,6 @@ def _miniz_sorted(keys: list[bytes]) -> list[int]:
         idx[end], idx[0] = idx[0], idx[end]
         sift(0, end)
     return idx
-
-
-def _decode_name(raw: bytes, flags: int) -> str:
-    if flags & FLAG_UTF8:
-        return raw.decode("utf-8", "replace")
-    return raw.decode("cp437")
 
 
 def find_eocd(buf: memoryview) -> int | None:
@@ -371,13 +368,13 @@ class _Reader:
             (_, _, _, flags, method, _, _, crc, comp, usize, nlen, xlen, clen, _, _, ext_attr, hoff) = rec
             name_at = pos + rec_size
             raw_name = bytes(buf[name_at : name_at + nlen])
-            extra = bytes(buf[name_at + nlen : name_at + nlen + xlen])
             if name_at + nlen + xlen + clen > nbuf:
                 self.note("SL205", "central directory record runs past the end of the file", offset=pos)
                 break
-            if max(comp, usize, hoff) == _U32:
+            if comp == _U32 or usize == _U32 or hoff == _U32:
+                extra = bytes(buf[name_at + nlen : name_at + nlen + xlen])
                 usize, comp, hoff = self._zip64_extra(extra, usize, comp, hoff, raw_name, pos)
-            name = _decode_name(raw_name, flags)
+            name = raw_name.decode("utf-8", "replace") if flags & FLAG_UTF8 else raw_name.decode("cp437")
             header = hoff + shift
             local_name, local_flags, data_offset = self._local(
                 name, raw_name, header, flags, method, crc, comp, usize
@@ -523,7 +520,7 @@ class _Reader:
                 self.note("SL304", f"entry {escape(n)} overlaps the central directory", n, s)
         seen: dict[bytes, ZipEntry] = {}
         for e in archive.entries:
-            key = _lower(e.raw_name)
+            key = e.raw_name.lower()
             if key in seen:
                 first = seen[key]
                 self.note(
@@ -610,13 +607,13 @@ def extract(buf: memoryview, entry: ZipEntry, ctx: ReadContext, *, check_crc: bo
     start = entry.data_offset
     available = max(0, len(buf) - start)
     complete = True
-    if entry.is_dir and entry.size:
+    if entry.size and entry.is_dir:
         note("SL205", "marked as a directory: torch's reader returns no bytes for it")
         complete = False
     if entry.method == STORED:
-        if entry.comp_size != entry.size:
-            note("SL306", f"stored member with compressed size {entry.comp_size} and size {entry.size}")
         want = entry.size
+        if entry.comp_size != want:
+            note("SL306", f"stored member with compressed size {entry.comp_size} and size {entry.size}")
         if want > available:
             note("SL205", f"member data truncated: {available} of {want} bytes present")
             want, complete = available, False

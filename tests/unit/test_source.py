@@ -6,6 +6,9 @@ import gc
 import os
 from pathlib import Path
 
+import pytest
+
+from safeload import source as source_module
 from safeload.source import from_bytes, open_source
 
 
@@ -13,16 +16,29 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_peek_reads_what_the_mapping_holds(tmp_path: Path) -> None:
-    data = bytes(range(256)) * 64
+def test_peek_reads_what_the_mapping_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytes(range(251)) * 4096  # ~1 MiB: a middle far from both ends
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    source = open_source(path, use_mmap=True, max_bytes=1 << 20)
+    preads: list[int] = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, size: int, offset: int) -> bytes:
+        preads.append(offset)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(source_module.os, "pread", counting_pread)
+    source = open_source(path, use_mmap=True, max_bytes=1 << 21)
     assert source.mapped
-    for offset, size in [(0, 8), (100, 30), (len(data) - 5, 8), (len(data), 4), (len(data) + 10, 4), (7, 0)]:
+    n = len(data)
+    middle = [(n // 2, 8), (300_000, 30), (n - 70_000, 100), (n // 3, 0)]
+    ends = [(0, 8), (100, 30), (n - 5, 8), (n, 4), (n + 10, 4), (7, 0)]
+    for offset, size in middle + ends:
         assert bytes(source.peek(offset, size)) == data[offset : offset + size] == bytes(
             source.buffer[offset : offset + size]
         )
+    # The middle is read with pread; either end, which a scan maps anyway, from the mapping.
+    assert preads == [offset for offset, _ in middle]
 
 
 def test_peek_on_bytes_and_small_reads_slices_the_buffer(tmp_path: Path) -> None:

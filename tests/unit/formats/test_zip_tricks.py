@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from safeload.formats import Container, StreamRole, open_container
 from safeload.limits import Limits
@@ -338,7 +339,14 @@ def test_headers_read_through_peek_match_the_mapping(
     from safeload.source import open_source
 
     legacy = save_checkpoint(tmp_path / "legacy.pt", legacy=True)
-    for name, data in {**sources, **tricks, "legacy": legacy}.items():
+    # Members far from both ends of the file, where peek reads with pread.
+    spread: dict[str, bytes] = {}
+    for new_zip in (True, False):
+        buf = io.BytesIO()
+        tensors = {f"t{i}": torch.full((65536,), float(i)) for i in range(4)}  # 256 KiB each
+        torch.save(tensors, buf, _use_new_zipfile_serialization=new_zip)
+        spread[f"spread-{'zip' if new_zip else 'legacy'}"] = buf.getvalue()
+    for name, data in {**sources, **tricks, "legacy": legacy, **spread}.items():
         path = tmp_path / f"{name}.bin"
         path.write_bytes(data)
         source = open_source(path, use_mmap=True, max_bytes=1 << 30)
