@@ -13,7 +13,8 @@ import signal
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,13 @@ def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, o
                 unfinished.extend(task for rest in batches[i:] for task in rest)
                 break
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=STALL_CHECK_S, return_when=FIRST_COMPLETED)
+            if not done and not _workers_alive(pool):
+                # Every worker is gone and no future says so: fail closed, never wait forever.
+                unfinished.extend(task for batch in pending.values() for task in batch)
+                pending.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                return unfinished
             for future in done:
                 batch = pending.pop(future)
                 try:
@@ -253,6 +260,29 @@ def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, o
 
 
 _MAX_DEATHS_IN_A_ROW = 3
+# How long a pool may go without finishing a batch before its workers are checked for life.
+STALL_CHECK_S = 2.0
+
+
+def _workers_alive(pool: ProcessPoolExecutor) -> bool:
+    """Whether any worker process of ``pool`` still runs. In some races concurrent.futures misses
+    that every worker died (seen here when each worker's initializer exits at once) and never
+    completes their futures. There is no public way to see the processes: this reads the
+    executor's own table, and says True (keep waiting) where it cannot."""
+    processes = getattr(pool, "_processes", None)
+    if not isinstance(processes, dict):
+        return True
+    return any(p.is_alive() for p in list(processes.values()))
+
+
+def _result(pool: ProcessPoolExecutor, future: Future[list[Result]]) -> list[Result]:
+    """future.result(), or BrokenProcessPool once no worker is left to produce it."""
+    while True:
+        try:
+            return future.result(timeout=STALL_CHECK_S)
+        except FutureTimeout:
+            if not _workers_alive(pool):
+                raise BrokenProcessPool("every worker process has exited") from None
 
 
 def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done: OnDone) -> None:
@@ -267,7 +297,7 @@ def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done
                 return
             pool = pool or _new_pool(config, policy, 1)
             try:
-                (result,) = pool.submit(_worker_batch, [path]).result()
+                (result,) = _result(pool, pool.submit(_worker_batch, [path]))
             except BrokenProcessPool:
                 pool.shutdown(wait=False)
                 pool = None

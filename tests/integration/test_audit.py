@@ -576,3 +576,40 @@ def test_workers_are_forked_only_while_no_other_thread_runs() -> None:
     finally:
         stop.set()
         other.join()
+
+
+def test_a_pool_whose_workers_all_vanished_unnoticed_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """concurrent.futures can miss that every worker died and leave their futures pending forever;
+    the audit notices that no worker is alive and reports those files instead of hanging."""
+    from concurrent.futures import Future
+
+    class Dead:
+        def is_alive(self) -> bool:
+            return False
+
+    class Silent:
+        """An executor whose workers are gone and whose futures never complete."""
+
+        def __init__(self) -> None:
+            self._processes = {1: Dead(), 2: Dead()}
+
+        def submit(self, *args: object) -> Future[object]:
+            return Future()
+
+        def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+            pass
+
+    folder = _many(tmp_path, 4)
+    monkeypatch.setattr(audit_workers, "_new_pool", lambda config, policy, workers: Silent())
+    monkeypatch.setattr(audit_workers, "STALL_CHECK_S", 0.05)
+    done: dict[str, object] = {}
+    tasks = [str(p) for p in sorted(folder.iterdir())]
+    config = audit_workers.PoolConfig("default", (), None, 2)
+    audit_workers.run_parallel(tasks, config, load_policy("default"), lambda path, o: done.setdefault(path, o))
+    assert set(done) == set(tasks)
+    for outcome in done.values():
+        assert outcome.report.findings[0].code == "SL207"  # type: ignore[attr-defined]
+    messages = [o.report.findings[0].message for o in done.values()]  # type: ignore[attr-defined]
+    assert messages.count("the worker process scanning this file died") == 3
