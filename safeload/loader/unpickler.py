@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safeload.errors import InternalLoaderError, LoadError, SafeloadError, UnsafeModelError
+from safeload.loader.array_state import build_state_problem
 from safeload.loader.resolve import Resolver, map_name
 from safeload.loader.storages import Where
 from safeload.text import escape
@@ -300,6 +301,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     def load_build(self) -> None:
         self._instance_of_allowed_type(self.stack[-2], "BUILD")
+        problem = build_state_problem(self.stack[-2], self.stack[-1])
+        if problem is not None:
+            raise self._refuse(f"BUILD with a state numpy would not check: {problem}")
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     def load_setitem(self) -> None:
