@@ -1,27 +1,38 @@
-"""States numpy's ``ndarray.__setstate__`` does not check for itself, refused before it runs.
+"""States numpy's ``__setstate__`` does not check for itself, refused before it runs.
 
-BUILD on an array (after ``numpy._core.multiarray._reconstruct``) passes the pickled
-``(version, shape, dtype, is_fortran, data)`` to ``ndarray.__setstate__``. For an object dtype
-numpy takes ``data`` as a list and reads ``prod(shape)`` items from it without checking its length:
-a shorter list makes it read past the list (a segfault in numpy 2.4, found by this project's
-byte-flip tests). Raw bytes it does check (a length mismatch is a ValueError). So before numpy sees
-a state: the shape must be a tuple of non-negative ints, the dtype a numpy dtype, and an object
-array's data a list of exactly as many items as the shape holds.
+Both were found by this project's byte-flip tests on real .npy files; each crashed numpy 2.4.
+
+- **Arrays.** BUILD on an array (after ``numpy._core.multiarray._reconstruct``) passes the pickled
+  ``(version, shape, dtype, is_fortran, data)`` to ``ndarray.__setstate__``. For an object dtype
+  numpy reads ``prod(shape)`` items from the ``data`` list without checking its length. Raw bytes
+  it does check. So: the shape must be a tuple of non-negative ints, the dtype a numpy dtype, and
+  an object array's data a list of exactly as many items as the shape holds.
+- **dtypes.** BUILD on a dtype passes ``(version, byteorder, subarray, names, fields, elsize,
+  alignment, flags[, metadata])`` to ``dtype.__setstate__``, which takes field offsets, sizes and
+  flags as given: an object field placed past the end of its record (one flipped byte) makes numpy
+  write object pointers outside the array's memory. A dtype state is accepted only when it is
+  exactly the state numpy writes for the dtype its parts describe, built through numpy's own
+  checking constructor (which refuses fields past the item size and overlapping object fields).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 # numpy's NPY_MAXDIMS (64 in numpy 2, 32 in numpy 1): no pickled array has more.
 _MAX_DIMS = 64
 
 
 def build_state_problem(target: object, state: object) -> str | None:
-    """Why BUILD with ``state`` on ``target`` must not reach numpy, or None (not an array, or fine)."""
+    """Why BUILD with ``state`` on ``target`` must not reach numpy, or None (not numpy's, or fine)."""
     np = sys.modules.get("numpy")
-    if np is None or not isinstance(target, np.ndarray):
+    if np is None:
+        return None
+    if isinstance(target, np.dtype):
+        return _dtype_state_problem(target, state, np)
+    if not isinstance(target, np.ndarray):
         return None
     # Subclasses (numpy.ma.MaskedArray) hand the first five items on to ndarray.__setstate__.
     if isinstance(state, tuple) and len(state) > 5:
@@ -50,3 +61,57 @@ def _ndarray_state_problem(state: object, np: object) -> str | None:
                 "check this and would read past them"
             )
     return None
+
+
+# numpy's NPY_ALIGNED_STRUCT dtype flag: the struct was laid out with align=True.
+_ALIGNED_STRUCT = 0x80
+
+
+def _dtype_state_problem(target: Any, state: object, np: Any) -> str | None:
+    if not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4):
+        return "a numpy dtype's state is not numpy's (version 3 or 4, with 8 or 9 items)"
+    try:
+        expected = _described_dtype(target, state, np)
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
+        return f"a numpy dtype's state that numpy's constructor refuses ({type(exc).__name__}: {exc})"
+    try:
+        same = expected.__reduce__()[2] == state
+    except (TypeError, ValueError):  # comparing parts that are not what numpy writes
+        same = False
+    if not same:
+        return "a numpy dtype's state that is not the one numpy writes for the dtype it describes"
+    return None
+
+
+def _described_dtype(target: Any, state: tuple[Any, ...], np: Any) -> Any:
+    """The dtype ``state`` describes, built through numpy's checking constructor."""
+    _, byteorder, subarray, names, fields, elsize, _alignment, flags = state[:8]
+    if subarray is not None:
+        base, shape = subarray
+        if not isinstance(base, np.dtype):
+            raise TypeError("subarray base is not a dtype")
+        return np.dtype((base, shape))
+    if names is not None:
+        if not isinstance(names, tuple) or not isinstance(fields, dict) or type(elsize) is not int:
+            raise TypeError("names, fields or item size of the wrong type")
+        formats, offsets, titles = [], [], []
+        for name in names:
+            entry = fields[name]
+            if not isinstance(entry, tuple) or len(entry) not in (2, 3) or not isinstance(entry[0], np.dtype):
+                raise TypeError(f"field {name!r} is not (dtype, offset[, title])")
+            formats.append(entry[0])
+            offsets.append(entry[1])
+            titles.append(entry[2] if len(entry) == 3 else None)
+        spec: dict[str, Any] = {"names": list(names), "formats": formats, "offsets": offsets, "itemsize": elsize}
+        if any(t is not None for t in titles):
+            spec["titles"] = titles
+        return np.dtype(spec, align=bool(type(flags) is int and flags & _ALIGNED_STRUCT))
+    described = target
+    if target.kind in "mM" and len(state) == 9:
+        unit, count = state[8][1][:2]
+        if not isinstance(unit, bytes) or type(count) is not int:
+            raise TypeError("datetime unit is not (bytes, int, ...)")
+        described = np.dtype(f"{target.char}8[{count}{unit.decode('ascii')}]")
+    if byteorder in ("<", ">"):
+        described = described.newbyteorder(byteorder)
+    return described

@@ -101,3 +101,99 @@ def test_good_states_and_other_targets_pass() -> None:
     assert build_state_problem(target, ((3,), np.dtype("f4"), False, b"\0" * 12)) is None
     assert build_state_problem(target, (1, (2, 0), np.dtype("O"), False, [])) is None
     assert build_state_problem({"not": "an array"}, (1, (3,), np.dtype("O"), False, [])) is None
+
+
+# -- dtypes -----------------------------------------------------------------------------------------
+
+STRUCT = np.dtype([("a", "i4"), ("b", "O"), ("c", "f8")])
+
+
+def _struct_npy_with_object_field_at(offset: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([(1, {"k": 2}, 2.5)], dtype=STRUCT), allow_pickle=True)
+    data = buf.getvalue()
+    # The object field's offset is the BININT1 right after its dtype's BUILD: "bK\x04\x86".
+    at = data.index(b"bK\x04\x86") + 2
+    return data[:at] + bytes([offset]) + data[at + 1 :]
+
+
+def test_an_object_field_outside_its_record_is_refused(tmp_path: Path) -> None:
+    """One flipped byte moved the object field past the 20-byte record: numpy 2.4 takes the
+    offset as given and writes an object pointer outside the array (it crashed the loader)."""
+    path = tmp_path / "struct.npy"
+    path.write_bytes(_struct_npy_with_object_field_at(103))
+    code = (
+        "import sys, safeload\n"
+        "from safeload.errors import UnsafeModelError\n"
+        "try:\n"
+        "    safeload.load(sys.argv[1])\n"
+        "except UnsafeModelError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout and "numpy dtype" in proc.stdout
+
+
+LEGIT_DTYPES = [
+    "f4", ">f8", "O", "M8[ns]", "m8[10s]", "U10", "S5", "V8", "i1", "?", "c16",
+    STRUCT,
+    np.dtype([("x", "<f4", (2,)), ("y", "O")], align=True),
+    np.dtype([("a", "i4", (2, 2))]),
+    np.dtype({"names": ["a"], "formats": ["i4"], "titles": ["T"], "offsets": [4], "itemsize": 12}),
+    np.dtype(("f4", (2, 3))),
+]
+
+
+@pytest.mark.parametrize("dtype", LEGIT_DTYPES, ids=str)
+def test_every_state_numpy_writes_is_accepted(dtype: object) -> None:
+    d = np.dtype(dtype)  # type: ignore[call-overload]
+    _, args, state = d.__reduce__()
+    assert build_state_problem(np.dtype(*args), state) is None
+
+
+def test_arrays_of_many_dtypes_load_as_numpy_loads_them() -> None:
+    for dtype in LEGIT_DTYPES:
+        d = np.dtype(dtype)  # type: ignore[call-overload]
+        value = np.zeros(3, dtype=d)
+        buf = io.BytesIO()
+        np.save(buf, value, allow_pickle=True)
+        loaded = safeload.loads(buf.getvalue())
+        buf.seek(0)
+        expected = np.load(buf, allow_pickle=True)
+        assert loaded.dtype == expected.dtype and repr(loaded.tolist()) == repr(expected.tolist())
+
+
+def _struct_state(**change: object) -> tuple[object, ...]:
+    names = ("version", "byteorder", "subarray", "names", "fields", "elsize", "alignment", "flags")
+    state = dict(zip(names, STRUCT.__reduce__()[2], strict=True))
+    state.update(change)
+    return tuple(state.values())
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        (_struct_state(fields={**STRUCT.fields, "b": (np.dtype("O"), 103)}), "constructor refuses"),
+        (_struct_state(fields={**STRUCT.fields, "b": (np.dtype("O"), 2)}), "constructor refuses"),
+        (_struct_state(flags=0), "not the one numpy writes"),
+        (_struct_state(elsize=16), "constructor refuses"),
+        (_struct_state(names=("L", "b", "c")), "constructor refuses"),
+        (_struct_state(fields={**STRUCT.fields, "a": ("i4", 0)}), "constructor refuses"),
+        ((3, "|"), "not numpy's"),
+    ],
+)
+def test_dtype_states_numpy_does_not_check_are_refused(state: tuple[object, ...], why: str) -> None:
+    problem = build_state_problem(np.dtype("V20"), state)
+    assert problem is not None and why in problem
+
+
+def test_a_plain_dtype_cannot_be_given_another_size_or_flags() -> None:
+    f4 = np.dtype("f4")
+    state = list(f4.__reduce__()[2])
+    for index, value in ((5, 1000), (7, 63), (1, "|")):
+        bad = list(state)
+        bad[index] = value
+        assert build_state_problem(f4, tuple(bad)) is not None
