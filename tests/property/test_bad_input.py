@@ -37,12 +37,16 @@ def real_files() -> dict[str, bytes]:
     np.save(buf, np.array([{"a": 1}, [2, 3]], dtype=object), allow_pickle=True)
     files["npy-object"] = buf.getvalue()
     buf = io.BytesIO()
+    record = np.dtype([("a", "i4"), ("b", "O"), ("c", "f8")])  # an object field inside a record
+    np.save(buf, np.array([(1, {"k": 2}, 2.5)], dtype=record), allow_pickle=True)
+    files["npy-record"] = buf.getvalue()
+    buf = io.BytesIO()
     joblib.dump({"arr": np.arange(10.0), "n": 3}, buf)
     files["joblib"] = buf.getvalue()
     return files
 
 
-KINDS = sorted(["torch-zip", "torch-legacy", "raw", "raw-p0", "npy-object", "joblib"])
+KINDS = sorted(["torch-zip", "torch-legacy", "raw", "raw-p0", "npy-object", "npy-record", "joblib"])
 
 
 def _check(data: bytes) -> Verdict:
