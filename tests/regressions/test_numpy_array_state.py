@@ -30,6 +30,27 @@ def _object_npy(shape_claimed: int) -> bytes:
     return data[:at] + b"K" + bytes([shape_claimed]) + data[at + 2 :]
 
 
+_LOAD = """
+import sys, safeload
+from safeload.errors import UnsafeModelError
+try:
+    safeload.load(sys.argv[1])
+except UnsafeModelError as exc:
+    print("refused:", exc)
+"""
+
+
+def _refusal_in_a_child(path: Path) -> str:
+    """safeload.load in a child process (should the check regress, the crash takes that process,
+    not the tests); the refusal it printed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("refused:"), proc.stdout
+    return proc.stdout
+
+
 def test_the_short_object_list_is_a_real_crash_in_numpy() -> None:
     """Why the check exists: numpy itself, given that state, dies (run in its own process)."""
     code = (
@@ -48,20 +69,7 @@ def test_the_loader_refuses_the_state_instead_of_crashing(tmp_path: Path) -> Non
     path = tmp_path / "short.npy"
     path.write_bytes(data)
     assert safeload.scan_bytes(data).verdict is Verdict.SAFE  # every global is allowed
-    # In a child process: should the check regress, the crash takes that process, not the tests.
-    code = (
-        "import sys, safeload\n"
-        "from safeload.errors import UnsafeModelError\n"
-        "try:\n"
-        "    safeload.load(sys.argv[1])\n"
-        "except UnsafeModelError as exc:\n"
-        "    print('refused:', exc)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "refused:" in proc.stdout and "object array of shape (191,)" in proc.stdout
+    assert "object array of shape (191,)" in _refusal_in_a_child(path)
 
 
 def test_well_formed_object_arrays_still_load() -> None:
@@ -122,19 +130,7 @@ def test_an_object_field_outside_its_record_is_refused(tmp_path: Path) -> None:
     offset as given and writes an object pointer outside the array (it crashed the loader)."""
     path = tmp_path / "struct.npy"
     path.write_bytes(_struct_npy_with_object_field_at(103))
-    code = (
-        "import sys, safeload\n"
-        "from safeload.errors import UnsafeModelError\n"
-        "try:\n"
-        "    safeload.load(sys.argv[1])\n"
-        "except UnsafeModelError as exc:\n"
-        "    print('refused:', exc)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "refused:" in proc.stdout and "numpy dtype" in proc.stdout
+    assert "numpy dtype" in _refusal_in_a_child(path)
 
 
 LEGIT_DTYPES = [
