@@ -88,7 +88,8 @@ def output_format(fmt: str | None, output: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     fmt = output_format(args.format, args.output)
     started = time.monotonic()
-    memo = _memo(args, fmt) if args.cache and not args.rehash else None
+    # A usage error is reported whether or not a report could be replayed (audit() says which).
+    memo = _memo(args, fmt) if args.cache and not args.rehash and args.jobs >= 1 else None
     replay = memo.lookup() if memo is not None else None
     if replay is not None:
         _write(args.output, replay.text)

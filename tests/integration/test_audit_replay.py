@@ -106,6 +106,15 @@ def test_any_change_audits_afresh(
         assert REPLAYED in _audit(capsys, *base, *extra)[1]
 
 
+def test_usage_errors_are_reported_even_when_a_report_could_be_replayed(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = (str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.txt"))
+    assert _audit(capsys, *args)[0] == 1
+    code, err = _audit(capsys, *args, "--jobs", "0")
+    assert code == 3 and "--jobs must be at least 1" in err
+
+
 def test_a_user_policy_edited_in_place_is_no_replay(
     tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
