@@ -47,6 +47,7 @@ class AuditOptions:
     baseline: Path | None = None
     rehash: bool = False  # ignore cached hashes (results are still reused by content)
     compare: tuple[str, ...] = COMPARED_POLICIES
+    report: Path | None = None  # the file the report goes to: not audited where the walk meets it
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def audit(
     """Audit files and directory trees. Raises AuditError or PolicyError for usage problems only;
     every file problem becomes a finding in the report.
 
-    groups: the tree as ``collect(paths, exclude=[cache_dir])`` walked it just now (audit_memo
+    groups: the tree as ``collect(paths, [cache_dir], report)`` walked it just now (audit_memo
     walks first, to look for a report to replay); otherwise it is walked here.
     """
     # Not safeload.api: a fully cached run then never imports the scanner (most of its start-up).
@@ -87,7 +88,8 @@ def audit(
     cache = AuditCache(options.cache_dir) if options.cache_dir is not None else None
 
     if groups is None:
-        groups = collect(paths, exclude=[str(options.cache_dir)] if options.cache_dir is not None else [])
+        exclude = [str(options.cache_dir)] if options.cache_dir is not None else []
+        groups = collect(paths, exclude, None if options.report is None else str(options.report))
     total = sum(not g.inert for g in groups)
     done = 0
     notify = progress or (lambda _event: None)

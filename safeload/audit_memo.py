@@ -65,10 +65,10 @@ class Replay:
 class RunMemo:
     """Walks the tree once (the audit reuses the walk on a miss) and looks the run up."""
 
-    def __init__(self, cache: AuditCache, spec: RunSpec, exclude: Sequence[str]) -> None:
+    def __init__(self, cache: AuditCache, spec: RunSpec, exclude: Sequence[str], report: str | None) -> None:
         self.cache = cache
         self.spec = spec
-        self.groups: list[FileGroup] = collect(spec.paths, exclude=exclude)
+        self.groups: list[FileGroup] = collect(spec.paths, exclude, report)
         self.key = run_key(spec, self.groups)
 
     def lookup(self) -> Replay | None:

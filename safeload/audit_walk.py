@@ -41,10 +41,12 @@ class FileGroup:
         return [p for p in self.paths if p in self.links or p in self.named]
 
 
-def collect(paths: Sequence[str], exclude: Sequence[str] = ()) -> list[FileGroup]:
+def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | None = None) -> list[FileGroup]:
     """Every file under the given paths, grouped by the file it reaches. Never raises for a bad path.
 
-    Directories in `exclude` (the audit's own cache) are not walked.
+    Directories in `exclude` (the audit's own cache) are not walked. `report`, the file the audit
+    writes, is not listed where a directory walk meets it (nor its temporary twins): each run
+    replaces it, and it is no part of the registry. Named on the command line, it is audited.
     """
     groups: dict[object, FileGroup] = {}
     skip_dirs = set()
@@ -54,6 +56,13 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = ()) -> list[FileGroup
         except OSError:
             continue
         skip_dirs.add((st.st_dev, st.st_ino))
+    skip_files: set[tuple[int, int, str]] = set()
+    if report is not None:
+        try:
+            parent = os.stat(os.path.dirname(os.path.abspath(report)))
+            skip_files.add((parent.st_dev, parent.st_ino, os.path.basename(report)))
+        except OSError:
+            pass
 
     def add(path: str, named: bool, is_link: bool, st: os.stat_result | None = None) -> None:
         try:
@@ -79,7 +88,7 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = ()) -> list[FileGroup
 
     for given in paths:
         if os.path.isdir(given):
-            for path, is_link, st in _walk(given, groups, skip_dirs):
+            for path, is_link, st in _walk(given, groups, skip_dirs, skip_files):
                 add(path, False, is_link, st)
         else:
             add(given, True, os.path.islink(given))
@@ -100,7 +109,10 @@ def _is_ref(path: str, st: os.stat_result) -> bool:
 
 
 def _walk(
-    root: str, groups: dict[object, FileGroup], skip_dirs: set[tuple[int, int]]
+    root: str,
+    groups: dict[object, FileGroup],
+    skip_dirs: set[tuple[int, int]],
+    skip_files: set[tuple[int, int, str]] = frozenset(),  # type: ignore[assignment]
 ) -> Iterator[tuple[str, bool, os.stat_result | None]]:
     """(path, is a link, its stat when the listing had it) for files under root, depth first in
     name order. Directory links are followed once each; a loop is cut. A directory that cannot be
@@ -120,7 +132,10 @@ def _walk(
             _error_group(groups, folder, f"cannot list directory: {exc.strerror or exc}", False)
             continue
         subdirs = []
+        skipped = {name for dev, ino, name in skip_files if (dev, ino) == (st.st_dev, st.st_ino)}
         for entry in entries:
+            if skipped and _is_report(entry.name, skipped):
+                continue
             try:
                 is_dir = entry.is_dir()  # follows links: a linked directory is walked (once)
             except OSError:
@@ -136,6 +151,13 @@ def _walk(
                 st = None  # add() stats it again and reports why it cannot
             yield entry.path, link, st
         stack.extend(reversed(subdirs))
+
+
+def _is_report(name: str, reports: set[str]) -> bool:
+    """The report itself, or a temporary file cli_audit.write_atomic writes it through."""
+    return name in reports or any(
+        name.startswith(f".{r}.") and name.endswith(".tmp") for r in reports
+    )
 
 
 def _error_group(groups: dict[object, FileGroup], path: str, error: str, named: bool) -> None:

@@ -50,7 +50,11 @@ def register(subparsers: Any) -> None:
         "--format", choices=sorted(FORMATS), default=None, help="report format (default: from -o, else text)"
     )
     p.add_argument(
-        "-o", "--output", metavar="FILE", help="write the report to FILE (atomically) instead of stdout"
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the report to FILE (atomically) instead of stdout; a directory walk that meets FILE "
+        "leaves it out",
     )
     p.add_argument(
         "--cache",
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         baseline=Path(args.baseline) if args.baseline else None,
         rehash=args.rehash,
         compare=tuple(args.compare) if args.compare else COMPARED_POLICIES,
+        report=Path(args.output) if args.output else None,
     )
     try:
         with _ProgressDisplay(enabled=not args.no_progress) as progress:
@@ -153,7 +158,7 @@ def _memo(args: argparse.Namespace, fmt: str) -> Any:
         verbose=args.verbose,
         baseline=args.baseline,
     )
-    return RunMemo(AuditCache(args.cache), spec, exclude=[args.cache])
+    return RunMemo(AuditCache(args.cache), spec, exclude=[args.cache], report=args.output)
 
 
 def _write(output: str | None, text: str) -> None:

@@ -220,3 +220,19 @@ def test_only_the_most_recent_reports_are_kept(tree: Path, tmp_path: Path, capsy
     # the latest is kept, the first is gone
     assert REPLAYED in _audit(capsys, str(tree), "--cache", str(cache), "--format", "sarif", "-v")[1]
     assert REPLAYED not in _audit(capsys, str(tree), "--cache", str(cache), "--format", "text")[1]
+
+
+def test_a_report_written_inside_the_tree_is_no_part_of_it(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each run replaces its report (a new inode): were it walked, no run would ever replay, and
+    every report would list the previous one as a skipped file."""
+    report = tree / "a" / "audit.json"
+    (tree / "a" / ".audit.json.123.tmp").write_text("left by a crash")  # its temporary twin
+    for cache in ([], ["--cache", str(tmp_path / "c")]):
+        code, _ = _audit(capsys, str(tree), "-o", str(report), *cache)
+        assert code == 1 and "audit.json" not in report.read_text()
+    assert REPLAYED in _audit(capsys, str(tree), "-o", str(report), "--cache", str(tmp_path / "c"))[1]
+    # Named on the command line, it is audited like any file.
+    code, _ = _audit(capsys, str(report), "-o", str(tmp_path / "r.json"))
+    assert "audit.json" in (tmp_path / "r.json").read_text()
