@@ -167,11 +167,16 @@ def _rules_files() -> dict[str, str]:
 
 
 def _file_digest(path: Path, limit: int | None) -> str | None:
+    """sha256 of a file read in pieces (a baseline may be large); None past ``limit`` bytes."""
+    digest = hashlib.sha256()
+    read = 0
     try:
         with path.open("rb") as f:
-            data = f.read() if limit is None else f.read(limit + 1)
+            while chunk := f.read(1 << 20):
+                read += len(chunk)
+                if limit is not None and read > limit:
+                    return None
+                digest.update(chunk)
     except OSError as exc:
         return f"unreadable: {exc.errno}"
-    if limit is not None and len(data) > limit:
-        return None
-    return hashlib.sha256(data).hexdigest()
+    return digest.hexdigest()

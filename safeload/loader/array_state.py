@@ -21,6 +21,8 @@ import math
 import sys
 from typing import Any
 
+from safeload.text import escape
+
 # numpy's NPY_MAXDIMS (64 in numpy 2, 32 in numpy 1): no pickled array has more.
 _MAX_DIMS = 64
 
@@ -73,7 +75,8 @@ def _dtype_state_problem(target: Any, state: object, np: Any) -> str | None:
     try:
         expected = _described_dtype(target, state, np)
     except (TypeError, ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as exc:
-        return f"a numpy dtype's state that numpy's constructor refuses ({type(exc).__name__}: {exc})"
+        # numpy's message may quote field names and units from the file: escaped like every such text.
+        return f"a numpy dtype's state that numpy's constructor refuses ({type(exc).__name__}: {escape(str(exc), 200)})"
     try:
         same = expected.__reduce__()[2] == state
     except (TypeError, ValueError):  # comparing parts that are not what numpy writes
@@ -98,7 +101,7 @@ def _described_dtype(target: Any, state: tuple[Any, ...], np: Any) -> Any:
         for name in names:
             entry = fields[name]
             if not isinstance(entry, tuple) or len(entry) not in (2, 3) or not isinstance(entry[0], np.dtype):
-                raise TypeError(f"field {name!r} is not (dtype, offset[, title])")
+                raise TypeError("a field is not (dtype, offset[, title])")
             formats.append(entry[0])
             offsets.append(entry[1])
             titles.append(entry[2] if len(entry) == 3 else None)
