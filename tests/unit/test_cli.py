@@ -154,3 +154,29 @@ def test_broken_pickle_with_an_import_in_a_walked_tree_is_not_skipped(tmp_path: 
     repo.mkdir()
     _write(repo / "notes", system_payload(marker)[:-1])  # no STOP: the payload still runs first
     assert main(["scan", str(repo)]) == 1
+
+
+def test_the_command_does_not_look_for_pydantic_plugins(tmp_path: Path) -> None:
+    """pydantic scans every installed distribution's metadata for plugins on first use (a tenth of
+    a second in a venv with torch): the console command turns that off, unless the user chose."""
+    site = tmp_path / "site"
+    (site / "probe_plugin-1.0.dist-info").mkdir(parents=True)
+    (site / "probe_plugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-plugin\nVersion: 1.0\n")
+    (site / "probe_plugin-1.0.dist-info" / "entry_points.txt").write_text("[pydantic]\nprobe = probe_plugin:plugin\n")
+    seen = tmp_path / "plugin-was-loaded"
+    (site / "probe_plugin.py").write_text(
+        f"open({str(seen)!r}, 'w').close()\n"
+        "class Plugin:\n"
+        "    def new_schema_validator(self, *args, **kwargs):\n"
+        "        return None, None, None\n"
+        "plugin = Plugin()\n"
+    )
+    model = _write(tmp_path / "ok.pkl", pickle.dumps({"a": 1}, protocol=4))
+    env = {"PYTHONPATH": f"{site}:{Path(__file__).resolve().parents[2]}", "PATH": "/usr/bin:/bin"}
+    command = [sys.executable, "-c", "from safeload.cli import entry; entry()", "scan", str(model)]
+
+    subprocess.run(command, env=env, capture_output=True, check=True)
+    assert not seen.exists()
+    # The probe works: where the user asks for plugins, pydantic loads it.
+    subprocess.run(command, env={**env, "PYDANTIC_DISABLE_PLUGINS": ""}, capture_output=True, check=True)
+    assert seen.exists()
