@@ -235,12 +235,50 @@ class AuditCache:
             return None
         return None if len(report) != row[4] else (row[0], row[1], row[2], row[3], report)
 
+    def touch_run(self, key: str) -> None:
+        """Mark a stored report as just used: the KEEP_RUNS kept are the most recently used, and a
+        miss is explained against the report the last audit gave."""
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            with _transaction(db):
+                db.execute("UPDATE runs SET stored = ? WHERE key = ?", (time.time(), key))
+        except sqlite3.Error:
+            pass  # a read-only cache still replays
+
+    def get_manifest(self, command: str) -> tuple[str, bytes] | None:
+        """(run key, manifest) of the most recent kept report of ``command``, if any."""
+        db = self._connect()
+        if db is None:
+            return None
+        try:
+            keys = [row[0] for row in db.execute("SELECT key FROM runs ORDER BY stored DESC")]
+        except sqlite3.Error:
+            return None
+        for key in keys:
+            try:
+                with open(self._manifest_file(key, command), "rb") as f:
+                    return key, f.read()
+            except OSError:
+                continue
+        return None
+
     def put_run(
-        self, key: str, *, valid_until: str | None, sources: str, exit_code: int, summary: str, report: bytes
+        self,
+        key: str,
+        *,
+        valid_until: str | None,
+        sources: str,
+        exit_code: int,
+        summary: str,
+        report: bytes,
+        manifest: tuple[str, bytes] | None = None,
     ) -> None:
         """Store a report for replay now (not buffered), keeping the KEEP_RUNS most recent. The text
         is a file of its own (a large blob costs SQLite several times the write), whole or absent:
-        it is renamed into place before its row is committed."""
+        it is renamed into place before its row is committed. ``manifest``: (command, bytes) that
+        say what the report was made from, for explaining a later miss (get_manifest)."""
         db = self._connect()
         if db is None:
             return
@@ -248,6 +286,10 @@ class AuditCache:
         tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(mode=0o700, exist_ok=True)
+            if manifest is not None:
+                with open(tmp, "wb") as f:
+                    f.write(manifest[1])
+                os.replace(tmp, self._manifest_file(key, manifest[0]))
             with open(tmp, "wb") as f:
                 f.write(report)
             os.replace(tmp, target)
@@ -262,7 +304,8 @@ class AuditCache:
                 )
                 kept = {row[0] for row in db.execute("SELECT key FROM runs")}
             for name in os.listdir(target.parent):
-                if name not in kept and not name.startswith("."):
+                # <key> and <key>.<command>.manifest go with their row
+                if name.split(".", 1)[0] not in kept and not name.startswith("."):
                     os.unlink(target.parent / name)
         except (OSError, sqlite3.Error):
             with contextlib.suppress(OSError):
@@ -270,6 +313,9 @@ class AuditCache:
 
     def _run_file(self, key: str) -> Path:
         return self.root / "runs" / key
+
+    def _manifest_file(self, key: str, command: str) -> Path:
+        return self.root / "runs" / f"{key}.{command}.manifest"
 
     # -- writing ---------------------------------------------------------------------------------
 

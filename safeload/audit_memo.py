@@ -16,10 +16,16 @@ on the report would differ). Any difference is a miss, and the audit runs as usu
 
 Only reports built from cacheable results are kept (no unreadable file, no finding about the run's
 circumstances), so that a replay never repeats a transient failure. ``--rehash`` never replays.
+
+A miss says why (``RunMemo.miss``): each stored report keeps a manifest beside it (the key's parts
+and, up to ``MANIFEST_MAX_PATHS``, every walked path with the file state it reached), so that the
+next run of the same command can name what changed since: files, the policy, the baseline, the
+rules or safeload itself. Without it a registry's re-run is slow for no reason anyone can see.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -34,8 +40,14 @@ from safeload import __version__
 from safeload import rules as rules_package
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_walk import FileGroup, collect
+from safeload.text import escape
 
 _KEY_FORMAT = 1
+_MANIFEST_FORMAT = 1
+# Past this many walked paths a manifest keeps the key's parts only (a miss then says "files").
+MANIFEST_MAX_PATHS = 100_000
+# Changed paths a miss names (the rest are counted).
+_NAMED_CHANGES = 3
 # A policy file larger than this is no policy (the loader refuses it); hashing stops there.
 _MAX_POLICY_BYTES = 1 << 20
 
@@ -69,21 +81,28 @@ class RunMemo:
         self.cache = cache
         self.spec = spec
         self.groups: list[FileGroup] = collect(spec.paths, exclude, report)
-        self.key = run_key(spec, self.groups)
+        self.parts = _parts(spec)
+        self.key = run_key(spec, self.groups, self.parts)
+        # The same command in the same directory: what a miss compares with.
+        self.command = hashlib.sha256(repr((os.getcwd(), dataclasses.astuple(spec))).encode()).hexdigest()[:32]
+        self.miss: str | None = None  # after a lookup that found nothing to replay: why
 
     def lookup(self) -> Replay | None:
         row = self.cache.get_run(self.key)
         if row is None:
+            self.miss = self._what_changed()
             return None
         valid_until, sources, exit_code, summary, report = row
         try:
             if valid_until is not None and date.today().isoformat() >= valid_until:
+                self.miss = f"a waiver in force at the last audit lapsed on {valid_until}"
                 return None
             for label, digest in json.loads(sources):
                 if source_digest(label) != digest:
+                    self.miss = f"the policy file {escape(label)} changed"
                     return None
             counts = json.loads(summary)
-            return Replay(
+            replay = Replay(
                 text=report.decode("utf-8"),
                 exit_code=int(exit_code),
                 paths=int(counts["paths"]),
@@ -91,7 +110,44 @@ class RunMemo:
                 skipped=int(counts["skipped"]),
             )
         except (ValueError, TypeError, KeyError, AttributeError):
+            self.miss = "the stored report is damaged or missing"
             return None  # not what this module stores: audit as usual
+        self.cache.touch_run(self.key)
+        return replay
+
+    def _what_changed(self) -> str:
+        found = self.cache.get_manifest(self.command)
+        if found is None:
+            return "no report of this audit is stored (the first audit with this cache and command, "\
+                "or the last one had unreadable files)"
+        key, raw = found
+        if key == self.key:
+            return "the stored report is damaged or missing"
+        try:
+            manifest = json.loads(raw)
+            if manifest.get("format") != _MANIFEST_FORMAT:
+                raise ValueError("another format")
+            before: dict[str, str] = dict(manifest["parts"])
+            files = manifest["files"]
+            old_files = None if files is None else {str(p): str(state) for p, state in files}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return "the stored report's manifest is damaged"
+        labels = {"version": "safeload's version", "rules": "the built-in rules", "baseline": "the baseline file"}
+        changed = [labels[k] for k in labels if before.get(k) != self.parts[k]]
+        if changed:
+            if "version" in before and before["version"] != self.parts["version"]:
+                changed[0] += f" ({escape(before['version'])} then, {__version__} now)"
+            return " and ".join(changed) + " changed since the stored audit"
+        now = _file_states(self.groups)
+        if old_files is None or now is None:
+            return "the tree changed since the stored audit (too many files to say which)"
+        return _tree_changes(old_files, now)
+
+    def manifest(self) -> bytes:
+        return json.dumps(
+            {"format": _MANIFEST_FORMAT, "parts": self.parts, "files": _file_states(self.groups)},
+            separators=(",", ":"),
+        ).encode("utf-8", "surrogatepass")
 
     def store(
         self,
@@ -111,16 +167,52 @@ class RunMemo:
             exit_code=exit_code,
             summary=json.dumps({"paths": paths, "files": files, "skipped": skipped}),
             report=text.encode("utf-8"),
+            manifest=(self.command, self.manifest()),
         )
 
 
-def run_key(spec: RunSpec, groups: Sequence[FileGroup]) -> str:
+def _parts(spec: RunSpec) -> dict[str, str]:
+    """The key's parts besides the command and the files, as a miss names them."""
+    baseline = None if spec.baseline is None else _file_digest(Path(spec.baseline), None)
+    return {"version": __version__, "rules": _rules_digest(), "baseline": repr((spec.baseline, baseline))}
+
+
+def _file_states(groups: Sequence[FileGroup]) -> list[tuple[str, str]] | None:
+    """Each walked path with what it reached (the file's stat key, or why it was unreadable)."""
+    out: list[tuple[str, str]] = []
+    for g in groups:
+        state = stat_key(g.st) if g.st is not None else f"unreadable: {g.error}"
+        for path in dict.fromkeys(g.paths + g.links):
+            out.append((path, state))
+        if len(out) > MANIFEST_MAX_PATHS:
+            return None
+    return out
+
+
+def _tree_changes(before: dict[str, str], now: list[tuple[str, str]]) -> str:
+    current = dict(now)
+    added = [p for p in current if p not in before]
+    gone = [p for p in before if p not in current]
+    modified = [p for p in current if p in before and before[p] != current[p]]
+    total = len(added) + len(gone) + len(modified)
+    if not total:
+        return "the tree's links or names changed since the stored audit"
+    shown = [f"{escape(p)} (new)" for p in added[:_NAMED_CHANGES]]
+    shown += [f"{escape(p)} (gone)" for p in gone[: _NAMED_CHANGES - len(shown)]]
+    shown += [f"{escape(p)} (changed)" for p in modified[: _NAMED_CHANGES - len(shown)]]
+    more = f" and {total - len(shown)} more" if total > len(shown) else ""
+    noun = "path" if total == 1 else "paths"
+    return f"{total} {noun} changed since the stored audit: {', '.join(shown)}{more}"
+
+
+def run_key(spec: RunSpec, groups: Sequence[FileGroup], parts: dict[str, str] | None = None) -> str:
+    parts = parts if parts is not None else _parts(spec)
     head = (
-        ("safeload audit run", _KEY_FORMAT, __version__),
+        ("safeload audit run", _KEY_FORMAT, parts["version"]),
         os.getcwd(),
         (spec.paths, spec.policy, spec.allow, spec.compare, spec.fmt, spec.verbose),
-        (spec.baseline, None if spec.baseline is None else _file_digest(Path(spec.baseline), None)),
-        _rules_digest(),
+        parts["baseline"],
+        parts["rules"],
     )
     # One line per group, its lists counted and each item NUL-terminated: no path or OS message
     # holds a NUL, so no two different walks give the same text (repr would too, at 4x the cost).

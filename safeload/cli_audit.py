@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
         "--cache",
         metavar="DIR",
         help="reuse results by (sha256, policy, safeload version) from DIR; an unchanged tree audited "
-        "the same way replays the last report",
+        "the same way replays the last report (when it does not, stderr says what changed)",
     )
     p.add_argument(
         "--rehash",
@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return replay.exit_code
+    if memo is not None and memo.miss is not None:
+        print(f"safeload audit: not replaying the last report: {memo.miss}", file=sys.stderr)
 
     from safeload.audit import COMPARED_POLICIES, AuditError, AuditOptions, audit
     from safeload.report import render

@@ -20,6 +20,17 @@ from safeload.cli import main
 from tests.pickle_builder import exec_payload
 
 REPLAYED = "its report replayed"
+MISS = "not replaying the last report: "
+
+
+def _why(err: str) -> str:
+    """The reason the audit gave for not replaying ("" when it gave none)."""
+    lines = [line for line in err.splitlines() if MISS in line]
+    return lines[0].split(MISS, 1)[1] if lines else ""
+
+
+def _stored_reports(cache: Path) -> list[Path]:
+    return [p for p in (cache / "runs").iterdir() if "." not in p.name]
 
 
 def _torch_bytes(value: float) -> bytes:
@@ -64,16 +75,32 @@ def test_an_unchanged_tree_replays_the_same_report(
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    "change",
-    ["touch", "add", "remove", "relink", "format", "verbose", "policy", "rehash", "cwd", "allow"],
-)
+# What the audit says when it does not replay: a change of files is named; another command has no
+# stored report of its own.
+NOT_STORED = "no report of this audit is stored"
+CHANGES = {
+    "touch": "2 paths changed since the stored audit: ",  # the file and the link to it
+    "add": "1 path changed since the stored audit: ",
+    "remove": "1 path changed since the stored audit: ",
+    "relink": "1 path changed since the stored audit: ",
+    "format": NOT_STORED,
+    "verbose": NOT_STORED,
+    "policy": NOT_STORED,
+    "rehash": "",  # never replays, so never looks
+    "cwd": NOT_STORED,
+    "allow": NOT_STORED,
+}
+NAMED = {"touch": "good.pt (changed)", "add": "new.pt (new)", "remove": "copy.pt (gone)", "relink": "link.pt (changed)"}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
 def test_any_change_audits_afresh(
     change: str, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache, out = tmp_path / "cache", tmp_path / "report.txt"
     base = [str(tree), "--cache", str(cache), "-o", str(out), "--format", "text"]
-    assert _audit(capsys, *base)[0] == 1
+    code, err = _audit(capsys, *base)
+    assert code == 1 and _why(err).startswith(NOT_STORED)
     assert REPLAYED in _audit(capsys, *base)[1]  # unchanged: replayed
     extra: list[str] = []
     if change == "touch":
@@ -101,6 +128,8 @@ def test_any_change_audits_afresh(
         monkeypatch.chdir(tmp_path)
     code, err = _audit(capsys, *base, *extra)
     assert code == 1 and REPLAYED not in err
+    assert _why(err).startswith(CHANGES[change]) and (CHANGES[change] or MISS not in err)
+    assert NAMED.get(change, "") in _why(err)
     if change != "rehash":
         # ... and that audit's report is kept for the next unchanged run.
         assert REPLAYED in _audit(capsys, *base, *extra)[1]
@@ -125,7 +154,8 @@ def test_a_user_policy_edited_in_place_is_no_replay(
     assert REPLAYED in _audit(capsys, *args)[1]
     # Same file, same name: a new allow entry (the file's identity in the key is its bytes).
     policy.write_text(policy.read_text() + '[[allow]]\nglobal = "collections.Counter"\nreason = "r"\n')
-    assert REPLAYED not in _audit(capsys, *args)[1]
+    err = _audit(capsys, *args)[1]
+    assert REPLAYED not in err and _why(err) == f"the policy file {policy} changed"
     assert REPLAYED in _audit(capsys, *args)[1]
 
 
@@ -138,6 +168,7 @@ def test_a_changed_baseline_is_no_replay(tree: Path, tmp_path: Path, capsys: pyt
     assert main(["audit", str(tree), "--format", "json", "-o", str(old), "--no-progress"]) == 1
     code, err = _audit(capsys, *args)
     assert REPLAYED not in err and code == 0  # everything is in the new baseline
+    assert _why(err) == "the baseline file changed since the stored audit"
 
 
 def test_a_replay_ends_when_a_waiver_lapses(
@@ -162,7 +193,9 @@ def test_a_replay_ends_when_a_waiver_lapses(
             return today + timedelta(days=1)
 
     monkeypatch.setattr(audit_memo, "date", Tomorrow)
-    assert REPLAYED not in _audit(capsys, *args)[1]
+    err = _audit(capsys, *args)[1]
+    assert REPLAYED not in err
+    assert _why(err) == f"a waiver in force at the last audit lapsed on {(today + timedelta(days=1)).isoformat()}"
 
 
 def test_unreadable_files_keep_the_report_from_replay(
@@ -178,10 +211,11 @@ def test_a_damaged_stored_run_is_a_miss(tree: Path, tmp_path: Path, capsys: pyte
     cache = tmp_path / "c"
     args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.txt"))
     _audit(capsys, *args)
-    (stored,) = (cache / "runs").iterdir()
+    (stored,) = _stored_reports(cache)
     text = stored.read_bytes()
     stored.write_bytes(text[:-1])  # cut short
-    assert REPLAYED not in _audit(capsys, *args)[1]
+    err = _audit(capsys, *args)[1]
+    assert REPLAYED not in err and _why(err) == "the stored report is damaged or missing"
     assert REPLAYED in _audit(capsys, *args)[1]  # stored whole again by that audit
     db = AuditCache(cache)._connect()
     assert db is not None
@@ -216,10 +250,23 @@ def test_only_the_most_recent_reports_are_kept(tree: Path, tmp_path: Path, capsy
     for fmt in formats:
         for verbose in ([], ["-v"]):
             _audit(capsys, str(tree), "--cache", str(cache), "--format", fmt, "-o", str(tmp_path / "r"), *verbose)
-    assert len(list((cache / "runs").iterdir())) == KEEP_RUNS < 2 * len(formats)
+    kept = _stored_reports(cache)
+    assert len(kept) == KEEP_RUNS < 2 * len(formats)
+    # each kept report has its manifest, and no other manifest is left
+    manifests = [p for p in (cache / "runs").iterdir() if p.name.endswith(".manifest")]
+    assert sorted(p.name.split(".")[0] for p in manifests) == sorted(p.name for p in kept)
     # the latest is kept, the first is gone
     assert REPLAYED in _audit(capsys, str(tree), "--cache", str(cache), "--format", "sarif", "-v")[1]
     assert REPLAYED not in _audit(capsys, str(tree), "--cache", str(cache), "--format", "text")[1]
+
+    def err(fmt: str, *verbose: str) -> str:
+        return _audit(capsys, str(tree), "--cache", str(cache), "--format", fmt, *verbose)[1]
+
+    # Kept are the most recently used: json -v is now the oldest, and a replay makes it recent.
+    assert REPLAYED in err("json", "-v")
+    assert REPLAYED not in err("json")  # stored anew: markdown, now the least recently used, goes
+    assert REPLAYED in err("json", "-v")
+    assert REPLAYED not in err("markdown")
 
 
 def test_a_report_written_inside_the_tree_is_no_part_of_it(
@@ -236,3 +283,46 @@ def test_a_report_written_inside_the_tree_is_no_part_of_it(
     # Named on the command line, it is audited like any file.
     code, _ = _audit(capsys, str(report), "-o", str(tmp_path / "r.json"))
     assert "audit.json" in (tmp_path / "r.json").read_text()
+
+
+def test_a_miss_names_what_changed_since_the_stored_report(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "c"
+    args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.txt"))
+    _audit(capsys, *args)
+    with monkeypatch.context() as m:
+        m.setattr(audit_memo, "__version__", "99.0")
+        err = _audit(capsys, *args)[1]
+    from safeload import __version__
+
+    assert _why(err) == f"safeload's version ({__version__} then, 99.0 now) changed since the stored audit"
+    with monkeypatch.context() as m:
+        m.setattr(audit_memo, "_rules_digest", lambda: "other rules")
+        # compared with the most recent stored report: the one safeload "99.0" wrote
+        assert _why(_audit(capsys, *args)[1]) == (
+            f"safeload's version (99.0 then, {__version__} now) and the built-in rules changed since the stored audit"
+        )
+    # back as it was: the first report is still kept, and replays
+    assert REPLAYED in _audit(capsys, *args)[1]
+
+    # A name from the tree is escaped: it reaches a terminal.
+    (tree / "a" / "new\x1b[2Jname.pt").write_bytes(_torch_bytes(4.0))
+    assert _why(_audit(capsys, *args)[1]) == (
+        f"1 path changed since the stored audit: {tree}/a/new\\x1b[2Jname.pt (new)"
+    )
+    for i in range(5):
+        (tree / "b" / f"more{i}.pt").write_bytes(_torch_bytes(5.0 + i))
+    assert _why(_audit(capsys, *args)[1]).endswith(" (new) and 2 more")
+    # Past the bound a manifest keeps no paths: the miss is still told, without names.
+    monkeypatch.setattr(audit_memo, "MANIFEST_MAX_PATHS", 2)
+    (tree / "b" / "more0.pt").unlink()
+    assert _audit(capsys, *args)[0] == 1
+    (tree / "b" / "more1.pt").unlink()
+    assert _why(_audit(capsys, *args)[1]) == "the tree changed since the stored audit (too many files to say which)"
+    # A manifest that is no manifest: said, and the audit runs as usual.
+    for manifest in (cache / "runs").glob("*.manifest"):
+        manifest.write_bytes(b"{not json")
+    (tree / "b" / "more2.pt").unlink()
+    code, err = _audit(capsys, *args)
+    assert code == 1 and _why(err) == "the stored report's manifest is damaged"
