@@ -160,20 +160,25 @@ def main() -> None:
                 rows.append([label, tool, "-", "", "", "", "", r])
                 continue
             ratio = r["seconds"] / base["seconds"] if isinstance(base, dict) and base["seconds"] else float("nan")
+            mean_ratio = r["mean"] / base["mean"] if isinstance(base, dict) and base["mean"] else float("nan")
             rows.append([
                 label,
                 tool,
                 f"{r['seconds']:.4f}",
+                f"{r['mean']:.4f}",
                 f"{r['first']:.4f}",
                 f"{size / 1e6 / r['seconds']:.0f}" if r["seconds"] else "inf",
                 f"{r['peak_rss'] / 1e6:.0f}",
                 "1.00 (base)" if tool == "safeload" else f"{ratio:.2f}",
+                "1.00 (base)" if tool == "safeload" else f"{mean_ratio:.2f}",
                 coverage(r, base),
             ])
-    print(table(rows, ["case", "tool", "seconds", "first pass", "MB/s", "peak RSS MB", "time vs safeload", "read"]))
-    print("seconds: the best pass (compared; at least --repeat passes, more for fast scans); first pass:")
-    print("the first, with what each tool")
-    print("imports or builds on first use.")
+    headers = ["case", "tool", "seconds", "mean", "first pass", "MB/s", "peak RSS MB", "vs safeload", "(mean)", "read"]
+    print(table(rows, headers))
+    print("seconds: the best pass (compared; at least --repeat passes, more for fast scans); mean: all passes")
+    print("(what a run of many scans takes per scan, collector pauses and slow passes included); first pass:")
+    print("the first, with what each tool imports or builds on first use. vs safeload: the peer's time over")
+    print("safeload's, best pass and (mean); above 1 safeload is faster.")
     print("read: PARTIAL means the tool stopped part way (a parse error, a skipped file); 'k of n globals'")
     print("counts the (file, global) pairs it reported against safeload's. Either way its time is then no")
     print("like-for-like comparison.")

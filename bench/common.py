@@ -85,7 +85,7 @@ while passes < repeat or (spent < 0.5 and passes < 500):
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak.
 rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 globals_seen = len(seen) if tool in ("safeload", "picklescan") else None
-print(json.dumps({"seconds": best, "first": first, "passes": passes, "peak_rss": rss, "outcomes": dict(outcomes), "globals": globals_seen}))
+print(json.dumps({"seconds": best, "mean": spent / passes, "first": first, "passes": passes, "peak_rss": rss, "outcomes": dict(outcomes), "globals": globals_seen}))
 """
 
 TOOLS = ("safeload", "picklescan", "modelscan", "fickling")
