@@ -157,7 +157,7 @@ def main() -> None:
         for tool in TOOLS:
             r = results[tool]
             if isinstance(r, str):  # a timeout or the peer's error: said where the coverage goes
-                rows.append([label, tool, "-", "", "", "", "", r])
+                rows.append([label, tool, "-", "", "", "", "", "", "", r])
                 continue
             ratio = r["seconds"] / base["seconds"] if isinstance(base, dict) and base["seconds"] else float("nan")
             mean_ratio = r["mean"] / base["mean"] if isinstance(base, dict) and base["mean"] else float("nan")
