@@ -12,7 +12,16 @@ Both were found by this project's byte-flip tests on real .npy files; each crash
   flags as given: an object field placed past the end of its record (one flipped byte) makes numpy
   write object pointers outside the array's memory. A dtype state is accepted only when it is
   exactly the state numpy writes for the dtype its parts describe, built through numpy's own
-  checking constructor (which refuses fields past the item size and overlapping object fields).
+  checking constructor (which refuses fields past the item size and overlapping object fields),
+  and only on a dtype of that very kind (numpy took a subarray state on a datetime dtype and
+  crashed: three flipped bytes of a pickle holding a structured dtype).
+- **Once, and before any use.** Both ``__setstate__`` change the object in place, under whatever
+  already holds it: a dtype given object fields after an array of raw bytes was made with it
+  makes numpy read those bytes as object pointers (checked: a segfault at an address the file
+  chose). So a dtype or array takes a BUILD only once, only when the call that made it was the
+  only holder of a new object (never a dtype numpy shares, like ``dtype("f4", False, False)``),
+  and only while nothing has taken it in since: not a tuple, list, dict, set, call or state.
+  numpy's own pickles always build each dtype and array right after making it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,47 @@ from safeload.text import escape
 
 # numpy's NPY_MAXDIMS (64 in numpy 2, 32 in numpy 1): no pickled array has more.
 _MAX_DIMS = 64
+
+
+# What sys.getrefcount says of a new object held only by a list slot, read through a subscript:
+# the same expression on the unpickler's stack then means "nothing else holds it". Measured, not
+# assumed: interpreters differ in the references they count.
+_probe = [object()]
+_ONLY_THE_STACK = sys.getrefcount(_probe[-1])
+del _probe
+
+
+class BuildOnce:
+    """Which numpy dtypes and arrays made by this load may still take their one BUILD."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, object] = {}  # id -> the object (kept alive: ids stay unique)
+
+    def made(self, stack: list[object]) -> None:
+        """After a call: its result, ``stack[-1]``, may be built if it is a new numpy dtype or array."""
+        np = sys.modules.get("numpy")
+        if np is None or not isinstance(stack[-1], (np.dtype, np.ndarray)):
+            return
+        if sys.getrefcount(stack[-1]) <= _ONLY_THE_STACK:
+            self._pending[id(stack[-1])] = stack[-1]
+
+    def taken(self, items: list[object]) -> None:
+        """``items`` went into a container, a call or a state: none of them takes a BUILD any more."""
+        if self._pending:
+            for item in items:
+                self._pending.pop(id(item), None)
+
+    def problem(self, target: object) -> str | None:
+        np = sys.modules.get("numpy")
+        if np is None or not isinstance(target, (np.dtype, np.ndarray)):
+            return None
+        if self._pending.pop(id(target), None) is None:
+            kind = "dtype" if isinstance(target, np.dtype) else "array"
+            return (
+                f"a numpy {kind} given a state after it was built, shared or put to use: numpy would "
+                "change it under what already holds it"
+            )
+        return None
 
 
 def build_state_problem(target: object, state: object) -> str | None:
@@ -78,11 +128,17 @@ def _dtype_state_problem(target: Any, state: object, np: Any) -> str | None:
         # numpy's message may quote field names and units from the file: escaped like every such text.
         return f"a numpy dtype's state that numpy's constructor refuses ({type(exc).__name__}: {escape(str(exc), 200)})"
     try:
-        same = expected.__reduce__()[2] == state
+        _, args, written = expected.__reduce__()
+        same = written == state
+        # The kind (datetime, void, string ...) is the object's, fixed when it was made: a state
+        # describing another kind would be applied to it all the same.
+        same_kind = args == target.__reduce__()[1]
     except (TypeError, ValueError):  # comparing parts that are not what numpy writes
-        same = False
+        same = same_kind = False
     if not same:
         return "a numpy dtype's state that is not the one numpy writes for the dtype it describes"
+    if not same_kind:
+        return f"a numpy dtype's state that describes a {escape(args[0])} dtype, given to a {escape(target.str)} one"
     return None
 
 

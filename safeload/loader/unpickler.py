@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safeload.errors import InternalLoaderError, LoadError, SafeloadError, UnsafeModelError
-from safeload.loader.array_state import build_state_problem
+from safeload.loader.array_state import BuildOnce, build_state_problem
 from safeload.loader.resolve import Resolver, map_name
 from safeload.loader.storages import Where
 from safeload.text import escape
@@ -247,6 +247,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         self._gate = gate
         self._persistent = persistent
         self._file = file
+        self._builds = BuildOnce()
 
     def find_class(self, module: str, name: str) -> Any:
         return self._gate.find(module, name, self.proto)
@@ -254,6 +255,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
             raise self._refuse("persistent id in a stream whose format defines none")
+        self._builds.taken([pid])
         return self._persistent(pid)
 
     # -- torch's opcode rules ------------------------------------------------------------------------
@@ -283,49 +285,106 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             names = "/".join(k.__name__ for k in kinds)
             raise self._refuse(f"{op} on {_kind(target)}; only {names} objects take it")
 
+    # Calls: what they are given is taken (see BuildOnce); what they make may take one BUILD.
     def load_reduce(self) -> None:
         self._callable(self.stack[-2], "REDUCE")
+        self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
+        self._builds.made(self.stack)
 
     def load_newobj(self) -> None:
         self._callable(self.stack[-2], "NEWOBJ")
+        self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_newobj(self)  # type: ignore[attr-defined]
+        self._builds.made(self.stack)
 
     def load_newobj_ex(self) -> None:
         self._callable(self.stack[-3], "NEWOBJ_EX")
+        self._builds.taken(self.stack[-2:])
         pickle._Unpickler.load_newobj_ex(self)  # type: ignore[attr-defined]
+        self._builds.made(self.stack)
 
     def load_obj(self) -> None:
         self._callable(self.stack[0] if self.stack else None, "OBJ")
+        self._builds.taken(self.stack)
         pickle._Unpickler.load_obj(self)  # type: ignore[attr-defined]
+        self._builds.made(self.stack)
+
+    def load_inst(self) -> None:
+        self._builds.taken(self.stack)
+        pickle._Unpickler.load_inst(self)  # type: ignore[attr-defined]
+        self._builds.made(self.stack)
 
     def load_build(self) -> None:
         self._instance_of_allowed_type(self.stack[-2], "BUILD")
-        problem = build_state_problem(self.stack[-2], self.stack[-1])
+        self._builds.taken(self.stack[-1:])
+        problem = self._builds.problem(self.stack[-2]) or build_state_problem(self.stack[-2], self.stack[-1])
         if problem is not None:
             raise self._refuse(f"BUILD with a state numpy would not check: {problem}")
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
+    # Containers: their items are taken. MARK starts a new ``self.stack``: those ops take all of it.
+    def load_tuple(self) -> None:
+        self._builds.taken(self.stack)
+        pickle._Unpickler.load_tuple(self)  # type: ignore[attr-defined]
+
+    def load_tuple1(self) -> None:
+        self._builds.taken(self.stack[-1:])
+        pickle._Unpickler.load_tuple1(self)  # type: ignore[attr-defined]
+
+    def load_tuple2(self) -> None:
+        self._builds.taken(self.stack[-2:])
+        pickle._Unpickler.load_tuple2(self)  # type: ignore[attr-defined]
+
+    def load_tuple3(self) -> None:
+        self._builds.taken(self.stack[-3:])
+        pickle._Unpickler.load_tuple3(self)  # type: ignore[attr-defined]
+
+    def load_list(self) -> None:
+        self._builds.taken(self.stack)
+        pickle._Unpickler.load_list(self)  # type: ignore[attr-defined]
+
+    def load_dict(self) -> None:
+        self._builds.taken(self.stack)
+        pickle._Unpickler.load_dict(self)  # type: ignore[attr-defined]
+
+    def load_frozenset(self) -> None:
+        self._builds.taken(self.stack)
+        pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
+
     def load_setitem(self) -> None:
         self._container(self.stack[-3], (dict,), "SETITEM")
+        self._builds.taken(self.stack[-2:])
         pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
 
     def load_setitems(self) -> None:
         self._container(self.metastack[-1][-1], (dict,), "SETITEMS")
+        self._builds.taken(self.stack)
         pickle._Unpickler.load_setitems(self)  # type: ignore[attr-defined]
 
     def load_append(self) -> None:
         self._container(self.stack[-2], _LISTS, "APPEND")
+        self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_append(self)  # type: ignore[attr-defined]
 
     def load_appends(self) -> None:
         self._container(self.metastack[-1][-1], _LISTS, "APPENDS")
+        self._builds.taken(self.stack)
         pickle._Unpickler.load_appends(self)  # type: ignore[attr-defined]
 
     def load_additems(self) -> None:
         self._container(self.metastack[-1][-1], (set,), "ADDITEMS")
+        self._builds.taken(self.stack)
         pickle._Unpickler.load_additems(self)  # type: ignore[attr-defined]
 
+    dispatch[pickle.INST[0]] = load_inst
+    dispatch[pickle.TUPLE[0]] = load_tuple
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
+    dispatch[pickle.LIST[0]] = load_list
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex

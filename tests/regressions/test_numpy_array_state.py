@@ -193,3 +193,113 @@ def test_a_plain_dtype_cannot_be_given_another_size_or_flags() -> None:
         bad = list(state)
         bad[index] = value
         assert build_state_problem(f4, tuple(bad)) is not None
+
+
+# -- a dtype changed in place: once, before use, and into its own kind only -------------------------
+# Each pickle below names only globals the default policy allows (numpy's dtype, ndarray and
+# _reconstruct): the scan passes them, and each crashed numpy before the loader checked for it.
+
+OBJECT_FIELDS = np.dtype([("x", "O"), ("y", "O")])
+_RECONSTRUCT = b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\nK\x00\x85C\x01bt" + b"R"
+
+
+def _state_fragment(state: tuple[object, ...]) -> bytes:
+    """``state`` as pickle opcodes to splice in (its memo indices stay below 900)."""
+    return pickle.dumps(state, protocol=2)[2:-1]
+
+
+def _dtype(spec: str) -> bytes:
+    return b"cnumpy\ndtype\n(X" + len(spec).to_bytes(4, "little") + spec.encode() + b"\x89\x88tR"
+
+
+class _Again:
+    """Pickles as ``dtype(d, False, False)`` with a state: numpy hands back ``d`` itself, and the
+    BUILD that follows changes it in place."""
+
+    def __init__(self, d: np.dtype, state: tuple[object, ...]) -> None:
+        self.d, self.state = d, state
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (np.dtype, (self.d, False, False), self.state)
+
+
+def _rebuilt_dtype_pickle() -> bytes:
+    d = np.dtype([("x", "<f8"), ("y", "<f8")])
+    arr = np.frombuffer(b"A" * 16, dtype=d).copy()  # its bytes, read as pointers, are 0x4141...
+    return pickle.dumps((arr, _Again(d, OBJECT_FIELDS.__reduce__()[2])), protocol=2)
+
+
+def _used_before_built_pickle() -> bytes:
+    """A plain V16 dtype makes an array of raw bytes, and only then is given object fields."""
+    return (
+        b"\x80\x02"
+        + _dtype("V16") + b"r\x84\x03\x00\x000"  # LONG_BINPUT 900, POP: d, not built
+        + _RECONSTRUCT  # arr
+        + b"(K\x01K\x01\x85j\x84\x03\x00\x00\x89C\x10" + b"A" * 16 + b"tb"  # arr built with d
+        + b"j\x84\x03\x00\x00" + _state_fragment(OBJECT_FIELDS.__reduce__()[2]) + b"b0"  # d's first BUILD
+        + b"."
+    )
+
+
+def _datetime_with_a_subarray_state_pickle() -> bytes:
+    """What three flipped bytes of a pickled structured dtype came down to (found by fuzzing)."""
+    state = (3, "|", (np.dtype("f4"), (2,)), None, None, 8, 4, 0)
+    return b"\x80\x02" + _dtype("M8") + _state_fragment(state) + b"b."
+
+
+_NUMPY_ALONE = {
+    "rebuilt": (
+        "d = np.dtype([('x', '<f8'), ('y', '<f8')])\n"
+        "arr = np.frombuffer(b'A' * 16, dtype=d).copy()\n"
+        "np.dtype(d, False, False).__setstate__(np.dtype([('x', 'O'), ('y', 'O')]).__reduce__()[2])\n"
+        "print(arr[0])\n"
+    ),
+    "used before built": (
+        "from numpy._core.multiarray import _reconstruct\n"
+        "d = np.dtype('V16', False, True)\n"
+        "arr = _reconstruct(np.ndarray, (0,), b'b')\n"
+        "arr.__setstate__((1, (1,), d, False, b'A' * 16))\n"
+        "d.__setstate__(np.dtype([('x', 'O'), ('y', 'O')]).__reduce__()[2])\n"
+        "print(arr[0])\n"
+    ),
+    "another kind": (
+        "d = np.dtype('M8', False, True)\n"
+        "d.__setstate__((3, '|', (np.dtype('f4'), (2,)), None, None, 8, 4, 0))\n"
+        "print(repr(d))\n"
+    ),
+}
+_PICKLES = {
+    "rebuilt": (_rebuilt_dtype_pickle, "after it was built, shared or put to use"),
+    "used before built": (_used_before_built_pickle, "after it was built, shared or put to use"),
+    "another kind": (_datetime_with_a_subarray_state_pickle, "describes a V8 dtype, given to a <M8 one"),
+}
+
+
+@pytest.mark.parametrize("case", list(_NUMPY_ALONE))
+def test_numpy_itself_crashes_on_these_states(case: str) -> None:
+    """Why the checks exist: the same calls, made by hand in a process of their own."""
+    code = "import numpy as np\n" + _NUMPY_ALONE[case]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout  # a segfault (-11) in numpy 2.4; never a clean run
+
+
+@pytest.mark.parametrize("case", list(_PICKLES))
+def test_the_loader_refuses_a_dtype_changed_where_numpy_would_crash(case: str, tmp_path: Path) -> None:
+    make, why = _PICKLES[case]
+    data = make()
+    assert safeload.scan_bytes(data).verdict is Verdict.SAFE  # every global is allowed
+    path = tmp_path / "changed.pkl"
+    path.write_bytes(data)
+    assert why in _refusal_in_a_child(path)
+
+
+def test_numpy_pickles_of_dtypes_and_arrays_still_load() -> None:
+    """Every dtype and array numpy pickles takes its one BUILD right after it is made."""
+    values = [np.zeros(2, dtype=np.dtype(d)) for d in LEGIT_DTYPES]  # type: ignore[call-overload]
+    values += [np.dtype(d) for d in LEGIT_DTYPES]  # type: ignore[call-overload]
+    shared = np.dtype([("p", "<f8"), ("q", "O")])
+    values += [np.zeros(1, shared), np.zeros(3, shared), shared]  # one dtype, memoized, used thrice
+    for protocol in (2, 4, 5):
+        data = pickle.dumps(values, protocol=protocol)
+        # numpy's own unpickler as the reference: these bytes were made by this test
+        assert [repr(v) for v in safeload.loads(data)] == [repr(v) for v in pickle.loads(data)]
