@@ -43,10 +43,16 @@ def real_files() -> dict[str, bytes]:
     buf = io.BytesIO()
     joblib.dump({"arr": np.arange(10.0), "n": 3}, buf)
     files["joblib"] = buf.getvalue()
+    # numpy objects pickled directly: dtypes (a subarray field, an object field), a scalar, an array.
+    # Three flipped bytes of this made numpy segfault in the loader (a dtype state of another kind).
+    structured = np.dtype([("x", "<f4", (2,)), ("y", "O")])
+    files["numpy-pickle"] = pickle.dumps({"s": np.float32(1.5), "d": structured, "a": np.arange(4)}, protocol=2)
     return files
 
 
-KINDS = sorted(["torch-zip", "torch-legacy", "raw", "raw-p0", "npy-object", "npy-record", "joblib"])
+KINDS = sorted(
+    ["torch-zip", "torch-legacy", "raw", "raw-p0", "npy-object", "npy-record", "joblib", "numpy-pickle"]
+)
 
 
 def _check(data: bytes) -> Verdict:
