@@ -1,4 +1,4 @@
-"""States numpy's ``__setstate__`` does not check for itself, refused before it runs.
+"""States numpy's and torch's ``__setstate__`` do not check for themselves, refused before they run.
 
 Both were found by this project's byte-flip tests on real .npy files; each crashed numpy 2.4.
 
@@ -22,6 +22,9 @@ Both were found by this project's byte-flip tests on real .npy files; each crash
   only holder of a new object (never a dtype numpy shares, like ``dtype("f4", False, False)``),
   and only while nothing has taken it in since: not a tuple, list, dict, set, call or state.
   numpy's own pickles always build each dtype and array right after making it.
+- **Tensors.** ``Tensor.__setstate__`` calls ``set_`` with a 4-tuple state (the legacy storage,
+  offset, size, stride), and ``set_`` grows a resizable storage to fit, with uninitialized memory:
+  the view must fit its storage, as the rebuild functions' views must.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import math
 import sys
 from typing import Any
 
+from safeload.errors import LoadError
+from safeload.loader.storages import Where, check_view
 from safeload.text import escape
 
 # numpy's NPY_MAXDIMS (64 in numpy 2, 32 in numpy 1): no pickled array has more.
@@ -78,7 +83,10 @@ class BuildOnce:
 
 
 def build_state_problem(target: object, state: object) -> str | None:
-    """Why BUILD with ``state`` on ``target`` must not reach numpy, or None (not numpy's, or fine)."""
+    """Why BUILD with ``state`` on ``target`` must not reach numpy or torch, or None (fine)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(target, torch.Tensor):
+        return _tensor_state_problem(target, state, torch)
     np = sys.modules.get("numpy")
     if np is None:
         return None
@@ -113,6 +121,30 @@ def _ndarray_state_problem(state: object, np: object) -> str | None:
                 "check this and would read past them"
             )
     return None
+
+
+def _tensor_state_problem(target: Any, state: object, torch: Any) -> str | None:
+    """``Tensor.__setstate__`` takes a 4-tuple as the legacy (storage, offset, size, stride) and
+    calls ``set_`` with it, which grows a resizable storage to fit: gigabytes on request, and
+    uninitialized memory in the tensor. torch.load's own storages cannot grow; a view must fit its
+    storage here whatever the storage is (the same check as the rebuild functions')."""
+    if not isinstance(state, tuple) or len(state) != 4:
+        return None  # the other states set attributes or the data (a tensor already checked)
+    storage, offset, size, stride = state
+    if isinstance(storage, torch.storage.TypedStorage):
+        nbytes, itemsize = storage._untyped_storage.nbytes(), storage.dtype.itemsize
+    elif isinstance(storage, torch.UntypedStorage):
+        nbytes, itemsize = storage.nbytes(), target.element_size()
+    else:
+        return f"a tensor's legacy state whose storage is a {escape(type(storage).__name__)}"
+    try:
+        check_view(offset, size, stride, nbytes // max(itemsize, 1), _STATE, what="tensor (legacy state)")
+    except LoadError as exc:
+        return exc.message
+    return None
+
+
+_STATE = Where(path="")  # check_view's messages are taken, not its errors: the unpickler says where
 
 
 # numpy's NPY_ALIGNED_STRUCT dtype flag: the struct was laid out with align=True.

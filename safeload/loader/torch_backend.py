@@ -168,7 +168,9 @@ class TorchBackend:
         else:
             flat = torch.frombuffer(data, dtype=torch.uint8)
         if not share or self._swap or flat.data_ptr() % max(dtype.itemsize, 1):
-            flat = flat.clone()
+            # A copy torch cannot grow (as its own loader's storages): a clone could be resized by
+            # set_ to any size, filled with whatever memory held before.
+            flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         untyped = flat.untyped_storage()
         if self._swap and dtype.itemsize > 1:
             untyped.byteswap(dtype)

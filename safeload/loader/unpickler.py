@@ -320,7 +320,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         self._builds.taken(self.stack[-1:])
         problem = self._builds.problem(self.stack[-2]) or build_state_problem(self.stack[-2], self.stack[-1])
         if problem is not None:
-            raise self._refuse(f"BUILD with a state numpy would not check: {problem}")
+            raise self._refuse(f"BUILD with a state that numpy or torch would take unchecked: {problem}")
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     # Containers: their items are taken. MARK starts a new ``self.stack``: those ops take all of it.

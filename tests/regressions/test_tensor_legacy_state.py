@@ -1,0 +1,114 @@
+"""BUILD on a tensor: ``Tensor.__setstate__`` takes a 4-tuple as the legacy (storage, offset,
+size, stride) and calls ``set_`` with it, which grows a resizable storage to fit the view, with
+uninitialized memory, to any size asked. torch.load(weights_only=True) does the same BUILD
+(``inst.set_(*state)``) but its storages cannot grow. The loader's copies were clones, which can:
+a view the file chose was then filled from the process's heap, or gigabytes were allocated. Now
+every such state is checked against its storage, and the loader's copies cannot grow either."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import safeload
+from safeload.errors import UnsafeModelError
+from safeload.model import Verdict
+
+
+class _LegacyTensor:
+    """Pickles as ``torch.Tensor()`` followed by BUILD with ``state``."""
+
+    def __init__(self, state: tuple[object, ...]) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (torch.Tensor, (), self.state)
+
+
+def _checkpoint(state: tuple[object, ...], numel: int = 4) -> bytes:
+    """A real torch.save archive whose data.pkl is replaced by one tensor built from ``state``
+    ("STORAGE" in it stands for the archive's storage 0, of ``numel`` floats)."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(float(numel))}, buf)
+    original = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj == "STORAGE" else None
+
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump({"t": _LegacyTensor(state)})
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in original.infolist():
+            z.writestr(info.filename, data.getvalue() if info.filename.endswith("/data.pkl") else original.read(info))
+    return out.getvalue()
+
+
+def test_set_grows_a_resizable_storage_with_memory_nobody_wrote() -> None:
+    """Why: a clone's storage is resizable, and set_ grows it to whatever view it is given."""
+    storage = torch.arange(4.0).clone().untyped_storage()
+    assert storage.resizable()
+    t = torch.Tensor()
+    t.set_(storage, 0, (2,), (100,))
+    assert storage.nbytes() == 101 * 4  # grown from 16 bytes; t[1] reads memory nobody wrote
+
+
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        (("STORAGE", 0, (2,), (100,)), "reaches element 100 but its storage holds 4"),
+        (("STORAGE", 1_000_000, (1,), (1,)), "reaches element 1000000"),
+        (("STORAGE", 0, (1 << 40,), (1,)), "reaches element 1099511627775"),
+        (("STORAGE", -1, (1,), (1,)), "out of range"),
+        (("STORAGE", 0, (2, 2), (1,)), "2 sizes but 1 strides"),
+        (("not a storage", 0, (1,), (1,)), "whose storage is a str"),
+    ],
+)
+def test_a_legacy_tensor_state_outside_its_storage_is_refused(
+    state: tuple[object, ...], why: str, tmp_path: Path
+) -> None:
+    data = _checkpoint(state)
+    assert safeload.scan_bytes(data, policy="strict").verdict is Verdict.SAFE  # torch.Tensor is allowed
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(data)
+    for load in (lambda: safeload.load(path), lambda: safeload.loads(data)):  # mapped, and copied bytes
+        with pytest.raises(UnsafeModelError, match=why):
+            load()
+
+
+def test_torch_refuses_them_too() -> None:
+    """The same files are no checkpoint torch loads (its storages cannot grow): nothing is lost."""
+    with pytest.raises(RuntimeError, match="not resizable"):
+        torch.load(io.BytesIO(_checkpoint(("STORAGE", 0, (2,), (100,)))), weights_only=True)
+
+
+def test_an_empty_storage_cannot_be_grown_either() -> None:
+    data = _checkpoint(("STORAGE", 0, (1000,), (1,)), numel=0)
+    with pytest.raises(UnsafeModelError, match="its storage holds 0 elements"):
+        safeload.loads(data)
+
+
+def test_a_legacy_state_inside_its_storage_loads_as_torch_loads_it(tmp_path: Path) -> None:
+    data = _checkpoint(("STORAGE", 1, (2, 1), (2, 1)))  # elements 1 and 3
+    expected = torch.load(io.BytesIO(data), weights_only=True)["t"]
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(data)
+    for got in (safeload.load(path)["t"], safeload.loads(data)["t"]):
+        assert got.tolist() == expected.tolist() == [[1.0], [3.0]]
+        assert (got.stride(), got.storage_offset(), got.dtype) == (expected.stride(), 1, torch.float32)
+
+
+def test_storages_the_loader_copies_cannot_grow() -> None:
+    """Bytes handed to loads are the caller's: the loader copies them, into storages that torch
+    cannot resize (as torch.load's own)."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(6.0), "i": torch.arange(3)}, buf)
+    loaded = safeload.loads(buf.getvalue())
+    assert not any(t.untyped_storage().resizable() for t in loaded.values())
+    assert loaded["w"].tolist() == list(range(6))
