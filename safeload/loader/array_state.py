@@ -29,6 +29,7 @@ Both were found by this project's byte-flip tests on real .npy files; each crash
 
 from __future__ import annotations
 
+import collections
 import math
 import sys
 from typing import Any
@@ -128,8 +129,15 @@ def _tensor_state_problem(target: Any, state: object, torch: Any) -> str | None:
     calls ``set_`` with it, which grows a resizable storage to fit: gigabytes on request, and
     uninitialized memory in the tensor. torch.load's own storages cannot grow; a view must fit its
     storage here whatever the storage is (the same check as the rebuild functions')."""
+    if isinstance(state, tuple) and len(state) in (3, 5):
+        # (requires_grad, _, backward_hooks), or the legacy Variable's five with the hooks third
+        # too: torch sets them as given, and backward() would call them. torch.save writes none.
+        hooks = state[2]
+        if hooks is not None and not (type(hooks) in (dict, collections.OrderedDict) and not hooks):
+            return "a tensor state that sets backward hooks: backward() would call them"
+        return None
     if not isinstance(state, tuple) or len(state) != 4:
-        return None  # the other states set attributes or the data (a tensor already checked)
+        return None  # torch refuses any other state itself
     storage, offset, size, stride = state
     if isinstance(storage, torch.storage.TypedStorage):
         nbytes, itemsize = storage._untyped_storage.nbytes(), storage.dtype.itemsize

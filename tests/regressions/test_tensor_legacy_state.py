@@ -112,3 +112,26 @@ def test_storages_the_loader_copies_cannot_grow() -> None:
     loaded = safeload.loads(buf.getvalue())
     assert not any(t.untyped_storage().resizable() for t in loaded.values())
     assert loaded["w"].tolist() == list(range(6))
+
+
+def test_hooks_set_through_a_tensor_state_run_on_backward() -> None:
+    """Why: torch installs them, and a later backward() calls each with the gradient."""
+    calls: list[object] = []
+    t = torch.ones(2)
+    t.__setstate__((True, None, {0: calls.append}))
+    (t * 2).sum().backward()
+    assert len(calls) == 1
+
+
+def test_a_tensor_state_that_sets_backward_hooks_is_refused() -> None:
+    """(requires_grad, _, backward_hooks): torch assigns the hooks as given, and backward() calls
+    every one. The hook here is an allowed global, so the scan passes the file."""
+    hooks = {0: torch.Tensor}  # any callable the policy allows would do
+    data = _checkpoint((True, None, hooks))
+    assert safeload.scan_bytes(data, policy="strict").verdict is Verdict.SAFE
+    with pytest.raises(UnsafeModelError, match="sets backward hooks"):
+        safeload.loads(data)
+    with pytest.raises(UnsafeModelError, match="sets backward hooks"):
+        safeload.loads(_checkpoint((None, None, hooks, True, None)))  # the legacy Variable's five
+    for harmless in ((False, None, None), (True, None, {})):
+        assert isinstance(safeload.loads(_checkpoint(harmless))["t"], torch.Tensor)
