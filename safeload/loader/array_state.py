@@ -1,6 +1,7 @@
 """States numpy's and torch's ``__setstate__`` do not check for themselves, refused before they run.
 
-Both were found by this project's byte-flip tests on real .npy files; each crashed numpy 2.4.
+Each was found by this project's byte-flip and structure fuzzing, or while fixing what it found;
+each crashed numpy 2.4 or, for tensors, handed out memory nobody wrote.
 
 - **Arrays.** BUILD on an array (after ``numpy._core.multiarray._reconstruct``) passes the pickled
   ``(version, shape, dtype, is_fortran, data)`` to ``ndarray.__setstate__``. For an object dtype
@@ -129,15 +130,18 @@ def _tensor_state_problem(target: Any, state: object, torch: Any) -> str | None:
     calls ``set_`` with it, which grows a resizable storage to fit: gigabytes on request, and
     uninitialized memory in the tensor. torch.load's own storages cannot grow; a view must fit its
     storage here whatever the storage is (the same check as the rebuild functions')."""
-    if isinstance(state, tuple) and len(state) in (3, 5):
+    if not isinstance(state, tuple):
+        # torch takes len() and unpacks whatever it is given: a dict of four keys would reach set_
+        return f"a tensor state that is a {escape(type(state).__name__)}, not a tuple"
+    if len(state) in (3, 5):
         # (requires_grad, _, backward_hooks), or the legacy Variable's five with the hooks third
         # too: torch sets them as given, and backward() would call them. torch.save writes none.
         hooks = state[2]
         if hooks is not None and not (type(hooks) in (dict, collections.OrderedDict) and not hooks):
             return "a tensor state that sets backward hooks: backward() would call them"
         return None
-    if not isinstance(state, tuple) or len(state) != 4:
-        return None  # torch refuses any other state itself
+    if len(state) != 4:
+        return None  # torch refuses any other length itself
     storage, offset, size, stride = state
     if isinstance(storage, torch.storage.TypedStorage):
         nbytes, itemsize = storage._untyped_storage.nbytes(), storage.dtype.itemsize

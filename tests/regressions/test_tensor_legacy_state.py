@@ -23,14 +23,14 @@ from safeload.model import Verdict
 class _LegacyTensor:
     """Pickles as ``torch.Tensor()`` followed by BUILD with ``state``."""
 
-    def __init__(self, state: tuple[object, ...]) -> None:
+    def __init__(self, state: tuple[object, ...] | list[object]) -> None:
         self.state = state
 
     def __reduce__(self) -> tuple[object, ...]:
         return (torch.Tensor, (), self.state)
 
 
-def _checkpoint(state: tuple[object, ...], numel: int = 4) -> bytes:
+def _checkpoint(state: tuple[object, ...] | list[object], numel: int = 4) -> bytes:
     """A real torch.save archive whose data.pkl is replaced by one tensor built from ``state``
     ("STORAGE" in it stands for the archive's storage 0, of ``numel`` floats)."""
     buf = io.BytesIO()
@@ -68,10 +68,11 @@ def test_set_grows_a_resizable_storage_with_memory_nobody_wrote() -> None:
         (("STORAGE", -1, (1,), (1,)), "out of range"),
         (("STORAGE", 0, (2, 2), (1,)), "2 sizes but 1 strides"),
         (("not a storage", 0, (1,), (1,)), "whose storage is a str"),
+        (["STORAGE", 0, (2,), (100,)], "a tensor state that is a list, not a tuple"),
     ],
 )
 def test_a_legacy_tensor_state_outside_its_storage_is_refused(
-    state: tuple[object, ...], why: str, tmp_path: Path
+    state: tuple[object, ...] | list[object], why: str, tmp_path: Path
 ) -> None:
     data = _checkpoint(state)
     assert safeload.scan_bytes(data, policy="strict").verdict is Verdict.SAFE  # torch.Tensor is allowed
