@@ -55,7 +55,9 @@ class BuildOnce:
     """Which numpy dtypes and arrays made by this load may still take their one BUILD."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, object] = {}  # id -> the object (kept alive: ids stay unique)
+        # id -> the object (kept alive: ids stay unique). Empty in nearly every load: callers test
+        # it before gathering items for ``taken``.
+        self.pending: dict[int, object] = {}
 
     def made(self, stack: list[object]) -> None:
         """After a call: its result, ``stack[-1]``, may be built if it is a new numpy dtype or array."""
@@ -63,19 +65,18 @@ class BuildOnce:
         if np is None or not isinstance(stack[-1], (np.dtype, np.ndarray)):
             return
         if sys.getrefcount(stack[-1]) <= _ONLY_THE_STACK:
-            self._pending[id(stack[-1])] = stack[-1]
+            self.pending[id(stack[-1])] = stack[-1]
 
     def taken(self, items: list[object]) -> None:
         """``items`` went into a container, a call or a state: none of them takes a BUILD any more."""
-        if self._pending:
-            for item in items:
-                self._pending.pop(id(item), None)
+        for item in items:
+            self.pending.pop(id(item), None)
 
     def problem(self, target: object) -> str | None:
         np = sys.modules.get("numpy")
         if np is None or not isinstance(target, (np.dtype, np.ndarray)):
             return None
-        if self._pending.pop(id(target), None) is None:
+        if self.pending.pop(id(target), None) is None:
             kind = "dtype" if isinstance(target, np.dtype) else "array"
             return (
                 f"a numpy {kind} given a state after it was built, shared or put to use: numpy would "

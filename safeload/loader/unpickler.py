@@ -255,7 +255,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
             raise self._refuse("persistent id in a stream whose format defines none")
-        self._builds.taken([pid])
+        if self._builds.pending:
+            self._builds.taken([pid])
         return self._persistent(pid)
 
     # -- torch's opcode rules ------------------------------------------------------------------------
@@ -288,36 +289,42 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     # Calls: what they are given is taken (see BuildOnce); what they make may take one BUILD.
     def load_reduce(self) -> None:
         self._callable(self.stack[-2], "REDUCE")
-        self._builds.taken(self.stack[-1:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
         self._builds.made(self.stack)
 
     def load_newobj(self) -> None:
         self._callable(self.stack[-2], "NEWOBJ")
-        self._builds.taken(self.stack[-1:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_newobj(self)  # type: ignore[attr-defined]
         self._builds.made(self.stack)
 
     def load_newobj_ex(self) -> None:
         self._callable(self.stack[-3], "NEWOBJ_EX")
-        self._builds.taken(self.stack[-2:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-2:])
         pickle._Unpickler.load_newobj_ex(self)  # type: ignore[attr-defined]
         self._builds.made(self.stack)
 
     def load_obj(self) -> None:
         self._callable(self.stack[0] if self.stack else None, "OBJ")
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_obj(self)  # type: ignore[attr-defined]
         self._builds.made(self.stack)
 
     def load_inst(self) -> None:
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_inst(self)  # type: ignore[attr-defined]
         self._builds.made(self.stack)
 
     def load_build(self) -> None:
         self._instance_of_allowed_type(self.stack[-2], "BUILD")
-        self._builds.taken(self.stack[-1:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-1:])
         problem = self._builds.problem(self.stack[-2]) or build_state_problem(self.stack[-2], self.stack[-1])
         if problem is not None:
             raise self._refuse(f"BUILD with a state that numpy or torch would take unchecked: {problem}")
@@ -325,56 +332,68 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     # Containers: their items are taken. MARK starts a new ``self.stack``: those ops take all of it.
     def load_tuple(self) -> None:
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_tuple(self)  # type: ignore[attr-defined]
 
     def load_tuple1(self) -> None:
-        self._builds.taken(self.stack[-1:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_tuple1(self)  # type: ignore[attr-defined]
 
     def load_tuple2(self) -> None:
-        self._builds.taken(self.stack[-2:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-2:])
         pickle._Unpickler.load_tuple2(self)  # type: ignore[attr-defined]
 
     def load_tuple3(self) -> None:
-        self._builds.taken(self.stack[-3:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-3:])
         pickle._Unpickler.load_tuple3(self)  # type: ignore[attr-defined]
 
     def load_list(self) -> None:
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_list(self)  # type: ignore[attr-defined]
 
     def load_dict(self) -> None:
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_dict(self)  # type: ignore[attr-defined]
 
     def load_frozenset(self) -> None:
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
 
     def load_setitem(self) -> None:
         self._container(self.stack[-3], (dict,), "SETITEM")
-        self._builds.taken(self.stack[-2:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-2:])
         pickle._Unpickler.load_setitem(self)  # type: ignore[attr-defined]
 
     def load_setitems(self) -> None:
         self._container(self.metastack[-1][-1], (dict,), "SETITEMS")
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_setitems(self)  # type: ignore[attr-defined]
 
     def load_append(self) -> None:
         self._container(self.stack[-2], _LISTS, "APPEND")
-        self._builds.taken(self.stack[-1:])
+        if self._builds.pending:
+            self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_append(self)  # type: ignore[attr-defined]
 
     def load_appends(self) -> None:
         self._container(self.metastack[-1][-1], _LISTS, "APPENDS")
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_appends(self)  # type: ignore[attr-defined]
 
     def load_additems(self) -> None:
         self._container(self.metastack[-1][-1], (set,), "ADDITEMS")
-        self._builds.taken(self.stack)
+        if self._builds.pending:
+            self._builds.taken(self.stack)
         pickle._Unpickler.load_additems(self)  # type: ignore[attr-defined]
 
     dispatch[pickle.INST[0]] = load_inst
