@@ -346,7 +346,7 @@ class TorchBackend:
     ) -> Any:
         self._tensor(data, "parameter data")
         self._check_flags(requires_grad, backward_hooks)
-        _check_state(state, self.where)
+        _check_state(state, self.where, self.torch.Tensor)
         return self.torch._utils._rebuild_parameter_with_state(data, requires_grad, backward_hooks, state)
 
     def _rebuild_sparse_tensor(self, layout: object, data: object) -> Any:
@@ -428,7 +428,7 @@ class TorchBackend:
         self._tensor_type(new_type)
         if type(args) is not tuple:
             raise self.where.error("_rebuild_from_type_v2 arguments are not a tuple")
-        _check_state(state, self.where)
+        _check_state(state, self.where, self.torch.Tensor)
         return self.torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
 
     def _get_layout(self, name: object) -> Any:
@@ -467,8 +467,13 @@ def _validate_sparse(torch: Any, t: Any) -> None:
         )
 
 
-def _check_state(state: object, where: Where) -> None:
-    """Object state restored with setattr: plain attribute names only (no dunders, no __class__)."""
+def _check_state(state: object, where: Where, tensor_class: type) -> None:
+    """Object state restored with setattr: plain attribute names only (no dunders, no __class__),
+    and none that torch's tensor class defines. setattr runs those setters with the file's values:
+    ``_backward_hooks`` or ``_post_accumulate_grad_hooks`` install callables that backward() calls,
+    ``data`` and ``grad`` swap tensors, and a method name would be shadowed by a value. torch.save
+    writes a tensor's own ``__dict__`` here, which holds none of them."""
+    defined = {name for klass in tensor_class.__mro__ for name in vars(klass)}
     parts = state if isinstance(state, tuple) else (state,)
     if isinstance(state, tuple) and len(state) != 2:
         raise where.error("object state is not (dict state, slot state)")
@@ -484,6 +489,11 @@ def _check_state(state: object, where: Where) -> None:
                 or (key.startswith("__") and key.endswith("__"))
             ):
                 raise where.error(f"object state sets attribute {escape(key)}, which a checkpoint never sets")
+            if key in defined:
+                raise where.error(
+                    f"object state sets {escape(key)}, which torch's tensor defines: setting it would "
+                    "run its setter (hooks, gradients, data) or hide its method"
+                )
 
 
 _ascii = ascii_text

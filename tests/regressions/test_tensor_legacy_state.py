@@ -1,4 +1,4 @@
-"""BUILD on a tensor: ``Tensor.__setstate__`` takes a 4-tuple as the legacy (storage, offset,
+"""Tensor states: BUILD on a tensor, and the attributes the rebuild functions restore. ``Tensor.__setstate__`` takes a 4-tuple as the legacy (storage, offset,
 size, stride) and calls ``set_`` with it, which grows a resizable storage to fit the view, with
 uninitialized memory, to any size asked. torch.load(weights_only=True) does the same BUILD
 (``inst.set_(*state)``) but its storages cannot grow. The loader's copies were clones, which can:
@@ -136,3 +136,53 @@ def test_a_tensor_state_that_sets_backward_hooks_is_refused() -> None:
         safeload.loads(_checkpoint((None, None, hooks, True, None)))  # the legacy Variable's five
     for harmless in ((False, None, None), (True, None, {})):
         assert isinstance(safeload.loads(_checkpoint(harmless))["t"], torch.Tensor)
+
+
+# -- attributes restored on a tensor: _rebuild_from_type_v2, _rebuild_parameter_with_state ---------
+
+
+def _saved_with_attribute(name: str, value: object, *, parameter: bool = False) -> bytes:
+    """torch.save of a tensor (or Parameter) carrying a Python attribute, renamed to ``name`` in
+    data.pkl afterwards (torch.save itself refuses nothing: it pickles the tensor's __dict__)."""
+    t = torch.nn.Parameter(torch.ones(2)) if parameter else torch.ones(2)
+    placeholder = "q" * len(name)
+    setattr(t, placeholder, value)
+    buf = io.BytesIO()
+    torch.save({"t": t}, buf)
+    original = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(placeholder.encode(), name.encode())
+            z.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def test_an_attribute_state_can_install_hooks_that_backward_runs() -> None:
+    """Why: both rebuild functions restore the state with setattr, and torch's setters act on it."""
+    calls: list[object] = []
+    t = torch.ones(2)
+    torch._utils._set_obj_state(t, ({"_backward_hooks": {0: calls.append}}, None))
+    t.requires_grad_(True)
+    (t * 3).sum().backward()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("parameter", [False, True], ids=["tensor", "parameter"])
+@pytest.mark.parametrize("name", ["_backward_hooks", "_post_accumulate_grad_hooks", "data", "size"])
+def test_a_state_cannot_set_what_torch_tensor_defines(name: str, parameter: bool) -> None:
+    data = _saved_with_attribute(name, {0: torch.Tensor}, parameter=parameter)
+    assert safeload.scan_bytes(data, policy="strict").verdict is Verdict.SAFE
+    with pytest.raises(safeload.errors.LoadError, match=f"sets {name}, which torch's tensor defines"):
+        safeload.loads(data)
+
+
+@pytest.mark.parametrize("parameter", [False, True], ids=["tensor", "parameter"])
+def test_tensors_with_their_own_attributes_still_load_as_torch_loads_them(parameter: bool) -> None:
+    data = _saved_with_attribute("my_tag", {"epoch": 3}, parameter=parameter)
+    expected = torch.load(io.BytesIO(data), weights_only=True)["t"]
+    got = safeload.loads(data)["t"]
+    assert type(got) is type(expected) and got.my_tag == expected.my_tag == {"epoch": 3}
+    assert torch.equal(got, expected)
