@@ -1,9 +1,13 @@
-"""Tensor states: BUILD on a tensor, and the attributes the rebuild functions restore. ``Tensor.__setstate__`` takes a 4-tuple as the legacy (storage, offset,
-size, stride) and calls ``set_`` with it, which grows a resizable storage to fit the view, with
-uninitialized memory, to any size asked. torch.load(weights_only=True) does the same BUILD
-(``inst.set_(*state)``) but its storages cannot grow. The loader's copies were clones, which can:
-a view the file chose was then filled from the process's heap, or gigabytes were allocated. Now
-every such state is checked against its storage, and the loader's copies cannot grow either."""
+"""Tensor states: BUILD on a tensor, and the attributes the rebuild functions restore.
+
+``Tensor.__setstate__`` takes a 4-tuple as the legacy (storage, offset, size, stride) and calls
+``set_`` with it, which grows a resizable storage to fit the view, with uninitialized memory, to
+any size asked. torch.load(weights_only=True) does the same BUILD (``inst.set_(*state)``) but its
+storages cannot grow. The loader's copies were clones, which can: a view the file chose was then
+filled from the process's heap, or gigabytes were allocated. Now every such state is checked
+against its storage, and the loader's copies cannot grow either. A state (BUILD's, or the one
+``_rebuild_from_type_v2`` restores with setattr) could also install backward hooks.
+"""
 
 from __future__ import annotations
 
