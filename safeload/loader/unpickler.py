@@ -230,6 +230,18 @@ class Gate:
         )
 
 
+def _taking(base: Callable[[Any], None], count: int | None) -> Callable[[Any], None]:
+    """``base`` (a container opcode of pickle's unpickler), after marking the items it takes from
+    the stack (its last ``count``, or all since the MARK) as no longer waiting for a BUILD."""
+
+    def handler(self: RestrictedUnpickler) -> None:
+        if self._builds.pending:
+            self._builds.taken(self.stack if count is None else self.stack[-count:])
+        base(self)
+
+    return handler
+
+
 class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     """pickle's pure-Python unpickler with the gate and torch's opcode rules."""
 
@@ -331,40 +343,13 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
     # Containers: their items are taken. MARK starts a new ``self.stack``: those ops take all of it.
-    def load_tuple(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack)
-        pickle._Unpickler.load_tuple(self)  # type: ignore[attr-defined]
-
-    def load_tuple1(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack[-1:])
-        pickle._Unpickler.load_tuple1(self)  # type: ignore[attr-defined]
-
-    def load_tuple2(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack[-2:])
-        pickle._Unpickler.load_tuple2(self)  # type: ignore[attr-defined]
-
-    def load_tuple3(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack[-3:])
-        pickle._Unpickler.load_tuple3(self)  # type: ignore[attr-defined]
-
-    def load_list(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack)
-        pickle._Unpickler.load_list(self)  # type: ignore[attr-defined]
-
-    def load_dict(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack)
-        pickle._Unpickler.load_dict(self)  # type: ignore[attr-defined]
-
-    def load_frozenset(self) -> None:
-        if self._builds.pending:
-            self._builds.taken(self.stack)
-        pickle._Unpickler.load_frozenset(self)  # type: ignore[attr-defined]
+    load_tuple = _taking(pickle._Unpickler.load_tuple, None)  # type: ignore[attr-defined]
+    load_tuple1 = _taking(pickle._Unpickler.load_tuple1, 1)  # type: ignore[attr-defined]
+    load_tuple2 = _taking(pickle._Unpickler.load_tuple2, 2)  # type: ignore[attr-defined]
+    load_tuple3 = _taking(pickle._Unpickler.load_tuple3, 3)  # type: ignore[attr-defined]
+    load_list = _taking(pickle._Unpickler.load_list, None)  # type: ignore[attr-defined]
+    load_dict = _taking(pickle._Unpickler.load_dict, None)  # type: ignore[attr-defined]
+    load_frozenset = _taking(pickle._Unpickler.load_frozenset, None)  # type: ignore[attr-defined]
 
     def load_setitem(self) -> None:
         self._container(self.stack[-3], (dict,), "SETITEM")
