@@ -138,14 +138,20 @@ class RunMemo:
             if "version" in before and before["version"] != self.parts["version"]:
                 changed[0] += f" ({escape(before['version'])} then, {__version__} now)"
             return " and ".join(changed) + " changed since the stored audit"
-        now = _file_states(self.groups)
+        now = self._states()
         if old_files is None or now is None:
             return "the tree changed since the stored audit (too many files to say which)"
         return _tree_changes(old_files, now)
 
+    def _states(self) -> list[tuple[str, str]] | None:
+        """The walk's path states (a miss compares them, a store keeps them): made once."""
+        if not hasattr(self, "_path_states"):
+            self._path_states = _file_states(self.groups)
+        return self._path_states
+
     def manifest(self) -> bytes:
         return json.dumps(
-            {"format": _MANIFEST_FORMAT, "parts": self.parts, "files": _file_states(self.groups)},
+            {"format": _MANIFEST_FORMAT, "parts": self.parts, "files": self._states()},
             separators=(",", ":"),
         ).encode("utf-8", "surrogatepass")
 
