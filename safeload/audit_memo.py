@@ -43,6 +43,7 @@ from safeload.audit_walk import FileGroup, collect
 from safeload.text import escape
 
 _KEY_FORMAT = 1
+_NOT_YET = object()
 _MANIFEST_FORMAT = 1
 # Past this many walked paths a manifest keeps the key's parts only (a miss then says "files").
 MANIFEST_MAX_PATHS = 100_000
@@ -86,6 +87,7 @@ class RunMemo:
         # The same command in the same directory: what a miss compares with.
         self.command = hashlib.sha256(repr((os.getcwd(), dataclasses.astuple(spec))).encode()).hexdigest()[:32]
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
+        self._path_states: object = _NOT_YET
 
     def lookup(self) -> Replay | None:
         row = self.cache.get_run(self.key)
@@ -145,9 +147,9 @@ class RunMemo:
 
     def _states(self) -> list[tuple[str, str]] | None:
         """The walk's path states (a miss compares them, a store keeps them): made once."""
-        if not hasattr(self, "_path_states"):
+        if self._path_states is _NOT_YET:
             self._path_states = _file_states(self.groups)
-        return self._path_states
+        return self._path_states  # type: ignore[return-value]
 
     def manifest(self) -> bytes:
         return json.dumps(
