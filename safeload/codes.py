@@ -67,6 +67,12 @@ _RULES = [
          Severity.CRITICAL, Effect.UNSAFE,
          "CPython reads a lying FRAME differently depending on the file object; the same bytes can "
          "import different names through open() and io.BytesIO."),
+    Rule("SL108", "numpy-state-reuse", "BUILD gives a numpy dtype or array a state numpy applies unchecked",
+         Severity.HIGH, Effect.UNSAFE,
+         "numpy's dtype and array __setstate__ change the object in place, under whatever already uses "
+         "it: a dtype given object fields after an array of raw bytes was made with it reads those bytes "
+         "as object pointers (memory corruption in pickle.load or numpy.load). numpy's own pickles give "
+         "each dtype and array one state, right after making a private copy."),
     # -- parsing and completeness -----------------------------------------------------------------
     Rule("SL200", "malformed-pickle", "Pickle stream could not be parsed to its end", Severity.HIGH,
          Effect.INCOMPLETE,

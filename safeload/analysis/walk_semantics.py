@@ -19,6 +19,18 @@ MAX_PERSISTENT_IDS = 1_000_000
 _NESTED = (Tup, Lst, Dct, SetV)
 _FACTORY_NAMES = frozenset(name.split(".", 1)[1] for name in jl.INSTANCE_FACTORIES)
 _SMALL_INT = (1 << 61) - 2
+# Calls whose result takes its state in place (numpy.dtype, and the array _reconstruct makes).
+_NUMPY_IN_PLACE = frozenset(
+    {"numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+)
+
+
+def _copied(args: object) -> bool:
+    """numpy.dtype(obj, align, copy) called with copy set, as numpy's own pickles always do."""
+    if type(args) is not Tup or len(args.items) < 3:  # type: ignore[union-attr]
+        return False
+    flag = args.items[2]  # type: ignore[union-attr]
+    return flag is True or (type(flag) is int and flag == 1)
 
 
 class Semantics(Arguments):
@@ -131,6 +143,20 @@ class Semantics(Arguments):
             if first is not value and first != value:
                 self.collisions += 1
 
+    def _numpy_state(self, obj: Obj, offset: int) -> None:
+        """What the loader's BuildOnce refuses and the walk can see: a second BUILD on one dtype or
+        array, or a BUILD on a dtype made without numpy's copy flag (numpy may hand back a dtype it
+        shares: with copy=False, ``dtype(d, False, False)`` is ``d`` itself)."""
+        site = obj.site
+        assert site is not None
+        if obj.built > 1:
+            why = "a second state to the same numpy object"
+        elif site.qualname == "numpy.dtype" and not _copied(obj.args):
+            why = "a state to a dtype made without numpy's copy flag (numpy may share it)"
+        else:
+            return
+        self.note("SL108", offset, f"BUILD gives {why}: numpy applies it unchecked", global_name=site.qualname)
+
     def _build(self, inst: object, state: object, offset: int) -> bool:
         """BUILD ``inst`` with ``state``; True when ``inst`` is a joblib array wrapper."""
         self._dunders(state, offset)
@@ -151,6 +177,8 @@ class Semantics(Arguments):
             return False
         obj: Obj = inst  # type: ignore[assignment]
         obj.built += 1
+        if obj.site is not None and obj.site.qualname in _NUMPY_IN_PLACE:
+            self._numpy_state(obj, offset)
         for s in (obj.site, obj.cls):
             if s is not None:
                 s.uses.add(Use.BUILD_TARGET)
