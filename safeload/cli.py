@@ -244,4 +244,13 @@ def entry() -> NoReturn:
     # every audit before any file is read. safeload's models have no use for plugins (observability
     # hooks on validation). A value the user set is kept.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, OSError):
+        code = code or EXIT_INCOMPLETE
+    # Everything the command wrote is closed or flushed by now (reports are written and renamed,
+    # the cache is closed, worker pools are joined). What is left is the interpreter freeing every
+    # object one by one: ~0.1 s after an audit of 5,000 files, for nothing. mypy exits the same way.
+    os._exit(code)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safeload.gcpause import fewer_collections
 from safeload.text import escape
 
 EXIT_USAGE = 3
@@ -89,6 +90,10 @@ def output_format(fmt: str | None, output: str | None) -> str:
     return "text"
 
 
+# An audit builds a report per file, and its cached run reads a stored one: tens of thousands of
+# acyclic objects that each trigger young collections and, as they pile up, full ones (0.1 s of a
+# 2 s audit of 5,000 files, 7% of its cached re-run).
+@fewer_collections
 def run(args: argparse.Namespace) -> int:
     fmt = output_format(args.format, args.output)
     started = time.monotonic()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import pickle
 import subprocess
@@ -180,3 +182,26 @@ def test_the_command_does_not_look_for_pydantic_plugins(tmp_path: Path) -> None:
     # The probe works: where the user asks for plugins, pydantic loads it.
     subprocess.run(command, env={**env, "PYDANTIC_DISABLE_PLUGINS": ""}, capture_output=True, check=True)
     assert seen.exists()
+
+
+def test_the_console_command_hands_over_all_its_output_and_exit_code(tmp_path: Path, marker: Path) -> None:
+    # entry() ends the process without the interpreter's teardown: whatever was written must still
+    # arrive whole, through pipes and into files, with main()'s exit code.
+    files = [_write(tmp_path / f"m{i}.pkl", pickle.dumps({"step": i, "k": list(range(i))}, protocol=4)) for i in range(40)]
+    evil = _write(tmp_path / "evil.pkl", system_payload(marker))
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PATH": "/usr/bin:/bin"}
+    entry = [sys.executable, "-c", "from safeload.cli import entry; entry()"]
+    for args, code in ((["scan", "--format", "json", *map(str, files)], 0), (["scan", "--format", "json", str(evil)], 1)):
+        proc = subprocess.run([*entry, *args], env=env, capture_output=True)
+        assert proc.returncode == code, proc.stderr
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(args) == code
+        # the same document (it carries no timestamps), to the last byte
+        assert proc.stdout.decode() == out.getvalue() and len(proc.stdout) > 4096 * (code == 0)
+    report = tmp_path / "audit.json"
+    proc = subprocess.run([*entry, "audit", str(tmp_path), "--format", "json", "-o", str(report)], env=env, capture_output=True)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(report.read_text())["exit_code"] == 1
+    assert b"exit 1" in proc.stderr
+    assert not marker.exists()
