@@ -23,6 +23,9 @@ _SMALL_INT = (1 << 61) - 2
 _NUMPY_IN_PLACE = frozenset(
     {"numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
 )
+_NUMPY_IN_PLACE_NAMES = frozenset(q.rsplit(".", 1)[1] for q in _NUMPY_IN_PLACE)
+# dtype kinds with fields or a subarray: every other kind's state has None in those three places.
+_RECORD_KINDS = frozenset("V")
 
 
 def _copied(args: object) -> bool:
@@ -33,11 +36,29 @@ def _copied(args: object) -> bool:
     return flag is True or (type(flag) is int and flag == 1)
 
 
+def _record_parts_of_plain_kind(args: object, state: object) -> str | None:
+    """The kind of a dtype made from a constant type string whose kind has no fields or subarray,
+    when its BUILD state has any (numpy's state: version, byteorder, subarray, names, fields, ...)."""
+    if type(args) is not Tup or not args.items or type(args.items[0]) is not str:  # type: ignore[union-attr]
+        return None
+    spec = args.items[0].lstrip("<>|=")  # type: ignore[union-attr]
+    if not spec or spec[0] in _RECORD_KINDS:
+        return None
+    parts = state.items[2:5] if type(state) is Tup and len(state.items) >= 5 else None  # type: ignore[union-attr]
+    if parts is None or all(p is None for p in parts):
+        return None
+    return spec
+
+
 class Semantics(Arguments):
     """Meaning of the object-building opcodes (a mixin: the walker supplies the state)."""
 
     hash_seen: dict[int, object]
     collisions: int
+    # numpy dtypes and arrays made by a call and not yet built or taken into anything (id -> the
+    # object, kept alive so that ids stay unique): those alone may take their one BUILD, as the
+    # loader's BuildOnce allows. Empty nearly always: the walker tests it before calling _took.
+    np_pending: dict[int, Obj]
 
     def note(self, code: str, offset: int, message: str, global_name: str | None = None) -> None:
         raise NotImplementedError
@@ -57,16 +78,34 @@ class Semantics(Arguments):
                 if type(first) is Glob and first.site is not None:
                     first.site.uses.add(Use.INSTANTIATED)
                     cls = first.site
-            return Obj(site, cls, args)
+            obj = Obj(site, cls, args)
+            if site.name in _NUMPY_IN_PLACE_NAMES:
+                self._made(obj)
+            return obj
         return Obj(None, None, args)
 
     def _new(self, cls: object, args: object) -> Obj:
-        """NEWOBJ / NEWOBJ_EX / OBJ: an instance of ``cls``."""
+        """NEWOBJ / NEWOBJ_EX / OBJ / INST: an instance of ``cls``."""
         self._mark(args, Use.ARGUMENT)
         if type(cls) is Glob and cls.site is not None:
             cls.site.uses.add(Use.INSTANTIATED)
-            return Obj(cls.site, cls.site, args)
+            obj = Obj(cls.site, cls.site, args)
+            if cls.site.name in _NUMPY_IN_PLACE_NAMES:
+                self._made(obj)
+            return obj
         return Obj(None, None, args)
+
+    def _made(self, obj: Obj) -> None:
+        if obj.site is not None and obj.site.qualname in _NUMPY_IN_PLACE:
+            self.np_pending[id(obj)] = obj
+
+    def _took(self, items: object) -> None:
+        """``items`` went into a container, a call, a state or a persistent id: a numpy object
+        among them may no longer take a BUILD (whatever holds it would see its state change)."""
+        pending = self.np_pending
+        for item in items if type(items) in (list, tuple) else (items,):  # type: ignore[union-attr]
+            if type(item) is Obj:
+                pending.pop(id(item), None)
 
     def _mark(self, value: object, use: Use) -> None:
         """Add ``use`` to every global found inside ``value`` (bounded: this runs per call)."""
@@ -143,16 +182,24 @@ class Semantics(Arguments):
             if first is not value and first != value:
                 self.collisions += 1
 
-    def _numpy_state(self, obj: Obj, offset: int) -> None:
-        """What the loader's BuildOnce refuses and the walk can see: a second BUILD on one dtype or
-        array, or a BUILD on a dtype made without numpy's copy flag (numpy may hand back a dtype it
-        shares: with copy=False, ``dtype(d, False, False)`` is ``d`` itself)."""
+    def _numpy_state(self, obj: Obj, state: object, offset: int) -> None:
+        """What the loader refuses and the walk can see: a second BUILD on one dtype or array; a
+        first BUILD after the object went into a container, call or state (what holds it would see
+        it change); a BUILD on a dtype made without numpy's copy flag (with copy=False,
+        ``dtype(d, False, False)`` is ``d`` itself); record parts in the state of a dtype whose
+        kind has none (numpy took a subarray state on a datetime dtype and crashed)."""
         site = obj.site
         assert site is not None
+        fresh = self.np_pending.pop(id(obj), None) is not None
+        dtype = site.qualname == "numpy.dtype"
         if obj.built > 1:
             why = "a second state to the same numpy object"
-        elif site.qualname == "numpy.dtype" and not _copied(obj.args):
+        elif not fresh:
+            why = "a state to a numpy object already taken into a container, call or state (its holder sees it change)"
+        elif dtype and not _copied(obj.args):
             why = "a state to a dtype made without numpy's copy flag (numpy may share it)"
+        elif dtype and (kind := _record_parts_of_plain_kind(obj.args, state)) is not None:
+            why = f"fields or a subarray to a dtype of kind {escape(kind)}, which has none"
         else:
             return
         self.note("SL108", offset, f"BUILD gives {why}: numpy applies it unchecked", global_name=site.qualname)
@@ -178,7 +225,7 @@ class Semantics(Arguments):
         obj: Obj = inst  # type: ignore[assignment]
         obj.built += 1
         if obj.site is not None and obj.site.qualname in _NUMPY_IN_PLACE:
-            self._numpy_state(obj, offset)
+            self._numpy_state(obj, state, offset)
         for s in (obj.site, obj.cls):
             if s is not None:
                 s.uses.add(Use.BUILD_TARGET)

@@ -118,6 +118,7 @@ class _Walker(Semantics):
         self.first_proto: int | None = None
         self.hash_seen: dict[int, object] = {}
         self.collisions = 0
+        self.np_pending: dict[int, Obj] = {}
         self.find_nl: Callable[[int], int]
         if isinstance(buf, bytes):
             self.find_nl = lambda pos: buf.find(b"\n", pos)
@@ -232,6 +233,8 @@ class _Walker(Semantics):
         ops = self.ops
         check_at = ops  # do the periodic checks on the first opcode
         mproto = name_proto  # protocol for the name mapping; None: follow PROTO
+        np_pending = self.np_pending  # mutated in place: truthy while a numpy object awaits its BUILD
+        took = self._took
 
         try:
             while True:
@@ -314,6 +317,8 @@ class _Walker(Semantics):
                         raise self._underflow(op_start, marks)
                     items = tuple(stack[-k:])
                     del stack[-k:]
+                    if np_pending:
+                        took(items)
                     d = 1
                     g = False
                     for it in items:
@@ -331,6 +336,8 @@ class _Walker(Semantics):
                     if len(stack) - 2 < fence:
                         raise self._underflow(op_start, marks)
                     args = stack.pop()
+                    if np_pending:
+                        took((stack[-1], args))
                     stack[-1] = self._call(stack[-1], args)
                 elif op == 0x74:  # TUPLE
                     if not marks:
@@ -339,6 +346,8 @@ class _Walker(Semantics):
                     fence = marks[-1] if marks else 0
                     items = tuple(stack[x:])
                     del stack[x:]
+                    if np_pending:
+                        took(items)
                     if items:
                         d = 1
                         g = False
@@ -362,6 +371,8 @@ class _Walker(Semantics):
                 elif op == 0x51:  # BINPERSID
                     if len(stack) <= fence:
                         raise self._underflow(op_start, marks)
+                    if np_pending:
+                        took(stack[-1])
                     stack[-1] = self._persistent(stack[-1], op_start)
                 elif op == 0x6A:  # LONG_BINGET
                     idx = _U4(buf, pos)[0]
@@ -398,6 +409,8 @@ class _Walker(Semantics):
                             raise Stop("SL200", op_start, "odd number of items for SETITEMS")
                         items = stack[x:]
                         del stack[x:]
+                        if np_pending:
+                            took(items)
                         self._setitems(stack[-1], items)
                 elif op == 0x65 or op == 0x61:  # APPENDS, APPEND
                     if op == 0x65:  # APPENDS
@@ -413,6 +426,8 @@ class _Walker(Semantics):
                     if size > x:
                         items = stack[x:]
                         del stack[x:]
+                        if np_pending:
+                            took(items)
                         target = stack[-1]
                         if type(target) is Lst:
                             target.items.extend(items)
@@ -450,9 +465,13 @@ class _Walker(Semantics):
                         site.uses.add(Use.INSTANTIATED)
                         items = tuple(stack[x:])
                         del stack[x:]
+                        if np_pending:
+                            took(items)
                         args_t = Tup(items, 1) if items else EMPTY_TUP
                         self._mark(args_t, Use.ARGUMENT)
-                        append(Obj(site, site, args_t))
+                        inst = Obj(site, site, args_t)
+                        self._made(inst)
+                        append(inst)
                 elif op == 0x93:  # STACK_GLOBAL
                     if len(stack) - 2 < fence:
                         raise self._underflow(op_start, marks)
@@ -470,7 +489,10 @@ class _Walker(Semantics):
                     if len(stack) - 2 < fence:
                         raise self._underflow(op_start, marks)
                     state = stack.pop()
-                    if self._build(stack[-1], state, op_start) and joblib:
+                    built = self._build(stack[-1], state, op_start)
+                    if np_pending:
+                        took(state)
+                    if built and joblib:
                         if fend != _NOFRAME and pos < fend:
                             self.note("SL107", op_start, "joblib array data inside an unfinished FRAME")
                             raise Stop(
@@ -488,7 +510,11 @@ class _Walker(Semantics):
                     if k == 3:
                         kwargs = stack.pop()
                         self._mark(kwargs, Use.ARGUMENT)
+                        if np_pending:
+                            took(kwargs)
                     args = stack.pop()
+                    if np_pending:
+                        took((stack[-1], args))
                     stack[-1] = self._new(stack[-1], args)
                 elif op == 0x95:  # FRAME
                     size = _U8(buf, pos)[0]
@@ -568,6 +594,8 @@ class _Walker(Semantics):
                     if size > x:
                         items = stack[x:]
                         del stack[x:]
+                        if np_pending:
+                            took(items)
                         target = stack[-1]
                         if type(target) is SetV:
                             self._keys(items)
@@ -583,6 +611,8 @@ class _Walker(Semantics):
                     fence = marks[-1] if marks else 0
                     items = stack[x:]
                     del stack[x:]
+                    if np_pending:
+                        took(items)
                     if op == 0x6C:  # LIST
                         append(Lst(items))
                     elif op == 0x91:  # FROZENSET
@@ -604,6 +634,8 @@ class _Walker(Semantics):
                     items = tuple(stack[x + 1 :])
                     cls = stack[x]
                     del stack[x:]
+                    if np_pending:
+                        took((cls, *items))
                     append(self._new(cls, Tup(items, 1) if items else EMPTY_TUP))
                 elif op == 0x30:  # POP
                     size = len(stack)

@@ -40,6 +40,36 @@ except UnsafeModelError as exc:
 """
 
 
+# The loader on its own, as if the scan had missed the file: its checks are a second line.
+_LOAD_PAST_THE_SCAN = """
+import sys
+from safeload.api import analyse, open_scan_source, resolve_policy
+from safeload.errors import UnsafeModelError
+from safeload.loader import unpickle
+policy = resolve_policy("default")
+analysis = analyse(open_scan_source(sys.argv[1], policy), policy, explain_streams=False)
+print("scan:", ",".join(f.code for f in analysis.report.findings))
+try:
+    unpickle(analysis)
+except UnsafeModelError as exc:
+    print("refused:", exc)
+"""
+
+
+def _loader_refusal_in_a_child(path: Path) -> str:
+    """The restricted unpickler alone in a child process; what it printed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_PAST_THE_SCAN, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "\nrefused:" in proc.stdout, proc.stdout
+    return proc.stdout
+
+
 def _refusal_in_a_child(path: Path) -> str:
     """safeload.load in a child process (should the check regress, the crash takes that process,
     not the tests); the refusal it printed."""
@@ -283,13 +313,21 @@ def test_numpy_itself_crashes_on_these_states(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["used before built", "another kind"])
-def test_the_loader_refuses_a_dtype_changed_where_numpy_would_crash(case: str, tmp_path: Path) -> None:
+def test_the_scan_and_the_loader_each_refuse_a_dtype_changed_where_numpy_would_crash(
+    case: str, tmp_path: Path
+) -> None:
     make, why = _PICKLES[case]
     data = make()
-    assert safeload.scan_bytes(data).verdict is Verdict.SAFE  # every global is allowed: the loader decides
+    # Every global is allowed; the scan flags the state itself (SL108): numpy.load or pickle.load
+    # of these bytes crashes, so they must not scan SAFE.
+    report = safeload.scan_bytes(data)
+    assert report.verdict is Verdict.UNSAFE and [f.code for f in report.findings] == ["SL108"]
     path = tmp_path / "changed.pkl"
     path.write_bytes(data)
-    assert why in _refusal_in_a_child(path)
+    assert "SL108" in _refusal_in_a_child(path)
+    # and the restricted unpickler refuses it on its own, should a scan ever miss it
+    out = _loader_refusal_in_a_child(path)
+    assert out.startswith("scan: SL108\n") and why in out
 
 
 def test_a_rebuilt_dtype_is_unsafe_to_scan_as_well(tmp_path: Path) -> None:
@@ -328,3 +366,73 @@ def test_numpy_pickles_of_dtypes_and_arrays_still_load() -> None:
         data = pickle.dumps(values, protocol=protocol)
         # numpy's own unpickler as the reference: these bytes were made by this test
         assert [repr(v) for v in safeload.loads(data)] == [repr(v) for v in pickle.loads(data)]
+
+
+_PLAIN_STATE = _state_fragment(np.dtype("V16").__reduce__()[2])
+_PUT, _GET = b"r\x84\x03\x00\x00", b"j\x84\x03\x00\x00"  # LONG_BINPUT / LONG_BINGET 900
+
+
+def _sl108(data: bytes) -> list[str]:
+    report = safeload.scan_bytes(data)
+    return [f.message for f in report.findings if f.code == "SL108"]
+
+
+@pytest.mark.parametrize(
+    "taken_by",
+    [
+        pytest.param(_GET + b"\x85" + b"0", id="tuple1"),
+        pytest.param(b"(" + _GET + b"K\x01t0", id="tuple"),
+        pytest.param(b"]" + _GET + b"a0", id="list-append"),
+        pytest.param(b"(" + _GET + b"l0", id="list"),
+        pytest.param(b"}X\x01\x00\x00\x00k" + _GET + b"s0", id="dict-setitem"),
+        pytest.param(b"(X\x01\x00\x00\x00k" + _GET + b"d0", id="dict"),
+        pytest.param(b"\x8f(" + _GET + b"\x900", id="set-additems"),
+        pytest.param(b"(" + _GET + b"\x910", id="frozenset"),
+        pytest.param(b"cbuiltins\nlist\n" + _GET + b"\x85R0", id="call-argument"),
+        pytest.param(b"cbuiltins\nobject\n)\x81" + _GET + b"b0", id="state-of-another-object"),
+    ],
+)
+def test_the_scan_sees_a_dtype_taken_in_before_its_state(taken_by: bytes) -> None:
+    """Whatever takes the new dtype in (a container, a call, another object's state) would see it
+    change when its state comes: SL108 at that BUILD, as the loader's BuildOnce refuses it."""
+    data = b"\x80\x02" + _dtype("V16") + _PUT + b"0" + taken_by + _GET + _PLAIN_STATE + b"b0N."
+    messages = _sl108(data)
+    assert len(messages) == 1 and "already taken into a container, call or state" in messages[0]
+    build_at = len(data) - 4
+    [finding] = [f for f in safeload.scan_bytes(data).findings if f.code == "SL108"]
+    assert finding.offset == build_at and finding.global_name == "numpy.dtype"
+
+
+@pytest.mark.parametrize(
+    "between",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(_PUT, id="memo-put"),
+        pytest.param(_PUT + b"0" + _GET, id="memo-get"),
+        pytest.param(b"2" + b"0", id="dup-pop"),
+        pytest.param(b"N0", id="an-unrelated-value"),
+    ],
+)
+def test_the_memo_and_the_stack_do_not_take_a_dtype(between: bytes) -> None:
+    """numpy's pickles memoize each dtype before its state: that is no use of it."""
+    data = b"\x80\x02" + _dtype("V16") + between + _PLAIN_STATE + b"b."
+    assert _sl108(data) == [] and safeload.scan_bytes(data).verdict is Verdict.SAFE
+
+
+@pytest.mark.parametrize(
+    ("spec", "state", "flagged"),
+    [
+        ("M8", (3, "|", (np.dtype("f4"), (2,)), None, None, 8, 4, 0), True),
+        ("<f8", (3, "<", None, ("x",), {"x": (np.dtype("O"), 0)}, 8, 8, 63), True),
+        ("|V8", (3, "|", None, ("x",), {"x": (np.dtype("<f8"), 0)}, 8, 1, 16), False),
+        ("M8", np.dtype("M8").__reduce__()[2], False),
+        ("<f8", np.dtype("<f8").__reduce__()[2], False),
+    ],
+)
+def test_the_scan_sees_record_parts_given_to_a_plain_dtype(spec: str, state: tuple[object, ...], flagged: bool) -> None:
+    data = b"\x80\x02" + _dtype(spec) + _state_fragment(state) + b"b."
+    messages = _sl108(data)
+    if flagged:
+        assert len(messages) == 1 and f"to a dtype of kind {spec.lstrip('<>|=')}" in messages[0]
+    else:
+        assert messages == []
