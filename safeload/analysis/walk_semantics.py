@@ -7,6 +7,8 @@ keys whose hashes an attacker controls, and how an unresolvable STACK_GLOBAL is 
 
 from __future__ import annotations
 
+import math
+
 from safeload.analysis import joblib_arrays as jl
 from safeload.analysis.types import PersistentIdSite
 from safeload.analysis.values import Dct, Glob, Lst, Obj, Opaque, Pers, SetV, Tup, fold
@@ -24,6 +26,7 @@ _NUMPY_IN_PLACE = frozenset(
     {"numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
 )
 _NUMPY_IN_PLACE_NAMES = frozenset(q.rsplit(".", 1)[1] for q in _NUMPY_IN_PLACE)
+_MAX_DIMS = 64  # numpy's NPY_MAXDIMS
 # dtype kinds with fields or a subarray: every other kind's state has None in those three places.
 _RECORD_KINDS = frozenset("V")
 
@@ -48,6 +51,52 @@ def _record_parts_of_plain_kind(args: object, state: object) -> str | None:
     if parts is None or all(p is None for p in parts):
         return None
     return spec
+
+
+def _object_items_mismatch(state: object) -> str | None:
+    """For an array state ``(version, shape, dtype, is_fortran, data)`` (subclasses add items after
+    these) of an object dtype, with a constant shape and a list of data: the mismatch between the
+    items the shape holds and the items listed. numpy reads as many as the shape holds, past the
+    end of a shorter list."""
+    if type(state) is not Tup or len(state.items) < 5:  # type: ignore[union-attr]
+        return None
+    shape, dtype, _, data = state.items[1:5]  # type: ignore[union-attr]
+    if type(data) is not Lst or type(shape) is not Tup or not _has_objects(dtype, 8):
+        return None
+    dims = shape.items  # type: ignore[union-attr]
+    # numpy takes at most 64 dimensions (and the product of a long hostile shape is costly)
+    if len(dims) > _MAX_DIMS or not all(type(n) is int and n >= 0 for n in dims):
+        return None
+    count = math.prod(dims)
+    given = len(data.items)  # type: ignore[union-attr]
+    if given == count:
+        return None
+    return (
+        f"{given} values to an object array of shape {dims!r}, which holds {count} "
+        "(numpy reads as many as the shape holds)"
+    )
+
+
+def _has_objects(dtype: object, depth: int) -> bool:
+    """Whether a dtype the walk built holds Python objects: made as "O", or (as far as its state
+    shows) with an object field or an object subarray base."""
+    if depth <= 0 or type(dtype) is not Obj or dtype.site is None or dtype.site.qualname != "numpy.dtype":  # type: ignore[union-attr]
+        return False
+    args = dtype.args  # type: ignore[union-attr]
+    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
+    if type(spec) is str and spec.lstrip("<>|=")[:1] == "O":
+        return True
+    state = dtype.state  # type: ignore[union-attr]
+    if type(state) is not Tup or len(state.items) < 5:  # type: ignore[union-attr]
+        return False
+    subarray, _, fields = state.items[2:5]  # type: ignore[union-attr]
+    if type(subarray) is Tup and subarray.items and _has_objects(subarray.items[0], depth - 1):  # type: ignore[union-attr]
+        return True
+    if type(fields) is Dct:
+        for _, value in fields.pairs:  # type: ignore[union-attr]
+            if type(value) is Tup and value.items and _has_objects(value.items[0], depth - 1):  # type: ignore[union-attr]
+                return True
+    return False
 
 
 class Semantics(Arguments):
@@ -200,6 +249,8 @@ class Semantics(Arguments):
             why = "a state to a dtype made without numpy's copy flag (numpy may share it)"
         elif dtype and (kind := _record_parts_of_plain_kind(obj.args, state)) is not None:
             why = f"fields or a subarray to a dtype of kind {escape(kind)}, which has none"
+        elif not dtype and (count := _object_items_mismatch(state)) is not None:
+            why = count
         else:
             return
         self.note("SL108", offset, f"BUILD gives {why}: numpy applies it unchecked", global_name=site.qualname)

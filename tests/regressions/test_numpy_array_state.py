@@ -94,12 +94,58 @@ def test_the_short_object_list_is_a_real_crash_in_numpy() -> None:
     assert proc.returncode != 0  # a segfault (-11) in numpy 2.4; never a clean run
 
 
-def test_the_loader_refuses_the_state_instead_of_crashing(tmp_path: Path) -> None:
+def test_the_scan_and_the_loader_each_refuse_the_state_instead_of_crashing(tmp_path: Path) -> None:
     data = _object_npy(191)
     path = tmp_path / "short.npy"
     path.write_bytes(data)
-    assert safeload.scan_bytes(data).verdict is Verdict.SAFE  # every global is allowed
-    assert "object array of shape (191,)" in _refusal_in_a_child(path)
+    # every global is allowed; the scan sees the count (SL108) and the loader checks it on its own
+    report = safeload.scan_bytes(data)
+    assert report.verdict is Verdict.UNSAFE and [f.code for f in report.findings] == ["SL108"]
+    assert "2 values to an object array of shape (191,), which holds 191" in report.findings[0].message
+    assert "SL108" in _refusal_in_a_child(path)
+    out = _loader_refusal_in_a_child(path)
+    assert out.startswith("scan: SL108\n") and "object array of shape (191,)" in out
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_the_scan_counts_an_object_arrays_items_against_its_shape(protocol: int) -> None:
+    """numpy's own pickles of object arrays (of every shape, and records with object fields, also
+    nested) give no finding; the same pickles with a shape that holds more or fewer items than the
+    list does give SL108."""
+    nested = np.dtype([("s", [("q", "O")], (2,))])
+    values = [
+        np.array([{"a": 1}, [2, 3]], dtype=object),
+        np.empty((2, 3), dtype=object),
+        np.array(None, dtype=object),
+        np.zeros((0, 4), dtype=object),
+        np.zeros(3, dtype=[("p", "<f8"), ("q", "O")]),
+        np.zeros(2, dtype=nested),
+        np.zeros(5, dtype="f4"),  # raw bytes: nothing to count
+    ]
+    for value in values:
+        data = pickle.dumps(value, protocol=protocol)
+        assert safeload.scan_bytes(data).findings == (), value
+    # numpy's own state for each, with a shape that holds one item more or fewer than the list
+    for value, shape in [
+        (np.array([{"a": 1}, [2, 3]], dtype=object), (3,)),
+        (np.array([{"a": 1}, [2, 3]], dtype=object), (1,)),
+        (np.zeros(3, dtype=[("p", "<f8"), ("q", "O")]), (2, 2)),
+        (np.zeros(2, dtype=nested), (5,)),
+    ]:
+        report = safeload.scan_bytes(pickle.dumps(_ReshapedState(value, shape), protocol=protocol))
+        assert [f.code for f in report.findings] == ["SL108"], value.dtype
+        assert f"to an object array of shape {shape!r}" in report.findings[0].message
+
+
+class _ReshapedState:
+    """Pickles as numpy pickles ``value``, with another shape in its state."""
+
+    def __init__(self, value: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.value, self.shape = value, shape
+
+    def __reduce__(self) -> tuple[object, ...]:
+        func, args, state = self.value.__reduce__()  # type: ignore[misc]
+        return (func, args, (state[0], self.shape, *state[2:]))
 
 
 def test_well_formed_object_arrays_still_load() -> None:
