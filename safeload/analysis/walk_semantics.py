@@ -8,6 +8,7 @@ keys whose hashes an attacker controls, and how an unresolvable STACK_GLOBAL is 
 from __future__ import annotations
 
 import math
+import struct
 
 from safeload.analysis import joblib_arrays as jl
 from safeload.analysis.types import PersistentIdSite
@@ -27,6 +28,7 @@ _NUMPY_IN_PLACE = frozenset(
 )
 _NUMPY_IN_PLACE_NAMES = frozenset(q.rsplit(".", 1)[1] for q in _NUMPY_IN_PLACE)
 _MAX_DIMS = 64  # numpy's NPY_MAXDIMS
+_POINTER = struct.calcsize("P")  # an object field holds one pointer
 # dtype kinds with fields or a subarray: every other kind's state has None in those three places.
 _RECORD_KINDS = frozenset("V")
 
@@ -75,6 +77,70 @@ def _object_items_mismatch(state: object) -> str | None:
         f"{given} values to an object array of shape {dims!r}, which holds {count} "
         "(numpy reads as many as the shape holds)"
     )
+
+
+def _misplaced_object_field(state: object) -> str | None:
+    """For a record dtype's state ``(version, byteorder, subarray, names, fields, elsize, ...)``: an
+    object field that is not wholly inside the record, overlaps another field, or sits where the
+    walk cannot tell. numpy's constructor refuses each; its ``__setstate__`` takes them as given,
+    and then writes object pointers outside the array's memory, or reads raw bytes as pointers."""
+    if type(state) is not Tup or len(state.items) < 6:  # type: ignore[union-attr]
+        return None
+    names, fields, elsize = state.items[3:6]  # type: ignore[union-attr]
+    if type(names) is not Tup or type(fields) is not Dct:
+        return None
+    by_name = {k: v for k, v in fields.pairs if type(k) is str}  # type: ignore[union-attr]
+    spans: list[tuple[int, int, bool, str]] = []
+    for name in names.items:  # type: ignore[union-attr]
+        value = by_name.get(name) if type(name) is str else None
+        if type(value) is not Tup or len(value.items) < 2:  # type: ignore[union-attr]
+            continue
+        field, offset = value.items[0], value.items[1]  # type: ignore[union-attr]
+        objects = _has_objects(field, 8)
+        size = _itemsize(field)
+        if type(offset) is not int or size is None:
+            if objects:
+                return f"an object field ({escape(name)}) whose offset or size is not a constant"
+            continue
+        if objects and (offset < 0 or type(elsize) is not int or offset + size > elsize):
+            return (
+                f"an object field ({escape(name)}) at bytes {offset} to {offset + size} of a record of "
+                f"{escape(repr(elsize))} bytes"
+            )
+        spans.append((offset, offset + size, objects, name))
+    spans.sort(key=lambda span: span[:2])
+    reach = reach_objects = -1  # the furthest end of the fields so far, and of the object fields
+    reach_name = reach_objects_name = ""
+    for start, end, objects, name in spans:
+        if start < reach_objects or (objects and start < reach):
+            other = reach_objects_name if start < reach_objects else reach_name
+            return f"overlapping fields ({escape(other)} and {escape(name)}, at byte {start}), one of them of objects"
+        if end > reach:
+            reach, reach_name = end, name
+        if objects and end > reach_objects:
+            reach_objects, reach_objects_name = end, name
+    return None
+
+
+def _itemsize(dtype: object) -> int | None:
+    """Bytes per item of a dtype the walk built from a type string ("<f8", "U10", "V16", "O")."""
+    if type(dtype) is not Obj or dtype.site is None or dtype.site.qualname != "numpy.dtype":  # type: ignore[union-attr]
+        return None
+    args = dtype.args  # type: ignore[union-attr]
+    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
+    if type(spec) is not str:
+        return None
+    spec = spec.lstrip("<>|=")
+    if spec[:1] == "O":
+        return _POINTER
+    digits = ""
+    for ch in spec[1:]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    if not digits or len(digits) > 18:
+        return None
+    return int(digits) * (4 if spec[0] == "U" else 1)
 
 
 def _has_objects(dtype: object, depth: int) -> bool:
@@ -249,6 +315,8 @@ class Semantics(Arguments):
             why = "a state to a dtype made without numpy's copy flag (numpy may share it)"
         elif dtype and (kind := _record_parts_of_plain_kind(obj.args, state)) is not None:
             why = f"fields or a subarray to a dtype of kind {escape(kind)}, which has none"
+        elif dtype and (misplaced := _misplaced_object_field(state)) is not None:
+            why = misplaced
         elif not dtype and (count := _object_items_mismatch(state)) is not None:
             why = count
         else:

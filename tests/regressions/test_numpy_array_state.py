@@ -203,10 +203,48 @@ def _struct_npy_with_object_field_at(offset: int) -> bytes:
 
 def test_an_object_field_outside_its_record_is_refused(tmp_path: Path) -> None:
     """One flipped byte moved the object field past the 20-byte record: numpy 2.4 takes the
-    offset as given and writes an object pointer outside the array (it crashed the loader)."""
+    offset as given and writes an object pointer outside the array (it crashed the loader). The
+    scan sees it (SL108), and the loader refuses it on its own."""
     path = tmp_path / "struct.npy"
     path.write_bytes(_struct_npy_with_object_field_at(103))
-    assert "numpy dtype" in _refusal_in_a_child(path)
+    assert "object field (b) at bytes 103 to 111 of a record of 20 bytes" in _refusal_in_a_child(path)
+    out = _loader_refusal_in_a_child(path)
+    assert out.startswith("scan: SL108\n") and "numpy dtype" in out
+
+
+@pytest.mark.parametrize(
+    ("offset", "why"),
+    [
+        (4, None),  # where numpy put it
+        (103, "object field (b) at bytes 103 to 111 of a record of 20 bytes"),
+        (16, "object field (b) at bytes 16 to 24 of a record of 20 bytes"),
+        (0, "overlapping fields (a and b, at byte 0)"),
+        (2, "overlapping fields (a and b, at byte 2)"),
+        (12, "overlapping fields (b and c, at byte 12)"),
+    ],
+)
+def test_the_scan_sees_where_an_object_field_sits(offset: int, why: str | None) -> None:
+    report = safeload.scan_bytes(_struct_npy_with_object_field_at(offset))
+    if why is None:
+        assert report.verdict is Verdict.SAFE and report.findings == ()
+    else:
+        assert [f.code for f in report.findings] == ["SL108"] and why in report.findings[0].message
+
+
+@pytest.mark.parametrize("protocol", range(6))
+def test_record_dtypes_numpy_makes_give_no_finding(protocol: int) -> None:
+    """Titles (a second key for the same field), align=True padding, explicit offsets, fields that
+    overlap where none holds objects (numpy allows that), nested records and subarrays of objects."""
+    records = [
+        STRUCT,
+        np.dtype({"names": ["a", "b"], "formats": ["i4", "O"], "titles": ["T", None], "offsets": [0, 8], "itemsize": 16}),
+        np.dtype([("x", "<f4", (2,)), ("y", "O")], align=True),
+        np.dtype({"names": ["a", "b"], "formats": ["i4", "i2"], "offsets": [0, 0]}),
+        np.dtype([("s", [("q", "O")], (2,))]),
+        np.dtype([("u", "U3"), ("o", "O"), ("n", [("p", "O"), ("f", "f8")]), ("d", "M8[ns]"), ("b", "S5")]),
+    ]
+    data = pickle.dumps(records + [np.zeros(2, dtype=d) for d in records], protocol=protocol)
+    assert safeload.scan_bytes(data).findings == ()
 
 
 LEGIT_DTYPES = [
