@@ -29,6 +29,8 @@ _NUMPY_IN_PLACE = frozenset(
 _NUMPY_IN_PLACE_NAMES = frozenset(q.rsplit(".", 1)[1] for q in _NUMPY_IN_PLACE)
 _MAX_DIMS = 64  # numpy's NPY_MAXDIMS
 _POINTER = struct.calcsize("P")  # an object field holds one pointer
+# The flags numpy gives every dtype that holds objects (numpy's NPY_FROM_FIELDS).
+_OBJECT_FLAGS = 0x01 | 0x02 | 0x08 | 0x10
 # dtype kinds with fields or a subarray: every other kind's state has None in those three places.
 _RECORD_KINDS = frozenset("V")
 
@@ -120,6 +122,27 @@ def _misplaced_object_field(state: object) -> str | None:
         if objects and end > reach_objects:
             reach_objects, reach_objects_name = end, name
     return None
+
+
+def _object_flags_missing(args: object, state: object) -> bool:
+    """A dtype state whose flags lack what numpy sets for a dtype holding objects (NPY_ITEM_REFCOUNT,
+    NPY_LIST_PICKLE, NPY_NEEDS_INIT, NPY_NEEDS_PYAPI), for a dtype made as "O" or whose state gives
+    it object fields or an object subarray base."""
+    if type(state) is not Tup or len(state.items) < 8:  # type: ignore[union-attr]
+        return False
+    flags = state.items[7]  # type: ignore[union-attr]
+    if type(flags) is int and flags & _OBJECT_FLAGS == _OBJECT_FLAGS:
+        return False
+    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
+    if type(spec) is str and spec.lstrip("<>|=")[:1] == "O":
+        return True
+    subarray, _, fields = state.items[2:5]  # type: ignore[union-attr]
+    if type(subarray) is Tup and subarray.items and _has_objects(subarray.items[0], 8):  # type: ignore[union-attr]
+        return True
+    return type(fields) is Dct and any(
+        type(v) is Tup and v.items and _has_objects(v.items[0], 8)  # type: ignore[union-attr]
+        for _, v in fields.pairs  # type: ignore[union-attr]
+    )
 
 
 def _itemsize(dtype: object) -> int | None:
@@ -317,6 +340,8 @@ class Semantics(Arguments):
             why = f"fields or a subarray to a dtype of kind {escape(kind)}, which has none"
         elif dtype and (misplaced := _misplaced_object_field(state)) is not None:
             why = misplaced
+        elif dtype and _object_flags_missing(obj.args, state):
+            why = "a state whose flags say the dtype holds no objects, though it does (numpy would take raw bytes as object pointers)"
         elif not dtype and (count := _object_items_mismatch(state)) is not None:
             why = count
         else:

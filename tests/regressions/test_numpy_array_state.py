@@ -520,3 +520,61 @@ def test_the_scan_sees_record_parts_given_to_a_plain_dtype(spec: str, state: tup
         assert len(messages) == 1 and f"to a dtype of kind {spec.lstrip('<>|=')}" in messages[0]
     else:
         assert messages == []
+
+
+class _StateWithFlags:
+    """Pickles as numpy pickles dtype ``d``, with ``flags`` in place of the flags numpy wrote."""
+
+    def __init__(self, d: np.dtype, flags: int) -> None:
+        self.d, self.flags = d, flags
+
+    def __reduce__(self) -> tuple[object, ...]:
+        func, args, state = self.d.__reduce__()
+        return (func, args, (*state[:7], self.flags, *state[8:]))
+
+
+class _ArrayOf:
+    """Pickles as an array of one item made of ``raw`` bytes, with dtype ``d`` (any picklable)."""
+
+    def __init__(self, d: object, raw: bytes) -> None:
+        self.d, self.raw = d, raw
+
+    def __reduce__(self) -> tuple[object, ...]:
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), self.d, False, self.raw))
+
+
+_HOLDING_OBJECTS = {
+    "object": np.dtype("O"),
+    "object field": np.dtype([("x", "O"), ("y", "O")]),
+    "object subarray": np.dtype(("O", (2,))),
+    "nested object field": np.dtype([("s", [("q", "O")], (2,))]),
+}
+
+
+def test_numpy_reads_raw_bytes_as_pointers_when_the_flags_say_no_objects(tmp_path: Path) -> None:
+    """Why the check exists: numpy takes the flags as given, then the array's raw bytes are object
+    pointers (here 0x4141...): pickle.load of these bytes dies in a child process."""
+    path = tmp_path / "flags.pkl"
+    path.write_bytes(pickle.dumps(_ArrayOf(_StateWithFlags(_HOLDING_OBJECTS["object field"], 16), b"A" * 16), protocol=2))
+    code = "import pickle, sys; a = pickle.load(open(sys.argv[1], 'rb')); print(repr(a[0]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout  # a segfault (-11) in numpy 2.4; never a clean run
+
+
+@pytest.mark.parametrize("kind", list(_HOLDING_OBJECTS))
+@pytest.mark.parametrize("flags", [0, 16, 0x1B & ~0x02])
+def test_the_scan_sees_object_dtypes_whose_flags_say_no_objects(kind: str, flags: int, tmp_path: Path) -> None:
+    d = _HOLDING_OBJECTS[kind]
+    data = pickle.dumps(_ArrayOf(_StateWithFlags(d, flags), b"A" * d.itemsize), protocol=2)
+    report = safeload.scan_bytes(data)
+    assert [f.code for f in report.findings] == ["SL108"]
+    assert "flags say the dtype holds no objects" in report.findings[0].message
+    # numpy's own flags for the same dtype: no finding
+    assert safeload.scan_bytes(pickle.dumps(_StateWithFlags(d, d.__reduce__()[2][7]), protocol=2)).findings == ()
+    if kind == "object field" and flags == 16:
+        path = tmp_path / "flags.pkl"
+        path.write_bytes(data)
+        out = _loader_refusal_in_a_child(path)  # the loader refuses it on its own as well
+        assert out.startswith("scan: SL108\n") and "numpy dtype" in out
