@@ -72,9 +72,9 @@ _RULES = [
          "numpy's dtype and array __setstate__ change the object in place, under whatever already uses "
          "it: a dtype given object fields after an array of raw bytes was made with it reads those bytes "
          "as object pointers (memory corruption in pickle.load or numpy.load); numpy also takes a "
-         "subarray state on a datetime dtype, object fields outside their record and flags that deny "
-         "a dtype's objects, and reads as many items as an object array's shape holds from a shorter "
-         "list, and crashes. numpy's own pickles give each dtype and array one state, right after "
+         "subarray state on a datetime dtype, fields outside their record, item sizes and flags that "
+         "contradict the dtype's fields, and reads as many items as an object array's shape holds from "
+         "a shorter list, and crashes. numpy's own pickles give each dtype and array one state, right after "
          "making a private copy, and before anything holds it."),
     # -- parsing and completeness -----------------------------------------------------------------
     Rule("SL200", "malformed-pickle", "Pickle stream could not be parsed to its end", Severity.HIGH,

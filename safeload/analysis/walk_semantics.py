@@ -23,8 +23,18 @@ _NESTED = (Tup, Lst, Dct, SetV)
 _FACTORY_NAMES = frozenset(name.split(".", 1)[1] for name in jl.INSTANCE_FACTORIES)
 _SMALL_INT = (1 << 61) - 2
 # Calls whose result takes its state in place (numpy.dtype, and the array _reconstruct makes).
+# Every numpy callable the shipped rules allow that makes one: a class called directly, as
+# _reconstruct does, gives an array a BUILD can change just the same. (An array type a user's own
+# rules allow is the loader's to check: it tests what each call returned.)
 _NUMPY_IN_PLACE = frozenset(
-    {"numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+    {
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.numeric._frombuffer",
+        "numpy._core.numeric._frombuffer",
+    }
 )
 _NUMPY_IN_PLACE_NAMES = frozenset(q.rsplit(".", 1)[1] for q in _NUMPY_IN_PLACE)
 _MAX_DIMS = 64  # numpy's NPY_MAXDIMS
@@ -81,22 +91,37 @@ def _object_items_mismatch(state: object) -> str | None:
     )
 
 
-def _misplaced_object_field(state: object) -> str | None:
-    """For a record dtype's state ``(version, byteorder, subarray, names, fields, elsize, ...)``: an
-    object field that is not wholly inside the record, overlaps another field, or sits where the
-    walk cannot tell. numpy's constructor refuses each; its ``__setstate__`` takes them as given,
-    and then writes object pointers outside the array's memory, or reads raw bytes as pointers."""
+def _layout_problem(args: object, state: object) -> str | None:
+    """Where a dtype state's layout disagrees with itself: numpy's constructor refuses each of these,
+    its ``__setstate__`` takes them as given, and then reads or writes past an item (object pointers
+    outside the array's memory, raw bytes read as pointers). numpy's own states never have them.
+
+    - a flexible dtype ("V16", "S5", "U10") given another item size than it was made with;
+    - a subarray whose base times its shape is not the item;
+    - a record whose names and fields disagree, a field not wholly inside the item, an object field
+      overlapping another field, or an object field whose place the walk cannot read.
+    """
     if type(state) is not Tup or len(state.items) < 6:  # type: ignore[union-attr]
         return None
-    names, fields, elsize = state.items[3:6]  # type: ignore[union-attr]
-    if type(names) is not Tup or type(fields) is not Dct:
+    subarray, names, fields, elsize = state.items[2:6]  # type: ignore[union-attr]
+    spec = _spec(args)
+    made = _spec_size(spec)
+    if spec is not None and spec[:1] in ("V", "S", "U") and made is not None and elsize != made:
+        return f"a {escape(spec)} dtype an item size of {escape(repr(elsize), 40)} bytes"
+    if subarray is not None:
+        problem = _subarray_problem(subarray, elsize)
+        if problem is not None:
+            return problem
+    if names is None and fields is None:
         return None
+    if type(names) is not Tup or type(fields) is not Dct:
+        return "a record state whose names and fields are not a tuple and a dict"
     by_name = {k: v for k, v in fields.pairs if type(k) is str}  # type: ignore[union-attr]
     spans: list[tuple[int, int, bool, str]] = []
     for name in names.items:  # type: ignore[union-attr]
         value = by_name.get(name) if type(name) is str else None
-        if type(value) is not Tup or len(value.items) < 2:  # type: ignore[union-attr]
-            continue
+        if type(value) is not Tup or len(value.items) not in (2, 3):  # type: ignore[union-attr]
+            return f"a record state whose field {_label(name)} is not (dtype, offset)"
         field, offset = value.items[0], value.items[1]  # type: ignore[union-attr]
         objects = _has_objects(field, 8)
         size = _itemsize(field)
@@ -104,10 +129,10 @@ def _misplaced_object_field(state: object) -> str | None:
             if objects:
                 return f"an object field ({escape(name)}) whose offset or size is not a constant"
             continue
-        if objects and (offset < 0 or type(elsize) is not int or offset + size > elsize):
+        if offset < 0 or type(elsize) is not int or offset + size > elsize:
             return (
-                f"an object field ({escape(name)}) at bytes {offset} to {offset + size} of a record of "
-                f"{escape(repr(elsize))} bytes"
+                f"{'an object' if objects else 'a'} field ({escape(name)}) at bytes {offset} to "
+                f"{offset + size} of a record of {escape(repr(elsize), 40)} bytes"
             )
         spans.append((offset, offset + size, objects, name))
     spans.sort(key=lambda span: span[:2])
@@ -122,6 +147,46 @@ def _misplaced_object_field(state: object) -> str | None:
         if objects and end > reach_objects:
             reach_objects, reach_objects_name = end, name
     return None
+
+
+def _subarray_problem(subarray: object, elsize: object) -> str | None:
+    if type(subarray) is not Tup or len(subarray.items) != 2:  # type: ignore[union-attr]
+        return "a subarray state that is not (base, shape)"
+    base, shape = subarray.items  # type: ignore[union-attr]
+    dims = shape.items if type(shape) is Tup else (shape,) if type(shape) is int else None  # type: ignore[union-attr]
+    size = _itemsize(base)
+    if dims is None or len(dims) > _MAX_DIMS or size is None or not all(type(n) is int and n >= 0 for n in dims):
+        return "a subarray of objects whose base or shape is not a constant" if _has_objects(base, 8) else None
+    count = math.prod(dims)
+    if size * count != elsize:
+        return f"a subarray of {count} items of {size} bytes in an item of {escape(repr(elsize), 40)} bytes"
+    return None
+
+
+def _label(value: object) -> str:
+    return f"({escape(value)})" if type(value) is str else f"named by a {type(value).__name__}"
+
+
+def _spec(args: object) -> str | None:
+    """The type string a dtype was made from, without its byte order ("f8", "V16"), if constant."""
+    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
+    return spec.lstrip("<>|=") if type(spec) is str else None
+
+
+def _spec_size(spec: str | None) -> int | None:
+    """Bytes per item of a type string ("f8": 8, "U10": 40, "O": a pointer); None if it has none."""
+    if not spec:
+        return None
+    if spec[0] == "O":
+        return _POINTER
+    digits = ""
+    for ch in spec[1:]:
+        if not ch.isdigit():
+            break
+        digits += ch
+    if not digits or len(digits) > 18:
+        return None
+    return int(digits) * (4 if spec[0] == "U" else 1)
 
 
 def _object_flags_missing(args: object, state: object) -> bool:
@@ -149,21 +214,7 @@ def _itemsize(dtype: object) -> int | None:
     """Bytes per item of a dtype the walk built from a type string ("<f8", "U10", "V16", "O")."""
     if type(dtype) is not Obj or dtype.site is None or dtype.site.qualname != "numpy.dtype":  # type: ignore[union-attr]
         return None
-    args = dtype.args  # type: ignore[union-attr]
-    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
-    if type(spec) is not str:
-        return None
-    spec = spec.lstrip("<>|=")
-    if spec[:1] == "O":
-        return _POINTER
-    digits = ""
-    for ch in spec[1:]:
-        if not ch.isdigit():
-            break
-        digits += ch
-    if not digits or len(digits) > 18:
-        return None
-    return int(digits) * (4 if spec[0] == "U" else 1)
+    return _spec_size(_spec(dtype.args))  # type: ignore[union-attr]
 
 
 def _has_objects(dtype: object, depth: int) -> bool:
@@ -338,7 +389,7 @@ class Semantics(Arguments):
             why = "a state to a dtype made without numpy's copy flag (numpy may share it)"
         elif dtype and (kind := _record_parts_of_plain_kind(obj.args, state)) is not None:
             why = f"fields or a subarray to a dtype of kind {escape(kind)}, which has none"
-        elif dtype and (misplaced := _misplaced_object_field(state)) is not None:
+        elif dtype and (misplaced := _layout_problem(obj.args, state)) is not None:
             why = misplaced
         elif dtype and _object_flags_missing(obj.args, state):
             why = "a state whose flags say the dtype holds no objects, though it does (numpy would take raw bytes as object pointers)"

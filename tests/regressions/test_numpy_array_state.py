@@ -578,3 +578,81 @@ def test_the_scan_sees_object_dtypes_whose_flags_say_no_objects(kind: str, flags
         path.write_bytes(data)
         out = _loader_refusal_in_a_child(path)  # the loader refuses it on its own as well
         assert out.startswith("scan: SL108\n") and "numpy dtype" in out
+
+
+class _Dtype:
+    """Pickles as ``numpy.dtype(spec, False, True)`` given ``state`` (any state, as a file may)."""
+
+    def __init__(self, spec: str, state: tuple[object, ...]) -> None:
+        self.spec, self.state = spec, state
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (np.dtype, (self.spec, False, True), self.state)
+
+
+class _Array:
+    """Pickles as an array made by ``_reconstruct`` (or by calling ``numpy.ndarray`` itself), given
+    the state ``(1, shape, dtype, False, data)``."""
+
+    def __init__(self, d: object, shape: tuple[int, ...], data: object, *, direct: bool = False) -> None:
+        self.d, self.shape, self.data, self.direct = d, shape, data, direct
+
+    def __reduce__(self) -> tuple[object, ...]:
+        from numpy._core.multiarray import _reconstruct
+
+        state = (1, self.shape, self.d, False, self.data)
+        if self.direct:
+            return (np.ndarray, (0,), state)
+        return (_reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+_O = np.dtype("O")
+# Layouts numpy's constructor refuses and its __setstate__ takes (the byte-flip fuzzing of numpy
+# pickles found each form crashing pickle.load); the last item says whether this example crashes
+# every time.
+_LAYOUTS = {
+    "void item size": (
+        _Array(_Dtype("V8", (3, "|", None, ("q",), {"q": (_O, 0)}, 48, 1, 27)), (2,), [(None,), (None,)]),
+        "a V8 dtype an item size of 48 bytes",
+        False,
+    ),
+    "subarray size": (
+        _Array(_Dtype("V16", (3, "|", (np.dtype([("q", "O")]), (239,)), None, None, 16, 1, 27)), (1,), [([None, None],)]),
+        "a subarray of 239 items of 8 bytes in an item of 16 bytes",
+        True,
+    ),
+    "field entry": (
+        _Array(
+            _Dtype("V20", (3, "|", None, ("a", "b", "c"), {"a": (np.dtype("i4"), 0), "b": (_O, 4), "c": np.dtype("f8")}, 20, 1, 27)),
+            (1,),
+            [(0, None, 0.0)],
+        ),
+        "a record state whose field (c) is not (dtype, offset)",
+        True,
+    ),
+    "plain field outside": (
+        _Array(_Dtype("V16", (3, "|", None, ("x", "y"), {"x": (np.dtype("f8"), 4000), "y": (_O, 8)}, 16, 1, 27)), (2,), [(0.0, None), (0.0, None)]),
+        "a field (x) at bytes 4000 to 4008 of a record of 16 bytes",
+        False,  # numpy reads and writes 4 KB past each item: whether that faults depends on the heap
+    ),
+    "array made by numpy.ndarray": (
+        _Array(_O, (234,), [1, 2], direct=True),
+        "2 values to an object array of shape (234,), which holds 234",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_LAYOUTS))
+def test_the_scan_sees_layouts_numpy_would_refuse_to_build(case: str, tmp_path: Path) -> None:
+    value, why, crashes = _LAYOUTS[case]
+    data = pickle.dumps(value, protocol=2)
+    report = safeload.scan_bytes(data)
+    assert [f.code for f in report.findings] == ["SL108"] and why in report.findings[0].message
+    path = tmp_path / "layout.pkl"
+    path.write_bytes(data)
+    assert _loader_refusal_in_a_child(path).startswith("scan: SL108\n")  # the loader refuses it as well
+    if crashes:
+        code = "import pickle, sys; a = pickle.load(open(sys.argv[1], 'rb')); print(repr(a))"
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0, proc.stdout  # why the check exists: numpy itself crashes
