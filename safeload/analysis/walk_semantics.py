@@ -39,8 +39,13 @@ _NUMPY_IN_PLACE = frozenset(
 _NUMPY_IN_PLACE_NAMES = frozenset(q.rsplit(".", 1)[1] for q in _NUMPY_IN_PLACE)
 _MAX_DIMS = 64  # numpy's NPY_MAXDIMS
 _POINTER = struct.calcsize("P")  # an object field holds one pointer
-# The flags numpy gives every dtype that holds objects (numpy's NPY_FROM_FIELDS).
+# The flags numpy gives every dtype that holds objects (numpy's NPY_FROM_FIELDS), and the bits of
+# them it gives no other dtype (NPY_ITEM_REFCOUNT, NPY_LIST_PICKLE, NPY_ITEM_IS_POINTER).
 _OBJECT_FLAGS = 0x01 | 0x02 | 0x08 | 0x10
+_OBJECT_BITS = 0x01 | 0x02 | 0x04
+# Kinds whose items have a size of their own (void, bytes under both its names, unicode).
+_FLEXIBLE = frozenset("VSaU")
+_ALIGNMENTS = frozenset({1, 2, 4, 8, 16, 32, 64})
 # dtype kinds with fields or a subarray: every other kind's state has None in those three places.
 _RECORD_KINDS = frozenset("V")
 
@@ -104,10 +109,24 @@ def _layout_problem(args: object, state: object) -> str | None:
     if type(state) is not Tup or len(state.items) < 6:  # type: ignore[union-attr]
         return None
     subarray, names, fields, elsize = state.items[2:6]  # type: ignore[union-attr]
+    alignment = state.items[6] if len(state.items) > 6 else None  # type: ignore[union-attr]
     spec = _spec(args)
-    made = _spec_size(spec)
-    if spec is not None and spec[:1] in ("V", "S", "U") and made is not None and elsize != made:
-        return f"a {escape(spec)} dtype an item size of {escape(repr(elsize), 40)} bytes"
+    if spec:
+        if spec[0] in ("M", "m") and not _datetime_metadata(state):
+            return f"a {escape(spec)} dtype a state without its time unit (numpy's are (unit, count, 1, 1))"
+        if spec[0] not in _FLEXIBLE:
+            # numpy writes -1 for both: the kind fixes them (it took a stray alignment and crashed)
+            if elsize != -1 or alignment != -1:
+                return (
+                    f"a {escape(spec)} dtype an item size and alignment ({escape(repr(elsize), 40)}, "
+                    f"{escape(repr(alignment), 40)}) where numpy writes none"
+                )
+        else:
+            made = _spec_size(spec)
+            if made is not None and elsize != made:
+                return f"a {escape(spec)} dtype an item size of {escape(repr(elsize), 40)} bytes"
+            if alignment not in _ALIGNMENTS:
+                return f"a {escape(spec)} dtype an alignment of {escape(repr(alignment), 40)} bytes"
     if subarray is not None:
         problem = _subarray_problem(subarray, elsize)
         if problem is not None:
@@ -147,6 +166,21 @@ def _layout_problem(args: object, state: object) -> str | None:
         if objects and end > reach_objects:
             reach_objects, reach_objects_name = end, name
     return None
+
+
+def _datetime_metadata(state: Tup) -> bool:
+    """Whether a datetime dtype's state carries the unit numpy reads for it (a state without one
+    crashed numpy): version 4, ending in ``(None or a dict, (unit, count, 1, 1))``."""
+    items = state.items
+    if len(items) != 9 or items[0] != 4 or type(items[8]) is not Tup or len(items[8].items) != 2:  # type: ignore[union-attr]
+        return False
+    unit = items[8].items[1]  # type: ignore[union-attr]
+    # (the unit's bytes are a call to _codecs.encode under protocols 0 to 2: any value will do)
+    return (
+        type(unit) is Tup
+        and len(unit.items) == 4  # type: ignore[union-attr]
+        and all(type(n) is int for n in unit.items[1:])  # type: ignore[union-attr]
+    )
 
 
 def _subarray_problem(subarray: object, elsize: object) -> str | None:
@@ -189,19 +223,29 @@ def _spec_size(spec: str | None) -> int | None:
     return int(digits) * (4 if spec[0] == "U" else 1)
 
 
-def _object_flags_missing(args: object, state: object) -> bool:
-    """A dtype state whose flags lack what numpy sets for a dtype holding objects (NPY_ITEM_REFCOUNT,
-    NPY_LIST_PICKLE, NPY_NEEDS_INIT, NPY_NEEDS_PYAPI), for a dtype made as "O" or whose state gives
-    it object fields or an object subarray base."""
+def _object_flags_problem(args: object, state: object) -> str | None:
+    """A dtype state whose flags contradict what it holds. numpy gives every dtype that holds
+    objects (made as "O", or with object fields or an object subarray base) NPY_ITEM_REFCOUNT,
+    NPY_LIST_PICKLE, NPY_NEEDS_INIT and NPY_NEEDS_PYAPI, and no other dtype the first three
+    object bits (NPY_ITEM_REFCOUNT, NPY_LIST_PICKLE, NPY_ITEM_IS_POINTER): numpy takes the flags as
+    given, then reads raw bytes as object pointers or Python objects as raw bytes."""
     if type(state) is not Tup or len(state.items) < 8:  # type: ignore[union-attr]
-        return False
+        return None
     flags = state.items[7]  # type: ignore[union-attr]
-    if type(flags) is int and flags & _OBJECT_FLAGS == _OBJECT_FLAGS:
-        return False
-    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
-    if type(spec) is str and spec.lstrip("<>|=")[:1] == "O":
+    if type(flags) is not int:
+        return "a state whose flags are not a constant integer"
+    holds = _state_holds_objects(args, state)
+    if holds and flags & _OBJECT_FLAGS != _OBJECT_FLAGS:
+        return "a state whose flags say the dtype holds no objects, though it does (numpy would take raw bytes as object pointers)"
+    if not holds and flags & _OBJECT_BITS:
+        return "a state whose flags say the dtype holds objects, though it holds none (numpy would take its raw bytes as object pointers)"
+    return None
+
+
+def _state_holds_objects(args: object, state: Tup) -> bool:
+    if (_spec(args) or "")[:1] == "O":
         return True
-    subarray, _, fields = state.items[2:5]  # type: ignore[union-attr]
+    subarray, _, fields = state.items[2:5]
     if type(subarray) is Tup and subarray.items and _has_objects(subarray.items[0], 8):  # type: ignore[union-attr]
         return True
     return type(fields) is Dct and any(
@@ -391,8 +435,8 @@ class Semantics(Arguments):
             why = f"fields or a subarray to a dtype of kind {escape(kind)}, which has none"
         elif dtype and (misplaced := _layout_problem(obj.args, state)) is not None:
             why = misplaced
-        elif dtype and _object_flags_missing(obj.args, state):
-            why = "a state whose flags say the dtype holds no objects, though it does (numpy would take raw bytes as object pointers)"
+        elif dtype and (flags := _object_flags_problem(obj.args, state)) is not None:
+            why = flags
         elif not dtype and (count := _object_items_mismatch(state)) is not None:
             why = count
         else:

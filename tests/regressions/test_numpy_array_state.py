@@ -640,6 +640,31 @@ _LAYOUTS = {
         "2 values to an object array of shape (234,), which holds 234",
         True,
     ),
+    "datetime without its unit": (
+        _Dtype("m8", (3, "<", None, None, None, -1, -1, 0)),
+        "a m8 dtype a state without its time unit",
+        True,
+    ),
+    "flags claiming objects": (
+        _Array(_Dtype("m8", (4, "|", None, None, None, -1, -1, 63, (None, (b"s", 1, 1, 1)))), (2,), [{"a": 1}, [2, 3]]),
+        "flags say the dtype holds objects, though it holds none",
+        True,
+    ),
+    "stray alignment": (
+        _Dtype("m8", (4, ">", None, None, None, -1, -27137, 0, (None, (b"s", 1, 1, 1)))),
+        "a m8 dtype an item size and alignment (-1, -27137) where numpy writes none",
+        False,
+    ),
+    "bytes item size": (
+        _Dtype("a4", (3, "<", None, None, None, -1, -1, 0)),
+        "a a4 dtype an item size of -1 bytes",
+        False,
+    ),
+    "void alignment": (
+        _Dtype("V8", (3, "|", None, None, None, 8, 3, 0)),
+        "a V8 dtype an alignment of 3 bytes",
+        False,
+    ),
 }
 
 
