@@ -2,11 +2,17 @@
 
     python scripts/fuzz_loader.py --seconds 600 --out fuzz-out
     python scripts/fuzz_loader.py --kinds numpy-objects,torch-zip --mode ops --seconds 3600
+    python scripts/fuzz_loader.py --loader stock --kinds numpy-objects,npy-record --seconds 600
 
 A search, not a test: it runs until its time is up and prints what it found. Each batch of inputs
 runs in a child process that writes every input to ``OUT/last-<kind>.bin`` before it scans it
 (and, when the scan says SAFE, loads it). A child that dies by a signal leaves that input behind,
 copied to ``OUT/crash-<kind>-<seed>.bin``. Exceptions are fine: only a crash is a finding.
+
+``--loader stock`` loads what scans SAFE with the library's own loader instead of safeload's
+(``pickle.loads``, ``numpy.load(allow_pickle=True)``, ``torch.load(weights_only=False)``): a crash
+there is a file the scan calls SAFE that crashes the loader people use it for, a gap in the scan
+(safeload's loader checks more than the scan can see; SECURITY.md says what).
 
 Mutations:
 - ``flip``: one to four bytes of the file XORed with random values;
@@ -194,7 +200,22 @@ def mutants(kind: str, raw: bytes, mode: str, rng: random.Random) -> Callable[[]
 # -- one batch, in a child process ----------------------------------------------------------------
 
 
-def child(kind: str, mode: str, seed: int, count: int, out: Path) -> None:
+def _stock_load(kind: str, data: bytes) -> None:
+    """The loader a file of this kind is made for, with nothing of safeload's: only for inputs the
+    scan called SAFE (every global they name is allowed)."""
+    if kind == "numpy-objects":
+        pickle.loads(data)  # noqa: S301 - the point: does a file the scan calls SAFE crash it?
+    elif kind == "npy-record":
+        import numpy as np
+
+        np.load(io.BytesIO(data), allow_pickle=True)
+    else:
+        import torch
+
+        torch.load(io.BytesIO(data), weights_only=False)
+
+
+def child(kind: str, mode: str, seed: int, count: int, out: Path, loader: str) -> None:
     import safeload
     from safeload.errors import SafeloadError
     from safeload.model import Verdict
@@ -207,12 +228,19 @@ def child(kind: str, mode: str, seed: int, count: int, out: Path) -> None:
         if data is None:
             continue
         last.write_bytes(data)
-        if safeload.scan_bytes(data).verdict is Verdict.SAFE:
-            for framework in ("auto", "numpy"):
-                try:
-                    safeload.loads(data, framework=framework)
-                except SafeloadError:
-                    pass
+        if safeload.scan_bytes(data).verdict is not Verdict.SAFE:
+            continue
+        if loader == "stock":
+            try:
+                _stock_load(kind, data)
+            except Exception:  # noqa: BLE001, S110 - only a crash of the process is a finding
+                pass
+            continue
+        for framework in ("auto", "numpy"):
+            try:
+                safeload.loads(data, framework=framework)
+            except SafeloadError:
+                pass
 
 
 def main() -> int:
@@ -223,12 +251,18 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=300, help="inputs per child process")
     ap.add_argument("--seed", type=int, default=1, help="first seed (one per batch)")
     ap.add_argument("--out", type=Path, default=Path("fuzz-out"))
+    ap.add_argument(
+        "--loader",
+        choices=["safeload", "stock"],
+        default="safeload",
+        help="what loads the inputs the scan calls SAFE: safeload's loader, or the library's own (scan gaps)",
+    )
     ap.add_argument("--child", nargs=4, metavar=("KIND", "MODE", "SEED", "COUNT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
         kind, mode, seed, count = args.child
-        child(kind, mode, int(seed), int(count), args.out)
+        child(kind, mode, int(seed), int(count), args.out, args.loader)
         return 0
     kinds = list(samples()) if args.kinds == "all" else args.kinds.split(",")
     modes = ["flip", "ops"] if args.mode == "both" else [args.mode]
@@ -241,6 +275,8 @@ def main() -> int:
                     __file__,
                     "--out",
                     str(args.out),
+                    "--loader",
+                    args.loader,
                     "--child",
                     kind,
                     mode,
