@@ -22,10 +22,9 @@ MAX_PERSISTENT_IDS = 1_000_000
 _NESTED = (Tup, Lst, Dct, SetV)
 _FACTORY_NAMES = frozenset(name.split(".", 1)[1] for name in jl.INSTANCE_FACTORIES)
 _SMALL_INT = (1 << 61) - 2
-# Calls whose result takes its state in place (numpy.dtype, and the array _reconstruct makes).
-# Every numpy callable the shipped rules allow that makes one: a class called directly, as
-# _reconstruct does, gives an array a BUILD can change just the same. (An array type a user's own
-# rules allow is the loader's to check: it tests what each call returned.)
+# Calls whose result takes its state in place: every numpy callable the shipped rules allow that
+# makes a dtype or an array (an array type a user's own rules allow is the loader's to check: it
+# tests what each call returned).
 _NUMPY_IN_PLACE = frozenset(
     {
         "numpy.dtype",
@@ -61,9 +60,7 @@ def _copied(args: object) -> bool:
 def _record_parts_of_plain_kind(args: object, state: object) -> str | None:
     """The kind of a dtype made from a constant type string whose kind has no fields or subarray,
     when its BUILD state has any (numpy's state: version, byteorder, subarray, names, fields, ...)."""
-    if type(args) is not Tup or not args.items or type(args.items[0]) is not str:  # type: ignore[union-attr]
-        return None
-    spec = args.items[0].lstrip("<>|=")  # type: ignore[union-attr]
+    spec = _spec(args)
     if not spec or spec[0] in _RECORD_KINDS:
         return None
     parts = state.items[2:5] if type(state) is Tup and len(state.items) >= 5 else None  # type: ignore[union-attr]
@@ -97,11 +94,14 @@ def _object_items_mismatch(state: object) -> str | None:
 
 
 def _layout_problem(args: object, state: object) -> str | None:
-    """Where a dtype state's layout disagrees with itself: numpy's constructor refuses each of these,
-    its ``__setstate__`` takes them as given, and then reads or writes past an item (object pointers
-    outside the array's memory, raw bytes read as pointers). numpy's own states never have them.
+    """What in a dtype state numpy's constructor never makes, and its ``__setstate__`` takes as
+    given, then crashes on or reads and writes past an item with (object pointers outside the
+    array's memory, raw bytes read as pointers):
 
-    - a flexible dtype ("V16", "S5", "U10") given another item size than it was made with;
+    - a datetime dtype without its time unit;
+    - an item size or alignment on a kind that fixes its own (numpy writes -1 for both);
+    - a flexible dtype ("V16", "S5", "U10") given another item size than it was made with, or an
+      alignment that is no power of two;
     - a subarray whose base times its shape is not the item;
     - a record whose names and fields disagree, a field not wholly inside the item, an object field
       overlapping another field, or an object field whose place the walk cannot read.
@@ -234,7 +234,7 @@ def _object_flags_problem(args: object, state: object) -> str | None:
     flags = state.items[7]  # type: ignore[union-attr]
     if type(flags) is not int:
         return "a state whose flags are not a constant integer"
-    holds = _state_holds_objects(args, state)
+    holds = _holds_objects(args, state, 8)
     if holds and flags & _OBJECT_FLAGS != _OBJECT_FLAGS:
         return "a state whose flags say the dtype holds no objects, though it does (numpy would take raw bytes as object pointers)"
     if not holds and flags & _OBJECT_BITS:
@@ -242,14 +242,18 @@ def _object_flags_problem(args: object, state: object) -> str | None:
     return None
 
 
-def _state_holds_objects(args: object, state: Tup) -> bool:
+def _holds_objects(args: object, state: object, depth: int) -> bool:
+    """Whether a dtype made with ``args`` and given ``state`` holds Python objects: made as "O", or
+    (as far as the state shows) with an object field or an object subarray base."""
     if (_spec(args) or "")[:1] == "O":
         return True
-    subarray, _, fields = state.items[2:5]
-    if type(subarray) is Tup and subarray.items and _has_objects(subarray.items[0], 8):  # type: ignore[union-attr]
+    if type(state) is not Tup or len(state.items) < 5:  # type: ignore[union-attr]
+        return False
+    subarray, _, fields = state.items[2:5]  # type: ignore[union-attr]
+    if type(subarray) is Tup and subarray.items and _has_objects(subarray.items[0], depth - 1):  # type: ignore[union-attr]
         return True
     return type(fields) is Dct and any(
-        type(v) is Tup and v.items and _has_objects(v.items[0], 8)  # type: ignore[union-attr]
+        type(v) is Tup and v.items and _has_objects(v.items[0], depth - 1)  # type: ignore[union-attr]
         for _, v in fields.pairs  # type: ignore[union-attr]
     )
 
@@ -262,25 +266,11 @@ def _itemsize(dtype: object) -> int | None:
 
 
 def _has_objects(dtype: object, depth: int) -> bool:
-    """Whether a dtype the walk built holds Python objects: made as "O", or (as far as its state
-    shows) with an object field or an object subarray base."""
+    """Whether a dtype the walk built (a numpy.dtype call, with the state it was given) holds
+    Python objects; nested dtypes are followed ``depth`` levels deep."""
     if depth <= 0 or type(dtype) is not Obj or dtype.site is None or dtype.site.qualname != "numpy.dtype":  # type: ignore[union-attr]
         return False
-    args = dtype.args  # type: ignore[union-attr]
-    spec = args.items[0] if type(args) is Tup and args.items else None  # type: ignore[union-attr]
-    if type(spec) is str and spec.lstrip("<>|=")[:1] == "O":
-        return True
-    state = dtype.state  # type: ignore[union-attr]
-    if type(state) is not Tup or len(state.items) < 5:  # type: ignore[union-attr]
-        return False
-    subarray, _, fields = state.items[2:5]  # type: ignore[union-attr]
-    if type(subarray) is Tup and subarray.items and _has_objects(subarray.items[0], depth - 1):  # type: ignore[union-attr]
-        return True
-    if type(fields) is Dct:
-        for _, value in fields.pairs:  # type: ignore[union-attr]
-            if type(value) is Tup and value.items and _has_objects(value.items[0], depth - 1):  # type: ignore[union-attr]
-                return True
-    return False
+    return _holds_objects(dtype.args, dtype.state, depth)  # type: ignore[union-attr]
 
 
 class Semantics(Arguments):
@@ -419,8 +409,9 @@ class Semantics(Arguments):
         """What the loader refuses and the walk can see: a second BUILD on one dtype or array; a
         first BUILD after the object went into a container, call or state (what holds it would see
         it change); a BUILD on a dtype made without numpy's copy flag (with copy=False,
-        ``dtype(d, False, False)`` is ``d`` itself); record parts in the state of a dtype whose
-        kind has none (numpy took a subarray state on a datetime dtype and crashed)."""
+        ``dtype(d, False, False)`` is ``d`` itself); a dtype state numpy would never make (record
+        parts on a kind that has none, see also _layout_problem and _object_flags_problem); an
+        object array given more or fewer items than its shape holds."""
         site = obj.site
         assert site is not None
         fresh = self.np_pending.pop(id(obj), None) is not None

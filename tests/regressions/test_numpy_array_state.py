@@ -533,18 +533,6 @@ class _StateWithFlags:
         return (func, args, (*state[:7], self.flags, *state[8:]))
 
 
-class _ArrayOf:
-    """Pickles as an array of one item made of ``raw`` bytes, with dtype ``d`` (any picklable)."""
-
-    def __init__(self, d: object, raw: bytes) -> None:
-        self.d, self.raw = d, raw
-
-    def __reduce__(self) -> tuple[object, ...]:
-        from numpy._core.multiarray import _reconstruct
-
-        return (_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), self.d, False, self.raw))
-
-
 _HOLDING_OBJECTS = {
     "object": np.dtype("O"),
     "object field": np.dtype([("x", "O"), ("y", "O")]),
@@ -557,7 +545,7 @@ def test_numpy_reads_raw_bytes_as_pointers_when_the_flags_say_no_objects(tmp_pat
     """Why the check exists: numpy takes the flags as given, then the array's raw bytes are object
     pointers (here 0x4141...): pickle.load of these bytes dies in a child process."""
     path = tmp_path / "flags.pkl"
-    path.write_bytes(pickle.dumps(_ArrayOf(_StateWithFlags(_HOLDING_OBJECTS["object field"], 16), b"A" * 16), protocol=2))
+    path.write_bytes(pickle.dumps(_Array(_StateWithFlags(_HOLDING_OBJECTS["object field"], 16), (1,), b"A" * 16), protocol=2))
     code = "import pickle, sys; a = pickle.load(open(sys.argv[1], 'rb')); print(repr(a[0]))"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, proc.stdout  # a segfault (-11) in numpy 2.4; never a clean run
@@ -567,7 +555,7 @@ def test_numpy_reads_raw_bytes_as_pointers_when_the_flags_say_no_objects(tmp_pat
 @pytest.mark.parametrize("flags", [0, 16, 0x1B & ~0x02])
 def test_the_scan_sees_object_dtypes_whose_flags_say_no_objects(kind: str, flags: int, tmp_path: Path) -> None:
     d = _HOLDING_OBJECTS[kind]
-    data = pickle.dumps(_ArrayOf(_StateWithFlags(d, flags), b"A" * d.itemsize), protocol=2)
+    data = pickle.dumps(_Array(_StateWithFlags(d, flags), (1,), b"A" * d.itemsize), protocol=2)
     report = safeload.scan_bytes(data)
     assert [f.code for f in report.findings] == ["SL108"]
     assert "flags say the dtype holds no objects" in report.findings[0].message
