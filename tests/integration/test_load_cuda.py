@@ -1,7 +1,8 @@
 """map_location with a real GPU: the same devices and values as torch.load(weights_only=True).
 
 Needs CUDA; on a machine without it these tests are skipped (the CPU forms are covered in
-tests/unit/loader/test_map_location.py). Also runnable as a script on a GPU host.
+tests/unit/loader/test_map_location.py). Also runnable on a GPU host without pytest, from the
+repository root: ``python -m tests.integration.test_load_cuda``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,27 @@ def test_gpu_file(map_location: Any) -> None:
     assert out["view"].device == ref["view"].device
 
 
+@pytest.mark.parametrize("map_location", [None, "cpu", {"cuda:0": "cpu"}], ids=["none", "cpu", "dict"])
+def test_legacy_gpu_file(tmp_path: Path, map_location: Any) -> None:
+    # the legacy format names each storage's device in its own pickle and restores it there
+    path = tmp_path / "legacy-gpu.pt"
+    objects = _objects("cuda")
+    del objects["f8"]  # torch writes float8 legacy storages untyped and cannot read them back itself
+    torch.save(objects, path, _use_new_zipfile_serialization=False)
+    ref = torch.load(path, weights_only=True, map_location=map_location)
+    out = safeload.load(path, map_location=map_location)
+    assert_same(ref, out)
+    assert out["view"].device == ref["view"].device
+
+
+def test_file_object_gpu_to_gpu() -> None:
+    data = bytes(_save(_objects("cuda")))
+    ref = torch.load(io.BytesIO(data), weights_only=True)
+    out = safeload.load(io.BytesIO(data))
+    assert_same(ref, out)
+    assert out["param"].device.type == "cuda" and isinstance(out["param"], torch.nn.Parameter)
+
+
 def test_load_with_mmap_to_gpu(tmp_path: Path) -> None:
     path = tmp_path / "gpu.pt"
     torch.save(_objects("cuda"), path)
@@ -85,6 +107,10 @@ if __name__ == "__main__":
         test_cpu_file_to_gpu(n)
     for m in (None, "cpu", {"cuda:0": "cpu"}, lambda s, loc: s):
         test_gpu_file(m)
+    for m in (None, "cpu", {"cuda:0": "cpu"}):
+        with tempfile.TemporaryDirectory() as d:
+            test_legacy_gpu_file(Path(d), m)
+    test_file_object_gpu_to_gpu()
     with tempfile.TemporaryDirectory() as d:
         test_load_with_mmap_to_gpu(Path(d))
     print("cuda checks passed on", torch.cuda.get_device_name(0), "torch", torch.__version__)

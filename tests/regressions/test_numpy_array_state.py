@@ -634,8 +634,8 @@ _LAYOUTS = {
         False,
     ),
     "bytes item size": (
-        _Dtype("a4", (3, "<", None, None, None, -1, -1, 0)),
-        "a a4 dtype an item size of -1 bytes",
+        _Dtype("S4", (3, "<", None, None, None, -1, -1, 0)),
+        "a S4 dtype an item size of -1 bytes",
         False,
     ),
     "void alignment": (
