@@ -8,6 +8,7 @@ checked against the storage scheme of the stream's container.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from typing import Protocol
@@ -139,6 +140,8 @@ def _persistent_ids(sites: list[PersistentIdSite], scheme: PersistentScheme, whe
     findings: list[Finding] = []
     bad = 0
     for site in sites:
+        if _plain_storage_id(site.value, scheme):
+            continue
         why = _check_pid(site.value, scheme)
         if why is None:
             continue
@@ -192,6 +195,27 @@ def _check_pid(pid: object, scheme: PersistentScheme) -> str | None:
     return f"unknown persistent-id scheme {scheme.value}"
 
 
+def _plain_storage_id(pid: object, scheme: PersistentScheme) -> bool:
+    """The common case, decided at once: ('storage', a torch storage class, str key, str location,
+    count), with no view in the legacy form; one per tensor of a checkpoint. False: check in full."""
+    if type(pid) is not tuple:
+        return False
+    if scheme is PersistentScheme.TORCH_ZIP:
+        if len(pid) != 5:
+            return False
+    elif scheme is not PersistentScheme.TORCH_LEGACY or len(pid) != 6 or pid[5] is not None:
+        return False
+    numel = pid[4]
+    return (
+        pid[0] == "storage"
+        and type(pid[2]) is str
+        and type(pid[3]) is str
+        and type(numel) is int
+        and numel >= 0
+        and _storage_type(pid[1]) is None
+    )
+
+
 def _is(value: object, word: str) -> bool:
     # torch decodes a bytes typename as ASCII (_maybe_decode_ascii) before comparing.
     return value == word or value == word.encode()
@@ -200,9 +224,15 @@ def _is(value: object, word: str) -> bool:
 def _storage_type(value: object) -> str | None:
     if not isinstance(value, ImportSite):
         return "storage type is not a global"
-    if value.module not in _STORAGE_MODULES or not _STORAGE_NAME.match(value.name):
+    if value.module not in _STORAGE_MODULES or not _storage_name(value.name):
         return f"storage type {escape(value.qualname)} is not a torch storage class"
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _storage_name(name: str) -> bool:
+    # A checkpoint names a handful of storage classes, each once per tensor.
+    return _STORAGE_NAME.match(name) is not None
 
 
 def _text(value: object, what: str, *, allow_bytes: bool = False) -> str | None:

@@ -195,8 +195,8 @@ class _Walker(Semantics):
         result.opcodes = self.ops
         if self.collisions > _HAZARD_COLLISIONS and result.replay_hazard is None:
             result.replay_hazard = f"{self.collisions} dict/set keys with colliding hashes"
-        result.complete = not failed and not any(
-            a.code in ("SL200", "SL203", "SL207") for a in result.anomalies
+        result.complete = not failed and not (
+            result.anomalies and any(a.code in ("SL200", "SL203", "SL207") for a in result.anomalies)
         )
 
     def _failed(self, stop: Stop, start: int) -> None:
@@ -231,25 +231,36 @@ class _Walker(Semantics):
         depth_check = min(limits.max_nesting_depth, HAZARD_TUPLE_DEPTH)
         step = max(1, min(1024, limits.max_stack_depth, limits.max_memo, limits.max_nesting_depth))
         ops = self.ops
-        check_at = ops  # do the periodic checks on the first opcode
+        # The loop head does its work only once pos reaches `due`: the end of the current frame, or
+        # `check_pos`, where the periodic limit checks run. Every opcode takes at least one byte,
+        # so checks `step` bytes apart are at most `step` opcodes apart, and no more opcodes than
+        # max_opcodes allows can pass before one (position-based: one comparison per opcode).
+        # An empty stack, marks and memo pass every check but the opcode count (earlier pickles').
+        left = max_ops - ops
+        check_pos = pos + (step if step < left else left if left > 0 else 0)
+        due = check_pos
+        self.last_offset = pos
         mproto = name_proto  # protocol for the name mapping; None: follow PROTO
         np_pending = self.np_pending  # mutated in place: truthy while a numpy object awaits its BUILD
         took = self._took
 
         try:
             while True:
-                if pos >= fend:
-                    if pos > fend:
-                        self.note(
-                            "SL107",
-                            op_start,
-                            f"an opcode crosses the end of a FRAME (frame ends at {fend})",
-                        )
-                    fend = _NOFRAME
-                if ops >= check_at:
-                    self.ops = ops
-                    self._periodic(ops, pos, stack, marks, memo)
-                    check_at = min(ops + step, max_ops)
+                if pos >= due:
+                    if pos >= fend:
+                        if pos > fend:
+                            self.note(
+                                "SL107",
+                                op_start,
+                                f"an opcode crosses the end of a FRAME (frame ends at {fend})",
+                            )
+                        fend = _NOFRAME
+                    if pos >= check_pos:
+                        self.ops = ops
+                        self._periodic(ops, pos, stack, marks, memo)
+                        left = max_ops - ops
+                        check_pos = pos + (step if step < left else left)
+                    due = fend if fend < check_pos else check_pos
                 ops += 1
                 op_start = pos
                 op = buf[pos]
@@ -284,14 +295,15 @@ class _Walker(Semantics):
                     # dispatch; anything the loop head would check (an opcode crossing the frame or
                     # data end, periodic limits) is left to it.
                     if pos < n and buf[pos] == 0x4B:
-                        run = _BININT1_RUN.match(buf, pos, fend if fend < n else n)
+                        # Up to `due` at most: the frame's end and the next checks stay the loop
+                        # head's to see.
+                        run = _BININT1_RUN.match(buf, pos, due if due < n else n)
                         if run is not None:
-                            end = min(run.end(), pos + 2 * (check_at - ops))
-                            if end > pos:
-                                stack.extend(buf[pos + 1 : end : 2])
-                                ops += (end - pos) >> 1
-                                op_start = end - 2
-                                pos = end
+                            end = run.end()
+                            stack.extend(buf[pos + 1 : end : 2])
+                            ops += (end - pos) >> 1
+                            op_start = end - 2
+                            pos = end
                 elif op == 0x8C or op == 0x58:  # SHORT_BINUNICODE, BINUNICODE
                     if op == 0x8C:  # SHORT_BINUNICODE
                         size = buf[pos]
@@ -502,6 +514,7 @@ class _Walker(Semantics):
                         pos = self._array(stack[-1], pos, op_start, proto if mproto is None else mproto)
                         ops = self.ops
                         fend = _NOFRAME  # the frame (if any) ended at the BUILD
+                        check_pos = due = pos  # a nested pickle may have walked many opcodes
                         stack[-1] = Obj(None, None, None)
                 elif op == 0x81 or op == 0x92:  # NEWOBJ, NEWOBJ_EX
                     k = 2 if op == 0x81 else 3
@@ -529,6 +542,8 @@ class _Walker(Semantics):
                         self.note("SL107", op_start, f"FRAME declares {size} bytes, past the end of the data")
                         raise Stop("SL200", op_start, "FRAME runs past the end of the data")
                     fend = pos + size
+                    if fend < due:
+                        due = fend
                     self.result.frames += 1
                 elif op == 0x80:  # PROTO
                     p = buf[pos]

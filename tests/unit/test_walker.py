@@ -564,3 +564,16 @@ def test_runs_of_small_ints_stop_where_the_loop_would_check() -> None:
     sl107 = [a for a in crossing.anomalies if a.code == "SL107"]
     assert len(sl107) == 1 and sl107[0].offset == 11 + len(body) - 1
     assert crossing.values == [list(range(40))]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 37, 200])
+def test_the_opcode_limit_is_exact_whatever_the_opcodes_length(limit: int) -> None:
+    # The loop head checks by position (every opcode takes at least one byte); long opcodes must
+    # neither let more opcodes through nor stop the walk early.
+    ops = [b"\x8c\x10" + b"x" * 16 + b"0", b"N0", b"J\x01\x00\x00\x000"]  # each pushes and pops
+    body = b"".join(ops[i % 3] for i in range(300))
+    data = b"\x80\x04\x95" + struct.pack("<Q", len(body) + 2) + body + b"N."
+    whole = walk(data, multi=False)
+    assert whole.complete and whole.opcodes == 2 + 600 + 2
+    limited = walk(data, limits=Limits(max_opcodes=limit), multi=False)
+    assert codes(limited) == ["SL203"] and limited.opcodes == limit
