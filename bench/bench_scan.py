@@ -2,7 +2,7 @@
 a torch zip checkpoint, a raw pickle of large byte payloads, an npz, a joblib file, a legacy torch
 file, a zlib-compressed joblib file, a gzip-wrapped pickle, small pickles.
 
-    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--other-mb 256] [--small 1000]
+    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--other-mb 256] [--small 1000] [--rounds 3]
 
 Prints seconds, MB/s, peak RSS, each peer's time as a ratio to safeload's (>1: safeload faster) and
 whether each tool read every file to the end or stopped part way (a parse error, a skipped file).
@@ -16,6 +16,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, TOOLS, coverage, run_tool, table  # noqa: E402
@@ -95,6 +96,21 @@ def make_small(folder: Path, count: int) -> Path:
     return listing
 
 
+def best_of_rounds(target: str, repeat: int, rounds: int) -> dict[str, dict[str, Any] | str]:
+    """Each tool's best process over ``rounds``, the tools taking turns so that a slow spell of the
+    machine falls on all of them alike. An error or timeout in any round is reported as such."""
+    results: dict[str, dict[str, Any] | str] = {}
+    for _ in range(max(1, rounds)):
+        for tool in TOOLS:
+            if isinstance(results.get(tool), str):
+                continue  # it failed once: not retried, the failure is what is reported
+            r = run_tool(tool, target, repeat)
+            best = results.get(tool)
+            if isinstance(r, str) or best is None or (isinstance(best, dict) and r["seconds"] < best["seconds"]):
+                results[tool] = r
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size-mb", type=int, default=1024, help="torch zip checkpoint size")
@@ -108,6 +124,13 @@ def main() -> None:
         type=int,
         default=5,
         help="passes per tool and case, at least (fast scans get more, up to half a second): the best is compared",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fresh processes per tool and case, taken in turn with the peers'; the best one counts "
+        "(default 3: on shared or throttled machines a whole process can run at half speed)",
     )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
@@ -152,7 +175,7 @@ def main() -> None:
 
     rows = []
     for label, target, size in cases:
-        results = {tool: run_tool(tool, target, args.repeat) for tool in TOOLS}
+        results = best_of_rounds(target, args.repeat, args.rounds)
         base = results["safeload"]
         for tool in TOOLS:
             r = results[tool]
@@ -175,6 +198,8 @@ def main() -> None:
             ])
     headers = ["case", "tool", "seconds", "mean", "first pass", "MB/s", "peak RSS MB", "vs safeload", "(mean)", "read"]
     print(table(rows, headers))
+    print(f"Each tool ran in {args.rounds} fresh processes per case, in turn with the peers; the process with")
+    print("the best pass counts (the VM this was written on runs a whole process at one of two speeds).")
     print("seconds: the best pass (compared; at least --repeat passes, more for fast scans); mean: all passes")
     print("(what a run of many scans takes per scan, collector pauses and slow passes included); first pass:")
     print("the first, with what each tool imports or builds on first use. vs safeload: the peer's time over")
