@@ -224,14 +224,18 @@ def _is(value: object, word: str) -> bool:
 def _storage_type(value: object) -> str | None:
     if not isinstance(value, ImportSite):
         return "storage type is not a global"
-    if value.module not in _STORAGE_MODULES or not _storage_name(value.name):
+    name = value.name
+    if value.module not in _STORAGE_MODULES or not (
+        _storage_name(name) if len(name) <= 64 else _STORAGE_NAME.match(name)
+    ):
         return f"storage type {escape(value.qualname)} is not a torch storage class"
     return None
 
 
 @functools.lru_cache(maxsize=256)
 def _storage_name(name: str) -> bool:
-    # A checkpoint names a handful of storage classes, each once per tensor.
+    # A checkpoint names a handful of storage classes, each once per tensor. Short names only are
+    # kept (the caller's check): the cache lives as long as the process, the names come from files.
     return _STORAGE_NAME.match(name) is not None
 
 
