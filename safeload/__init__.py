@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from safeload import errors
-from safeload.codes import Severity
-
 if TYPE_CHECKING:
+    from safeload import errors
+    from safeload.codes import Severity
     from safeload.model import Finding, ScanReport, Verdict
 
 __version__ = "0.1.0"
@@ -29,9 +28,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # Keep `import safeload` light: the result models (pydantic), policy, api and loader load on
-    # first use (a replayed audit report needs none of them).
-    if name in ("Finding", "ScanReport", "Verdict"):
+    # Keep `import safeload` light: the result models (pydantic), policy, api, loader, even the rule
+    # catalogue and the exceptions load on first use (a replayed audit report needs none of them).
+    if name == "errors":
+        # Not `from safeload import errors`: that asks this hook again. Importing the submodule
+        # sets the attribute on the package.
+        import safeload.errors
+
+        value = safeload.errors
+    elif name == "Severity":
+        from safeload.codes import Severity as value
+    elif name in ("Finding", "ScanReport", "Verdict"):
         from safeload import model
 
         value = getattr(model, name)

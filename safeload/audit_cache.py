@@ -38,6 +38,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safeload.atomic import write_atomic
+
 if TYPE_CHECKING:
     from safeload.model import ScanReport
 
@@ -283,16 +285,11 @@ class AuditCache:
         if db is None:
             return
         target = self._run_file(key)
-        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(mode=0o700, exist_ok=True)
             if manifest is not None:
-                with open(tmp, "wb") as f:
-                    f.write(manifest[1])
-                os.replace(tmp, self._manifest_file(key, manifest[0]))
-            with open(tmp, "wb") as f:
-                f.write(report)
-            os.replace(tmp, target)
+                write_atomic(self._manifest_file(key, manifest[0]), manifest[1], mode=0o600)
+            write_atomic(target, report, mode=0o600)
             with _transaction(db):
                 db.execute(
                     "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -308,8 +305,7 @@ class AuditCache:
                 if name.split(".", 1)[0] not in kept and not name.startswith("."):
                     os.unlink(target.parent / name)
         except (OSError, sqlite3.Error):
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)  # not kept: the next run audits as usual
+            pass  # not kept (write_atomic removed its temporary file): the next run audits as usual
 
     def _run_file(self, key: str) -> Path:
         return self.root / "runs" / key

@@ -25,16 +25,15 @@ rules or safeload itself. Without it a registry's re-run is slow for no reason a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
+import marshal
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import date
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from safeload import __version__
 from safeload import rules as rules_package
@@ -42,7 +41,10 @@ from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_walk import FileGroup, collect
 from safeload.text import escape
 
-_KEY_FORMAT = 1
+if TYPE_CHECKING:
+    from datetime import date
+
+_KEY_FORMAT = 2
 _NOT_YET = object()
 _MANIFEST_FORMAT = 1
 # Past this many walked paths a manifest keeps the key's parts only (a miss then says "files").
@@ -53,8 +55,8 @@ _NAMED_CHANGES = 3
 _MAX_POLICY_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class RunSpec:
+# Named tuples, not dataclasses: a replayed audit imports as little as it can.
+class RunSpec(NamedTuple):
     """Everything besides the files themselves that decides an audit's report."""
 
     paths: tuple[str, ...]
@@ -66,9 +68,8 @@ class RunSpec:
     baseline: str | None
 
 
-@dataclass(frozen=True)
-class Replay:
-    text: str
+class Replay(NamedTuple):
+    report: bytes  # UTF-8, as the audit wrote it (written back as it is)
     exit_code: int
     paths: int
     files: int
@@ -85,7 +86,7 @@ class RunMemo:
         self.parts = _parts(spec)
         self.key = run_key(spec, self.groups, self.parts)
         # The same command in the same directory: what a miss compares with.
-        self.command = hashlib.sha256(repr((os.getcwd(), dataclasses.astuple(spec))).encode()).hexdigest()[:32]
+        self.command = hashlib.sha256(repr((os.getcwd(), tuple(spec))).encode()).hexdigest()[:32]
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
         self._path_states: object = _NOT_YET
 
@@ -96,7 +97,7 @@ class RunMemo:
             return None
         valid_until, sources, exit_code, summary, report = row
         try:
-            if valid_until is not None and date.today().isoformat() >= valid_until:
+            if valid_until is not None and _today() >= valid_until:
                 self.miss = f"a waiver in force at the last audit lapsed on {valid_until}"
                 return None
             for label, digest in json.loads(sources):
@@ -105,7 +106,7 @@ class RunMemo:
                     return None
             counts = json.loads(summary)
             replay = Replay(
-                text=report.decode("utf-8"),
+                report=report,
                 exit_code=int(exit_code),
                 paths=int(counts["paths"]),
                 files=int(counts["files"]),
@@ -222,20 +223,29 @@ def run_key(spec: RunSpec, groups: Sequence[FileGroup], parts: dict[str, str] | 
         parts["baseline"],
         parts["rules"],
     )
-    # One line per group, its lists counted and each item NUL-terminated: no path or OS message
-    # holds a NUL, so no two different walks give the same text (repr would too, at 4x the cost).
-    lines = [repr(head)]
+    rows: list[object] = [head]
+    add = rows.append
     for g in groups:
-        named = sorted(g.named)
-        lines.append(
-            f"{len(g.paths)} {len(g.links)} {len(named)} {g.inert:d} "
-            f"{'-' if g.st is None else stat_key(g.st)} {'-' if g.error is None else len(g.error)}\0"
-            f"{g.first}\0{NUL.join(g.paths)}\0{NUL.join(g.links)}\0{NUL.join(named)}\0{g.error or ''}\0"
-        )
-    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+        st = g.st
+        add((
+            g.first,
+            g.paths,
+            g.links,
+            sorted(g.named) if g.named else None,
+            g.inert,
+            g.error,
+            None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+        ))
+    # marshal is C and round-trips, so no two walks give the same bytes; format 0 writes no
+    # back-references or interning flags, so the bytes depend on the values alone, not on which
+    # objects hold them (text built in Python costs twice as much on a tree of thousands of files).
+    # BLAKE2b: a key into a trusted cache, hashed at twice sha256's speed on CPUs without SHA-NI.
+    return hashlib.blake2b(marshal.dumps(rows, 0), digest_size=32).hexdigest()
 
 
-NUL = "\0"
+def _today() -> str:
+    """The local date as date.today().isoformat() gives it (without importing datetime)."""
+    return time.strftime("%Y-%m-%d")
 
 
 def source_digest(label: str) -> str | None:
@@ -260,6 +270,8 @@ def _rules_files() -> dict[str, str]:
             if name.endswith(".toml"):
                 out[name] = _file_digest(Path(folder, name), None) or ""
         return out
+    from importlib import resources  # a zipped install: slow to import, so only then
+
     for item in resources.files("safeload.rules").iterdir():
         if item.name.endswith(".toml"):
             out[item.name] = hashlib.sha256(item.read_bytes()).hexdigest()

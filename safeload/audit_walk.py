@@ -8,31 +8,47 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from safeload.model import ScanReport
 
 
-@dataclass(slots=True)
 class FileGroup:
-    """Every path that reaches one file (same device and inode), or one path that could not be read."""
+    """Every path that reaches one file (same device and inode), or one path that could not be read.
 
-    first: str  # the path the file is read through
-    st: os.stat_result | None = None
-    error: str | None = None
-    paths: list[str] = field(default_factory=list)
-    links: list[str] = field(default_factory=list)
-    named: set[str] = field(default_factory=set)
-    sha256: str | None = None
-    report: ScanReport | None = None
-    cached: bool = False
-    # A git/Hugging Face ref (refs/main: 40 hex digits). Such bytes cannot complete a pickle or push
-    # anything a later opcode could call, so they are listed as skipped instead of "malformed pickle".
-    inert: bool = False
+    A plain class, not a dataclass: a replayed audit walks the tree and imports little else.
+    """
+
+    __slots__ = ("first", "st", "error", "paths", "links", "named", "sha256", "report", "cached", "inert")
+
+    def __init__(
+        self,
+        first: str,
+        st: os.stat_result | None = None,
+        error: str | None = None,
+        paths: list[str] | None = None,
+        named: set[str] | None = None,
+        inert: bool = False,
+    ) -> None:
+        self.first = first  # the path the file is read through
+        self.st = st
+        self.error = error
+        self.paths: list[str] = [] if paths is None else paths
+        self.links: list[str] = []
+        self.named: set[str] = set() if named is None else named
+        self.sha256: str | None = None
+        self.report: ScanReport | None = None
+        self.cached = False
+        # A git/Hugging Face ref (refs/main: 40 hex digits). Such bytes cannot complete a pickle or
+        # push anything a later opcode could call, so they are listed as skipped instead of
+        # "malformed pickle".
+        self.inert = inert
+
+    def __repr__(self) -> str:
+        return f"FileGroup(first={self.first!r}, paths={self.paths!r}, error={self.error!r})"
 
     def reported_paths(self) -> list[str]:
         """Links stand for the blob they point to; the blob itself only when nothing links to it."""
@@ -70,7 +86,7 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
         except OSError as exc:
             _error_group(groups, path, f"cannot stat: {exc.strerror or exc}", named)
             return
-        if not stat.S_ISREG(st.st_mode):
+        if not S_ISREG(st.st_mode):
             # A FIFO or device would block or never end; it is no model file either way.
             _error_group(groups, path, "not a regular file", named)
             return
@@ -89,17 +105,26 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
     for given in paths:
         if os.path.isdir(given):
             for path, is_link, st in _walk(given, groups, skip_dirs, skip_files):
-                add(path, False, is_link, st)
+                if st is not None and S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in groups:
+                    # The usual case without add()'s checks: a regular file the walk meets first.
+                    group = groups[st.st_dev, st.st_ino] = FileGroup(
+                        path, st, paths=[path], inert=st.st_size in _REF_SIZES and _is_ref(path, st)
+                    )
+                    if is_link:
+                        group.links.append(path)
+                else:
+                    add(path, False, is_link, st)
         else:
             add(given, True, os.path.islink(given))
     return list(groups.values())
 
 
 _REF = re.compile(rb"[0-9a-f]{40}\n?")
+_REF_SIZES = (40, 41)
 
 
 def _is_ref(path: str, st: os.stat_result) -> bool:
-    if st.st_size not in (40, 41):
+    if st.st_size not in _REF_SIZES:
         return False
     try:
         with open(path, "rb") as f:
@@ -154,7 +179,7 @@ def _walk(
 
 
 def _is_report(name: str, reports: set[str]) -> bool:
-    """The report itself, or a temporary file cli_audit.write_atomic writes it through."""
+    """The report itself, or a temporary file safeload.atomic.write_atomic writes it through."""
     return name in reports or any(
         name.startswith(f".{r}.") and name.endswith(".tmp") for r in reports
     )

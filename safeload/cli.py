@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from safeload import __version__
-from safeload.codes import Effect
 
 if TYPE_CHECKING:
     from safeload.model import ScanReport
@@ -35,7 +34,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or, given a command's name, the parser of that command alone: a
+    command's run need not build (and import for) the others' arguments and help texts."""
     parser = _Parser(
         prog="safeload",
         description="Scan and safely load pickle-based model files without running their code.",
@@ -43,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"safeload {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, add in _COMMANDS.items():
+        if command is None or command == name:
+            add(sub)
+    return parser
 
+
+def _add_scan(sub: Any) -> None:
     scan = sub.add_parser(
         "scan",
         help="scan files and directories; the format is decided by content, not extension",
@@ -57,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--sha256", action="store_true", help="hash every file (identity for reports and waivers)")
     scan.add_argument("-v", "--verbose", action="store_true", help="list every global of every stream")
 
+
+def _add_policy(sub: Any) -> None:
     policy = sub.add_parser("policy", help="show, validate or suggest policies")
     psub = policy.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser)
     show = psub.add_parser("show", help="print a resolved policy (built-in name or file) as TOML")
@@ -71,13 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     suggest.add_argument("files", nargs="+", metavar="FILE")
     suggest.add_argument("--base", default="default", metavar="NAME|FILE", help="policy to extend (default: default)")
 
-    try:
-        from safeload import cli_audit
-    except ImportError:
-        pass
-    else:
-        cli_audit.register(sub)
-    return parser
+
+def _add_audit(sub: Any) -> None:
+    from safeload import cli_audit
+
+    cli_audit.register(sub)
+
+
+# In the order `--help` lists them.
+_COMMANDS: dict[str, Callable[[Any], None]] = {"scan": _add_scan, "policy": _add_policy, "audit": _add_audit}
 
 
 def _formats() -> list[str]:
@@ -157,6 +168,7 @@ def _no_model_format(report: ScanReport) -> bool:
     Such a file cannot run code under any unpickler: a call needs a callable, and callables only
     come from imports (a differential would have been reported as UNSAFE).
     """
+    from safeload.codes import Effect
     from safeload.model import Verdict
 
     findings = report.findings
@@ -177,10 +189,9 @@ def _emit(text: str, output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    target = Path(output)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)  # never a half-written report
+    from safeload.atomic import write_atomic
+
+    write_atomic(output, text)  # never a half-written report
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:
@@ -209,7 +220,8 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from safeload.errors import PolicyError, SafeloadError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     try:
         args = parser.parse_args(argv)
         if args.command == "scan":

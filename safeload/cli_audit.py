@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from safeload.atomic import write_atomic
 from safeload.gcpause import fewer_collections
 from safeload.text import escape
 
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     memo = _memo(args, fmt) if args.cache and not args.rehash and args.jobs >= 1 else None
     replay = memo.lookup() if memo is not None else None
     if replay is not None:
-        _write(args.output, replay.text)
+        _write(args.output, replay.report)
         print(
             f"safeload audit: {replay.paths} paths, {replay.files} distinct files, 0 scanned, "
             f"{replay.files} from cache, {replay.skipped} skipped in {time.monotonic() - started:.1f}s "
@@ -168,28 +168,13 @@ def _memo(args: argparse.Namespace, fmt: str) -> Any:
     return RunMemo(AuditCache(args.cache), spec, exclude=[args.cache], report=args.output)
 
 
-def _write(output: str | None, text: str) -> None:
+def _write(output: str | None, report: str | bytes) -> None:
     if output:
-        write_atomic(Path(output), text)
+        write_atomic(output, report)
+    elif isinstance(report, bytes):
+        sys.stdout.write(report.decode("utf-8"))
     else:
-        sys.stdout.write(text)
-
-
-def write_atomic(target: Path, text: str) -> None:
-    """Write to a temporary file beside the target and rename: Ctrl-C never leaves half a report."""
-    fd, tmp = tempfile.mkstemp(
-        dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        sys.stdout.write(report)
 
 
 class _ProgressDisplay:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
 
+from safeload.atomic import write_atomic
 from safeload.audit_model import AuditRun
 from safeload.model import SCHEMA_VERSION, ScanRun
 
@@ -45,9 +45,7 @@ def schema_text() -> str:
 
 def write_schema(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(schema_text(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, schema_text())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

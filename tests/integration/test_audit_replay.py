@@ -187,12 +187,7 @@ def test_a_replay_ends_when_a_waiver_lapses(
     _audit(capsys, *args)
     assert REPLAYED in _audit(capsys, *args)[1]
 
-    class Tomorrow(date):
-        @classmethod
-        def today(cls) -> date:
-            return today + timedelta(days=1)
-
-    monkeypatch.setattr(audit_memo, "date", Tomorrow)
+    monkeypatch.setattr(audit_memo, "_today", lambda: (today + timedelta(days=1)).isoformat())
     err = _audit(capsys, *args)[1]
     assert REPLAYED not in err
     assert _why(err) == f"a waiver in force at the last audit lapsed on {(today + timedelta(days=1)).isoformat()}"
@@ -226,11 +221,13 @@ def test_a_damaged_stored_run_is_a_miss(tree: Path, tmp_path: Path, capsys: pyte
 
 
 def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -> None:
-    """What makes a replay fast: no pydantic, no scanner, no renderer (checked in a fresh process)."""
+    """What makes a replay fast: no pydantic, no scanner, no renderer, not even the rule catalogue,
+    dataclasses or tempfile (checked in a fresh process)."""
     args = ["audit", str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.html"), "--no-progress"]
     script = (
         "import sys; from safeload.cli import main; code = main(sys.argv[1:]); "
-        "heavy = [m for m in ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html') "
+        "heavy = [m for m in ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html', "
+        "'safeload.codes', 'dataclasses', 'tempfile') "
         "if m in sys.modules]; print(code, heavy)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -109,6 +109,20 @@ def test_usage_and_policy_errors_exit_3(tmp_path: Path, capsys: pytest.CaptureFi
     assert "bad.toml" in err and "reason" in err
 
 
+def test_help_lists_every_command_and_each_command_parses_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    # A run builds only its own command's parser; the help without one lists them all.
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(f"    {name}" in listed for name in ("scan", "policy", "audit"))
+    for name in ("scan", "policy", "audit"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert f"usage: safeload {name}" in capsys.readouterr().out
+    assert main(["nosuch"]) == 3
+    assert "invalid choice: 'nosuch' (choose from 'scan', 'policy', 'audit')" in capsys.readouterr().err
+
+
 def test_policy_show_validate_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "list"]) == 0
     names = capsys.readouterr().out.split()

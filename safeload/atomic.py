@@ -1,0 +1,51 @@
+"""Writing a file whole or not at all: reports, the JSON schema, the audit cache's stored reports."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+
+_CREATE = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+_TRIES = 100
+
+
+def write_atomic(target: str | os.PathLike[str], data: str | bytes, *, mode: int = 0o666) -> None:
+    """Write ``data`` (text as UTF-8) to a new file beside ``target``, then rename it over ``target``.
+
+    A reader of ``target``, and an interrupted run (Ctrl-C, a full disk), sees the old file or the
+    new one, never half of one. The temporary file gets a random name and is created exclusively,
+    so a link planted under a guessable name in a shared directory is never written through.
+    ``mode`` is filtered by the umask, as for any file the user creates.
+    """
+    path = os.fspath(target)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = _create_beside(path, mode)
+    try:
+        with open(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _create_beside(path: str, mode: int) -> tuple[int, str]:
+    # What tempfile.mkstemp does; importing tempfile (with shutil and random) costs a replayed
+    # audit, which writes one report and little else, several percent of its time.
+    folder, name = os.path.split(path)
+    for _ in range(_TRIES):
+        tmp = os.path.join(folder, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, _CREATE, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside the file", path)
