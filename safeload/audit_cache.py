@@ -35,7 +35,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safeload.atomic import write_atomic
@@ -81,8 +80,9 @@ class AuditCache:
     """Open lazily; reads see committed entries; writes are buffered until ``flush`` (or ``close``)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.path = self.root / DB_NAME
+        # Paths as text, not pathlib: a replayed audit imports little else (pathlib is 5% of it).
+        self.root = os.fspath(root)
+        self.path = os.path.join(self.root, DB_NAME)
         self._db: sqlite3.Connection | None = None
         self._hashes: list[tuple[str, str]] = []
         self._results: list[tuple[str, str, str, str, str]] = []
@@ -111,7 +111,7 @@ class AuditCache:
         return db
 
     def _open(self) -> sqlite3.Connection:
-        fresh = not self.path.exists()
+        fresh = not os.path.exists(self.path)
         db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
             if fresh:
@@ -286,7 +286,7 @@ class AuditCache:
             return
         target = self._run_file(key)
         try:
-            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
             if manifest is not None:
                 write_atomic(self._manifest_file(key, manifest[0]), manifest[1], mode=0o600)
             write_atomic(target, report, mode=0o600)
@@ -300,18 +300,18 @@ class AuditCache:
                     (KEEP_RUNS,),
                 )
                 kept = {row[0] for row in db.execute("SELECT key FROM runs")}
-            for name in os.listdir(target.parent):
+            for name in os.listdir(os.path.dirname(target)):
                 # <key> and <key>.<command>.manifest go with their row
                 if name.split(".", 1)[0] not in kept and not name.startswith("."):
-                    os.unlink(target.parent / name)
+                    os.unlink(os.path.join(os.path.dirname(target), name))
         except (OSError, sqlite3.Error):
             pass  # not kept (write_atomic removed its temporary file): the next run audits as usual
 
-    def _run_file(self, key: str) -> Path:
-        return self.root / "runs" / key
+    def _run_file(self, key: str) -> str:
+        return os.path.join(self.root, "runs", key)
 
-    def _manifest_file(self, key: str, command: str) -> Path:
-        return self.root / "runs" / f"{key}.{command}.manifest"
+    def _manifest_file(self, key: str, command: str) -> str:
+        return os.path.join(self.root, "runs", f"{key}.{command}.manifest")
 
     # -- writing ---------------------------------------------------------------------------------
 

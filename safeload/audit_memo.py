@@ -32,7 +32,6 @@ import marshal
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from safeload import __version__
@@ -182,7 +181,7 @@ class RunMemo:
 
 def _parts(spec: RunSpec) -> dict[str, str]:
     """The key's parts besides the command and the files, as a miss names them."""
-    baseline = None if spec.baseline is None else _file_digest(Path(spec.baseline), None)
+    baseline = None if spec.baseline is None else _file_digest(spec.baseline, None)
     return {"version": __version__, "rules": _rules_digest(), "baseline": repr((spec.baseline, baseline))}
 
 
@@ -251,7 +250,7 @@ def _today() -> str:
 def source_digest(label: str) -> str | None:
     """sha256 of a policy source as the loader names it: a built-in file name, or an absolute path."""
     if os.path.isabs(label):
-        return _file_digest(Path(label), _MAX_POLICY_BYTES)
+        return _file_digest(label, _MAX_POLICY_BYTES)
     return _rules_files().get(label)
 
 
@@ -268,7 +267,7 @@ def _rules_files() -> dict[str, str]:
     if folder and os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.endswith(".toml"):
-                out[name] = _file_digest(Path(folder, name), None) or ""
+                out[name] = _file_digest(os.path.join(folder, name), None) or ""
         return out
     from importlib import resources  # a zipped install: slow to import, so only then
 
@@ -278,12 +277,12 @@ def _rules_files() -> dict[str, str]:
     return out
 
 
-def _file_digest(path: Path, limit: int | None) -> str | None:
+def _file_digest(path: str, limit: int | None) -> str | None:
     """sha256 of a file read in pieces (a baseline may be large); None past ``limit`` bytes."""
     digest = hashlib.sha256()
     read = 0
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 read += len(chunk)
                 if limit is not None and read > limit:

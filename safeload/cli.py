@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from safeload import __version__
@@ -195,6 +194,8 @@ def _emit(text: str, output: str | None) -> None:
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from safeload.policy import builtin_policy_names, load_policy, policy_to_toml
 
     if args.policy_command == "show":

@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from safeload.atomic import write_atomic
@@ -86,7 +85,7 @@ def output_format(fmt: str | None, output: str | None) -> str:
     if fmt:
         return fmt
     if output:
-        return _SUFFIX_FORMATS.get(Path(output).suffix.lower(), "text")
+        return _SUFFIX_FORMATS.get(os.path.splitext(output)[1].lower(), "text")
     return "text"
 
 
@@ -111,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return replay.exit_code
     if memo is not None and memo.miss is not None:
         print(f"safeload audit: not replaying the last report: {memo.miss}", file=sys.stderr)
+
+    from pathlib import Path
 
     from safeload.audit import COMPARED_POLICIES, AuditError, AuditOptions, audit
     from safeload.report import render
