@@ -107,9 +107,7 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
             for path, is_link, st in _walk(given, groups, skip_dirs, skip_files):
                 if st is not None and S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in groups:
                     # The usual case without add()'s checks: a regular file the walk meets first.
-                    group = groups[st.st_dev, st.st_ino] = FileGroup(
-                        path, st, paths=[path], inert=st.st_size in _REF_SIZES and _is_ref(path, st)
-                    )
+                    group = groups[st.st_dev, st.st_ino] = FileGroup(path, st, paths=[path], inert=_is_ref(path, st))
                     if is_link:
                         group.links.append(path)
                 else:
@@ -120,11 +118,10 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
 
 
 _REF = re.compile(rb"[0-9a-f]{40}\n?")
-_REF_SIZES = (40, 41)
 
 
 def _is_ref(path: str, st: os.stat_result) -> bool:
-    if st.st_size not in _REF_SIZES:
+    if st.st_size not in (40, 41):
         return False
     try:
         with open(path, "rb") as f:
