@@ -7,8 +7,8 @@ but does not block.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
 
 
 class Severity(str, Enum):
@@ -25,9 +25,8 @@ class Effect(str, Enum):
     NONE = "none"
 
 
-# A named tuple, not a dataclass: every command imports this module, and dataclasses (with inspect)
-# is most of a replayed audit's imports.
-class Rule(NamedTuple):
+@dataclass(frozen=True)
+class Rule:
     code: str
     name: str
     title: str
