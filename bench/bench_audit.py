@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, table  # noqa: E402
+from common import OUT, table, walker_build  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -160,7 +160,7 @@ def main() -> None:
         if not args.keep:
             for leftover in (small, large, *OUT.glob("cache-audit-*")):
                 shutil.rmtree(leftover, ignore_errors=True)
-    print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}")
+    print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  safeload walker: {walker_build()}")
     print(table(rows, ["tree", "tool", "seconds", "files/s", "peer/safeload", "cached/first"]))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, TOOLS, coverage, run_tool, table  # noqa: E402
+from common import OUT, TOOLS, coverage, run_tool, table, walker_build  # noqa: E402
 
 
 def make_torch_zip(path: Path, size_mb: int, tensors: int | None = None) -> None:
@@ -197,6 +197,7 @@ def main() -> None:
                 coverage(r, base),
             ])
     headers = ["case", "tool", "seconds", "mean", "first pass", "MB/s", "peak RSS MB", "vs safeload", "(mean)", "read"]
+    print(f"safeload walker: {walker_build()}")
     print(table(rows, headers))
     print(f"Each tool ran in {args.rounds} fresh processes per case, in turn with the peers; the process with")
     print("the best pass counts (the VM this was written on runs a whole process at one of two speeds).")

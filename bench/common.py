@@ -91,6 +91,13 @@ print(json.dumps({"seconds": best, "mean": spent / passes, "first": first, "pass
 TOOLS = ("safeload", "picklescan", "modelscan", "fickling")
 
 
+def walker_build() -> str:
+    """Which walker this interpreter's safeload runs: compiled (the install's Cython build) or pure."""
+    code = "import safeload.analysis.walker as w; print('compiled' if w.COMPILED else 'pure Python')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or f"unknown ({out.stderr.strip().splitlines()[-1:]})"
+
+
 def run_tool(tool: str, target: str, repeat: int = 5, timeout: float = 900) -> dict[str, Any] | str:
     try:
         proc = subprocess.run(

@@ -13,6 +13,8 @@ break stays in the result, because a loader has already run those when it fails.
 from __future__ import annotations
 
 import codecs
+import hashlib
+import os
 import re
 import struct
 import sys
@@ -785,3 +787,37 @@ class _Walker(Semantics):
                 # This frame's local would keep the exception, its traceback this frame, and the
                 # frames above it their locals (the scanned buffer): freed only by the cyclic GC.
                 del stop
+
+
+# -- the compiled walk -----------------------------------------------------------------------------
+
+walk_python = walk
+
+
+def _compiled_walk() -> Callable[..., WalkResult] | None:
+    """This module's walk compiled by setup.py (Cython), if it was built from this very source.
+
+    The compiled copy records the SHA-256 of the walker.py it was made from: after an edit (an
+    editable install), the walk runs as Python until the next build rather than as stale code.
+    """
+    if os.environ.get("SAFELOAD_PURE_PYTHON", "").strip() not in ("", "0"):
+        return None
+    try:
+        from safeload.analysis import _walker_c  # type: ignore[attr-defined]
+
+        with open(__file__, "rb") as f:
+            source = f.read()
+    except (ImportError, OSError):
+        return None
+    if getattr(_walker_c, "SOURCE_SHA256", None) != hashlib.sha256(source).hexdigest():
+        return None
+    compiled: Callable[..., WalkResult] = _walker_c.walk
+    return compiled
+
+
+# The compiled copy is this same source: only the module itself picks the walk to export.
+if __name__ == "safeload.analysis.walker":
+    _compiled = _compiled_walk()
+    COMPILED = _compiled is not None
+    if _compiled is not None:
+        walk = _compiled  # noqa: F811 - the same function, compiled

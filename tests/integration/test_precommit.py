@@ -39,6 +39,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
             "GIT_CONFIG_GLOBAL": str(tmp_path / "gitconfig"),
             "GIT_CONFIG_NOSYSTEM": "1",
             "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            # pre-commit installs the hook from source: skip compiling the walker (a minute of
+            # CI); the wheel test checks the compiled build, this one the hook.
+            "SAFELOAD_PURE_PYTHON": "1",
         }
     )
     # the hook must run from its own environment, not this test's

@@ -1,4 +1,4 @@
-"""The wheel ships rules/ and works outside the source tree."""
+"""The wheel ships rules/ and the compiled walker, and works outside the source tree."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ assert "strict.toml" in files and "default.toml" in files and "floor.toml" in fi
 for n in names:
     p = load_policy(n)
     assert p.allowed, n
-print("OK", len(names))
+import safeload.analysis.walker as w
+print("OK", len(names), "compiled" if w.COMPILED else "pure")
 """
+PURE = os.environ.get("SAFELOAD_PURE_PYTHON", "").strip() not in ("", "0")
 
 
 @pytest.mark.slow
@@ -36,6 +39,11 @@ def test_wheel_installs_and_loads_every_builtin_policy(tmp_path: Path) -> None:
         check=True,
     )
     (wheel,) = dist.glob("safeload-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    compiled = [n for n in names if n.startswith("safeload/analysis/_walker_c.") and n.endswith(".so")]
+    assert len(compiled) == (0 if PURE else 1), compiled
+    assert not [n for n in names if n.endswith("_walker_c.py")], "the generated source stays in build/"
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -44,6 +52,8 @@ def test_wheel_installs_and_loads_every_builtin_policy(tmp_path: Path) -> None:
         [str(py), "-c", CHECK], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("OK")
+    assert out.stdout.split()[0] == "OK"
+    # Installed, the compiled walker is current with the walker.py beside it, so it is the one used.
+    assert out.stdout.split()[-1] == ("pure" if PURE else "compiled")
     cli = subprocess.run([str(env_dir / "bin" / "safeload"), "policy", "list"], capture_output=True, text=True)
     assert cli.returncode == 0 and "strict" in cli.stdout
