@@ -11,8 +11,8 @@ import math
 import struct
 
 from safeload.analysis import joblib_arrays as jl
-from safeload.analysis.types import PersistentIdSite
-from safeload.analysis.values import Dct, Glob, Lst, Obj, Opaque, Pers, SetV, Tup, fold
+from safeload.analysis.types import UNKNOWN, PersistentIdSite
+from safeload.analysis.values import _CONST_TYPES, Dct, Glob, Lst, Obj, Opaque, Pers, SetV, Tup, fold
 from safeload.analysis.walk_args import Arguments, Stop
 from safeload.model import Use
 from safeload.text import escape
@@ -365,8 +365,11 @@ class Semantics(Arguments):
         ids = self.result.persistent_ids
         if len(ids) >= MAX_PERSISTENT_IDS:
             raise Stop("SL203", offset, f"more than {MAX_PERSISTENT_IDS} persistent ids")
-        self._mark(pid, Use.PERSISTENT_ID)
-        ids.append(PersistentIdSite(offset, fold(pid, max_nodes=1000, max_depth=10)))
+        folded = _flat_persistent_id(pid) if type(pid) is Tup else None
+        if folded is None:
+            self._mark(pid, Use.PERSISTENT_ID)
+            folded = fold(pid, max_nodes=1000, max_depth=10)
+        ids.append(PersistentIdSite(offset, folded))
         return Pers(pid)
 
     def _setitems(self, target: object, items: list[object]) -> None:
@@ -556,3 +559,24 @@ class Semantics(Arguments):
         if t in (Tup, Lst, Dct, SetV):
             return f"a {t.__name__.lower()}"
         return f"a {t.__name__} constant {escape(repr(v), 40)}"
+
+
+def _flat_persistent_id(pid: Tup) -> tuple[object, ...] | None:
+    """What ``_mark`` and ``fold`` make of a flat persistent id (torch's: constants and a storage
+    class), in one pass over it: a checkpoint has one per tensor. None when it holds anything else
+    (the globals seen so far are marked again by ``_mark``, which changes nothing)."""
+    out: list[object] = []
+    for x in pid.items:
+        t = type(x)
+        if t is Glob:
+            site = x.site  # type: ignore[attr-defined]
+            if site is None:
+                out.append(UNKNOWN)
+            else:
+                site.uses.add(Use.PERSISTENT_ID)
+                out.append(site)
+        elif t in _CONST_TYPES:
+            out.append(x)
+        else:
+            return None
+    return tuple(out)
