@@ -91,6 +91,53 @@ print(json.dumps({"seconds": best, "mean": spent / passes, "first": first, "pass
 TOOLS = ("safeload", "picklescan", "modelscan", "fickling")
 
 
+# Whether a tool flags a file that carries one planted global (a twin of a benchmark file): a tool
+# that misses it did not read where it sits, however fast it was.
+DETECTOR = r"""
+import json, sys
+tool, path = sys.argv[1], sys.argv[2]
+# Caught: the tool names the planted global (posix.system) among what it calls unsafe, not merely
+# any warning (fickling warns about every joblib file, for one).
+if tool == "safeload":
+    import safeload
+    report = safeload.scan(path, policy="default")
+    named = [f.global_name or "" for f in report.findings if f.effect.value == "unsafe"]
+elif tool == "picklescan":
+    from picklescan.scanner import SafetyLevel, scan_file_path
+    result = scan_file_path(path)
+    named = [f"{g.module}.{g.name}" for g in result.globals if g.safety == SafetyLevel.Dangerous]
+elif tool == "modelscan":
+    from modelscan.modelscan import ModelScan
+    named = [json.dumps(issue, default=str) for issue in ModelScan().scan(path)["issues"]]
+elif tool == "fickling":
+    import zipfile
+    from fickling.analysis import check_safety
+    from fickling.fickle import Pickled
+    from fickling.pytorch import PyTorchModelWrapper
+    if zipfile.is_zipfile(path):
+        pickled = PyTorchModelWrapper(path).pickled
+    else:
+        with open(path, "rb") as f:
+            pickled = Pickled.load(f, fail_on_decode_error=False)
+    named = [str(r) for r in check_safety(pickled).results]
+print("caught" if any("system" in n for n in named) else "MISSED")
+"""
+
+
+def detects(tool: str, path: str, timeout: float = 300) -> str:
+    """"caught" or "MISSED" (the planted global), or the tool's error."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", DETECTOR, tool, path], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return f"error: {last[:40]}"
+    return proc.stdout.strip()
+
+
 def walker_build() -> str:
     """Which walker this interpreter's safeload runs: compiled (the install's Cython build) or pure."""
     code = "import safeload.analysis.walker as w; print('compiled' if w.COMPILED else 'pure Python')"
