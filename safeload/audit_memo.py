@@ -134,7 +134,13 @@ class RunMemo:
             old_files = None if files is None else {str(p): str(state) for p, state in files}
         except (ValueError, TypeError, KeyError, AttributeError):
             return "the stored report's manifest is damaged"
-        labels = {"version": "safeload's version", "rules": "the built-in rules", "baseline": "the baseline file"}
+        labels = {
+            "version": "safeload's version",
+            # Development builds change it without a new version; manifests before it have none.
+            "key": "the way safeload keys stored audits",
+            "rules": "the built-in rules",
+            "baseline": "the baseline file",
+        }
         changed = [labels[k] for k in labels if before.get(k) != self.parts[k]]
         if changed:
             if "version" in before and before["version"] != self.parts["version"]:
@@ -182,7 +188,12 @@ class RunMemo:
 def _parts(spec: RunSpec) -> dict[str, str]:
     """The key's parts besides the command and the files, as a miss names them."""
     baseline = None if spec.baseline is None else _file_digest(spec.baseline, None)
-    return {"version": __version__, "rules": _rules_digest(), "baseline": repr((spec.baseline, baseline))}
+    return {
+        "version": __version__,
+        "key": str(_KEY_FORMAT),
+        "rules": _rules_digest(),
+        "baseline": repr((spec.baseline, baseline)),
+    }
 
 
 def _file_states(groups: Sequence[FileGroup]) -> list[tuple[str, str]] | None:

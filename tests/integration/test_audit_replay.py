@@ -283,6 +283,17 @@ def test_a_report_written_inside_the_tree_is_no_part_of_it(
     assert "audit.json" in (tmp_path / "r.json").read_text()
 
 
+def test_a_miss_after_safeload_keys_stored_audits_otherwise_says_so(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A development build (same version) that keys runs otherwise: no talk of changed links."""
+    args = (str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.txt"))
+    _audit(capsys, *args)
+    monkeypatch.setattr(audit_memo, "_KEY_FORMAT", audit_memo._KEY_FORMAT + 1)
+    assert _why(_audit(capsys, *args)[1]) == "the way safeload keys stored audits changed since the stored audit"
+    assert REPLAYED in _audit(capsys, *args)[1]
+
+
 def test_a_miss_names_what_changed_since_the_stored_report(
     tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
