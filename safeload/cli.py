@@ -219,8 +219,6 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from safeload.errors import PolicyError, SafeloadError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     try:
@@ -238,17 +236,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
-    except PolicyError as exc:
-        print(f"safeload: policy error: {exc.diagnostics()}", file=sys.stderr)
-        return EXIT_USAGE
-    except SafeloadError as exc:
-        print(f"safeload: {exc.diagnostics()}", file=sys.stderr)
-        return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("safeload: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return EXIT_INCOMPLETE
+    except Exception as exc:
+        # Imported only now: safeload.errors imports pickle, which a replayed audit has no use for.
+        from safeload.errors import PolicyError, SafeloadError
+
+        if isinstance(exc, PolicyError):
+            print(f"safeload: policy error: {exc.diagnostics()}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(exc, SafeloadError):
+            print(f"safeload: {exc.diagnostics()}", file=sys.stderr)
+            return EXIT_INCOMPLETE
+        if isinstance(exc, BrokenPipeError):
+            return EXIT_INCOMPLETE
+        raise
 
 
 def entry() -> NoReturn:
