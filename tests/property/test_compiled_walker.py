@@ -21,7 +21,10 @@ from tests.property.test_differential import SETTINGS, containers, typed_leaves
 from tests.property.test_mutations_walker import mutated, seeds
 
 PURE = os.environ.get("SAFELOAD_PURE_PYTHON", "").strip() not in ("", "0")
-REBUILD = "the compiled walker is missing or older than walker.py: run `pip install -e .` again"
+REBUILD = (
+    "the compiled walker is missing or older than walker.py: rebuild it with `pip install -e .` (it"
+    " needs Cython and a C compiler), or set SAFELOAD_PURE_PYTHON=1 to test the pure-Python walker"
+)
 TIGHT = Limits(max_opcodes=40, max_memo=8, max_stack_depth=12, max_nesting_depth=4, max_int_digits=10)
 
 
