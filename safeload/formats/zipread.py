@@ -146,7 +146,7 @@ class ZipArchive:
         return [e for e in self.entries if e.raw_name.lower() == low]
 
 
-@dataclass
+@dataclass(slots=True)  # one per member read: slotted ones cost half as much to build
 class Extracted:
     data: memoryview | None  # None: nothing could be read
     file_offset: int | None  # absolute offset when the bytes are stored in the file
@@ -258,6 +258,11 @@ class _Reader:
         self.buf = buf
         self.ctx = ctx
         self.findings: list[Finding] = []
+        # ctx.peek without its dispatch, once per member (local headers, data descriptors).
+        self.peek: Callable[[int, int], bytes | memoryview] = ctx.peek_file or self._slice
+
+    def _slice(self, offset: int, size: int) -> memoryview:
+        return self.buf[offset : offset + size]
 
     def note(self, code: str, message: str, member: str | None = None, offset: int | None = None) -> None:
         self.findings.append(_finding(code, message, self.ctx, member, offset))
@@ -379,21 +384,22 @@ class _Reader:
             local_name, local_flags, data_offset = self._local(
                 name, raw_name, header, flags, method, crc, comp, usize
             )
+            # Positional, in field order: keywords cost a third of building one, once per member.
             entry = ZipEntry(
-                index=len(entries),
-                raw_name=raw_name,
-                name=name,
-                flags=flags,
-                method=method,
-                crc=crc,
-                comp_size=comp,
-                size=usize,
-                header_offset=header,
-                external_attr=ext_attr,
-                local_name=local_name,
-                local_flags=local_flags,
-                data_offset=data_offset,
-                counted=len(entries) < total,
+                len(entries),  # index
+                raw_name,
+                name,
+                flags,
+                method,
+                crc,
+                comp,  # comp_size
+                usize,  # size
+                header,  # header_offset
+                ext_attr,  # external_attr
+                local_name,
+                local_flags,
+                data_offset,
+                len(entries) < total,  # counted
             )
             entries.append(entry)
             pos = name_at + nlen + xlen + clen
@@ -450,8 +456,10 @@ class _Reader:
         with the central directory (miniz uses only the header's two lengths)."""
         # One peek for the header and, when it matches, the name: each member's header sits on its
         # own page of a large checkpoint.
-        head = None if header < 0 or header + _LOCAL.size > len(self.buf) else self.ctx.peek(
-            self.buf, header, _LOCAL.size + len(raw_name)
+        head = (
+            None
+            if header < 0 or header + _LOCAL.size > len(self.buf)
+            else self.peek(header, _LOCAL.size + len(raw_name))
         )
         loc = None if head is None or len(head) < _LOCAL.size else _LOCAL.unpack_from(head)
         if loc is None or loc[0] != LOCAL_SIG:
@@ -462,7 +470,7 @@ class _Reader:
         local_name = (
             bytes(head[_LOCAL.size : _LOCAL.size + nlen])
             if nlen <= len(raw_name)
-            else bytes(self.ctx.peek(self.buf, name_at, nlen))
+            else bytes(self.peek(name_at, nlen))
         )
         if local_name != raw_name:
             self.note(
@@ -556,7 +564,7 @@ class _Reader:
     def _descriptor_len(self, at: int) -> int:
         """Data descriptors are 12-24 bytes; take the length after which the next record starts."""
         # 4 + 20 + 4: a signature, the longest body, the next record's signature.
-        near = bytes(self.ctx.peek(self.buf, at, 28)) if at >= 0 else b""
+        near = bytes(self.peek(at, 28)) if at >= 0 else b""
         base = 4 if near[:4] == DESCRIPTOR_SIG else 0
         for body in (12, 20):
             start = base + body
