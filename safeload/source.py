@@ -10,6 +10,7 @@ import hashlib
 import mmap as mmap_module
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -28,9 +29,11 @@ class _Descriptor:
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def __del__(self) -> None:
+    # os.close bound when the class is made: a source alive at interpreter exit may be dropped
+    # after the os module's globals are cleared.
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
         try:
-            os.close(self.fd)
+            _close(self.fd)
         except OSError:
             pass  # already closed: nothing holds it
 
