@@ -300,9 +300,18 @@ class _Reader:
                     f"ZIP64 locator points to offset {z64_offset}, not right before itself ({expected})",
                     offset=eocd - _LOCATOR.size,
                 )
-                rec = rec or self._zip64_record(expected)
+                if z64_offset > len(self.buf) - _ZIP64_EOCD.size:
+                    # miniz refuses the archive (torch cannot open it); zipfile's view is the one left.
+                    rec = rec or self._zip64_record(expected)
             if rec is None:
-                self.note("SL306", "ZIP64 locator without a ZIP64 end record", offset=eocd - _LOCATOR.size)
+                # miniz then reads the EOCD's own values, whatever lies right before the locator.
+                self.note(
+                    "SL306",
+                    "ZIP64 locator without a ZIP64 end record where it points: torch reads the end "
+                    "record's values"
+                    + (", Python's zipfile the record before the locator" if self._zip64_record(expected) else ""),
+                    offset=eocd - _LOCATOR.size,
+                )
             else:
                 zip64 = True
                 (_, _, _, _, z_disk, z_cd_disk, z_on_disk, z_total, z_cd_size, z_cd_offset) = rec

@@ -28,6 +28,7 @@ from tests.unit.formats.torchfiles import (
     PAYLOAD_TEXT,
     Member,
     Payload,
+    central_records,
     members_of,
     patch,
     record,
@@ -117,6 +118,30 @@ def duplicate_name(s: dict[str, bytes]) -> bytes:
     return write_zip(evil + [Member(name, benign)])
 
 
+def zip64_locator_astray(s: dict[str, bytes]) -> bytes:
+    """Two central directories over one body. The EOCD names the one with the payload's data.pkl;
+    a ZIP64 record right before the locator names one with a benign data.pkl. zipfile reads the
+    record before the locator; miniz follows the locator's offset, finds no ZIP64 record there (it
+    points at the first local header) and keeps the EOCD's values."""
+    evil = members_of(s["evil"])
+    benign = next(m.data for m in members_of(s["good"]) if m.name.endswith(b"/data.pkl"))
+    assert evil[0].name.endswith(b"/data.pkl")
+    full = write_zip(evil + [Member(evil[0].name, benign)])
+    records = central_records(full)
+    ends = [r.offset for r in records[1:]] + [full.rfind(b"PK\x05\x06")]
+    raw = [full[r.offset : end] for r, end in zip(records, ends, strict=True)]
+    body = full[: records[0].offset]
+    torch_cd = b"".join(raw[: len(evil)])
+    zipfile_cd = raw[-1] + b"".join(raw[1 : len(evil)])
+    n = len(evil)
+    zip64 = struct.pack(
+        "<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, len(zipfile_cd), len(body) + len(torch_cd)
+    )
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, 0, 1)
+    eocd = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(torch_cd), len(body), 0)
+    return body + torch_cd + zipfile_cd + zip64 + locator + eocd
+
+
 TRICKS: dict[str, Callable[[dict[str, bytes]], bytes]] = {
     "bad_crc": bad_crc,
     "local_flag_bits": local_flag_bits,
@@ -126,6 +151,7 @@ TRICKS: dict[str, Callable[[dict[str, bytes]], bytes]] = {
     "prepended_pickle": prepended_pickle,
     "prepended_header": prepended_header,
     "duplicate_name": duplicate_name,
+    "zip64_locator_astray": zip64_locator_astray,
 }
 
 
@@ -306,6 +332,20 @@ def test_zip64_record_disagrees_with_eocd(sources: dict[str, bytes]) -> None:
     bad = patch(data, z64 + 32, struct.pack("<Q", total + 1))
     assert "SL306" in codes(scan(bad))
     assert "SL306" not in codes(scan(data))
+
+
+def test_zip64_locator_pointing_at_no_record(
+    tricks: dict[str, bytes], sources: dict[str, bytes], in_marker_dir: Path
+) -> None:
+    data = tricks["zip64_locator_astray"]
+    assert PAYLOAD_TEXT not in _zipfile_read(data, "model/data.pkl")  # the record before the locator
+    c = scan(data)
+    loadable = [s for s in c.streams if s.loadable]
+    # What torch unpickles: the data.pkl of the directory the EOCD names.
+    assert len(loadable) == 1 and bytes(loadable[0].data) == _evil_data(sources["evil"])
+    astray = [f for f in c.findings if f.code == "SL306" and "locator" in f.message]
+    assert any("without a ZIP64 end record where it points" in f.message for f in astray)
+    assert not in_marker_dir.exists()
 
 
 def test_entry_hidden_past_the_eocd_count(sources: dict[str, bytes], in_marker_dir: Path) -> None:
