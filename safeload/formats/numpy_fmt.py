@@ -33,13 +33,14 @@ For npz, ``meta["npz_members"]`` lists every member name in archive order.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import math
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from safeload.formats import zipread
+from safeload.formats import npz_zipfile, zipread
 from safeload.formats.base import Child, PickleStream, ReadContext, ReadResult, StorageEntry, StreamRole
 from safeload.model import make_finding
 
@@ -318,8 +319,29 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
                     verify_if_pickled=zipread.deferred_crc(got, entry, ctx),
                 )
             )
+    for extra in npz_zipfile.members_only_zipfile_reads(buf, archive, ctx, _object_array_head):
+        result.findings.extend(extra.findings)
+        if not _object_array_head(extra.data):
+            continue  # numpy.load unpickles nothing of it
+        # Another reading of a member the loader already has from zipread: scanned, never loaded.
+        reading = ReadResult(format="npz")
+        view = memoryview(extra.data)
+        read_npy(view, reading, ctx, key=extra.name, member=extra.member, file_offset=None, encoding=())
+        result.findings.extend(reading.findings)
+        result.streams.extend(dataclasses.replace(s, loadable=False) for s in reading.streams)
     if npy_count and not result.streams:
         result.findings.append(
             make_finding("SL400", f"npz of {npy_count} arrays without objects: no pickle", member=ctx.member)
         )
     return result
+
+
+def _object_array_head(head: bytes) -> bool:
+    """Whether bytes that start like this are an .npy numpy would unpickle (an object array), as far
+    as its header tells; a header that does not parse yet counts as one (read on: fail closed)."""
+    if head[:6] != MAGIC:
+        return False
+    try:
+        return parse_header(memoryview(head)).has_object
+    except NpyError:
+        return True

@@ -254,6 +254,59 @@ def test_npz_with_a_bad_crc_is_flagged_and_still_scanned(marker: Path) -> None:
     assert [bytes(s.data) for s in result.streams] == [payload]
 
 
+def _npz_with_two_directories(payload: bytes) -> bytes:
+    """The EOCD names a central directory of plain arrays (what torch's reader, miniz, reads: the
+    ZIP64 locator points at no ZIP64 record); a ZIP64 record right before the locator names one
+    that adds an object array (what Python's zipfile, and so numpy.load, reads)."""
+    fh = io.BytesIO()
+    with zipfile.ZipFile(fh, "w") as zf:
+        zf.writestr("a.npy", npy_bytes(np.arange(4)))
+        zf.writestr("p.npy", object_npy_header() + payload)
+    full = fh.getvalue()
+    eocd = full.rfind(b"PK\x05\x06")
+    cd_size, cd_offset = struct.unpack_from("<II", full, eocd + 12)
+    body, whole_cd = full[:cd_offset], full[cd_offset : cd_offset + cd_size]
+    first_cd = whole_cd[: whole_cd.find(b"PK\x01\x02", 4)]  # a.npy's record only
+    zip64 = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 2, 2, len(whole_cd),
+                        len(body) + len(first_cd))
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, 0, 1)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(first_cd), len(body), 0)
+    return body + first_cd + whole_cd + zip64 + locator + end
+
+
+def test_npz_member_only_pythons_zipfile_finds_is_scanned(marker: Path) -> None:
+    payload = exec_payload(marker)
+    data = _npz_with_two_directories(payload)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.namelist() == ["a.npy", "p.npy"]  # numpy.load's view
+    result = numpy_fmt.read(memoryview(data), make_ctx())
+    assert [e for e in result.meta["npz_members"]] == ["a.npy"]  # torch's reader's view
+    (stream,) = result.streams
+    assert stream.member == "p.npy" and not stream.loadable
+    assert bytes(stream.data) == payload and imports(stream.data) == ["builtins.exec"]
+    only_zipfile = [f for f in result.findings if f.code == "SL306" and "numpy.load's reader" in f.message]
+    assert [f.member for f in only_zipfile] == ["p.npy"]
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_npz_member_only_pythons_zipfile_finds_is_live_for_numpy(tmp_path: Path) -> None:
+    live = tmp_path / "numpy_ran_it"
+    path = tmp_path / "weights.npz"
+    path.write_bytes(_npz_with_two_directories(exec_payload(live)))
+    code = "import sys, numpy; numpy.load(sys.argv[1], allow_pickle=True)['p']"
+    subprocess.run([sys.executable, "-c", code, str(path)], check=False, timeout=120, capture_output=True)
+    assert live.exists(), "fixture is not what numpy.load runs: the test would prove nothing"
+
+
+def test_npz_read_alike_by_both_readers_is_read_once() -> None:
+    fh = io.BytesIO()
+    np.savez(fh, a=np.arange(3), o=np.array([1, "x"], dtype=object))
+    result = numpy_fmt.read(memoryview(fh.getvalue()), make_ctx())
+    assert [s.member for s in result.streams] == ["o.npy"] and result.streams[0].loadable
+    assert "SL306" not in codes(result)
+
+
 def test_npz_sniff_needs_an_npy_first_member() -> None:
     fh = io.BytesIO()
     with zipfile.ZipFile(fh, "w") as zf:

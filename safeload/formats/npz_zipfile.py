@@ -1,0 +1,119 @@
+"""An npz as numpy.load reads it: through Python's zipfile, which sees some damaged archives
+differently from torch's reader (zipread's view, which the npz reader takes first).
+
+zipfile ignores the end record's entry counts, shifts every offset by what it takes for prepended
+bytes, and trusts the ZIP64 record right before the locator. Where that finds a member whose bytes
+zipread did not read, the member is read here with zipfile itself (it only parses headers and
+inflates: nothing in the member runs). In the usual archive both readings agree and nothing is read
+twice.
+"""
+
+from __future__ import annotations
+
+import lzma
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from safeload.formats import zipread
+from safeload.formats.archives import MemoryReader
+from safeload.formats.base import ReadContext
+from safeload.model import Finding, make_finding
+from safeload.text import escape
+
+_CHUNK = 1 << 20
+# What zipfile raises on a damaged archive or member. A CRC mismatch is raised only at a member's
+# end, after numpy's unpickler has read what came before: what was read so far is still handed on.
+_ZIPFILE_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    zlib.error,
+    lzma.LZMAError,
+)
+
+
+@dataclass
+class ZipfileMember:
+    name: str
+    member: str  # as reports name it
+    header_offset: int
+    data: bytes  # the member's bytes as zipfile returns them, or only its head when not wanted whole
+    findings: list[Finding] = field(default_factory=list)
+
+
+def members_only_zipfile_reads(
+    buf: memoryview, archive: zipread.ZipArchive, ctx: ReadContext, wanted: Callable[[bytes], bool]
+) -> Iterator[ZipfileMember]:
+    """Members Python's zipfile finds where zipread found other bytes or none, each with an SL306
+    finding. ``wanted(head)`` says from a member's first MiB whether its bytes are needed whole (a
+    member numpy would unpickle); other members stop there."""
+    try:
+        zf = zipfile.ZipFile(MemoryReader(buf))
+        infos = zf.infolist()
+    except _ZIPFILE_ERRORS:
+        return  # numpy.load cannot open it, so nothing in it is unpickled that way
+    read_by_zipread = {(e.header_offset, e.comp_size, e.size, e.method) for e in archive.entries}
+    with zf:
+        for info in infos[: ctx.limits.max_zip_members]:
+            if (
+                info.header_offset,
+                info.compress_size,
+                info.file_size,
+                info.compress_type,
+            ) in read_by_zipread:
+                continue
+            if info.filename.endswith("/"):
+                continue
+            member = ctx.child_member(info.filename)
+            found = ZipfileMember(info.filename, member, info.header_offset, b"")
+            found.findings.append(
+                make_finding(
+                    "SL306",
+                    "Python's zipfile (numpy.load's reader) finds this member at offset "
+                    f"{info.header_offset}, where torch's reader finds other bytes or none: it was "
+                    "read as zipfile reads it",
+                    member=member,
+                    offset=info.header_offset,
+                )
+            )
+            found.data = _read(zf, info, ctx, wanted, found)
+            yield found
+
+
+def _read(
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    ctx: ReadContext,
+    wanted: Callable[[bytes], bool],
+    found: ZipfileMember,
+) -> bytes:
+    """The member's bytes as zipfile returns them, under the file's decompression budget."""
+    out = bytearray()
+
+    def problem(code: str, message: str) -> None:
+        found.findings.append(make_finding(code, message, member=found.member, offset=info.header_offset))
+
+    try:
+        with zf.open(info) as f:
+            while chunk := f.read(_CHUNK):
+                if not ctx.budget.take(len(chunk)):
+                    problem(
+                        "SL203",
+                        f"reading it as zipfile does would pass the file's limit of {ctx.budget.limit} bytes",
+                    )
+                    break
+                out += chunk
+                if len(out) == len(chunk) and not wanted(bytes(out)):
+                    break
+    except _ZIPFILE_ERRORS as exc:
+        problem("SL205", f"zipfile stops reading it: {type(exc).__name__}: {escape(str(exc))}")
+    return bytes(out)
