@@ -1,0 +1,148 @@
+"""Mutated torch archives against torch.load itself: whatever torch's unpickler asks for, the scan saw.
+
+Each mutant rewrites fields of a real torch.save archive's zip records (offsets, sizes, counts,
+names, the ZIP64 records) the way evasion tricks do. torch.load(weights_only=False) then reads it in
+a subprocess whose pickle module records every global the unpickler asks for and hands back an inert
+stub for any it does not know, so nothing a file names ever runs. The scan must have listed every
+such global, unless a limit stopped it (then it says so). Two divergences were found this
+way (a ZIP64 locator pointing at no record; an npz's second directory) and are fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import safeload
+from tests.unit.formats.torchfiles import save_checkpoint
+
+pytestmark = pytest.mark.slow
+
+MUTANTS = 300
+
+# Reads paths from stdin; prints, per path, the globals torch's unpickler asked for.
+_RECORDING_LOADER = r"""
+import _compat_pickle, json, pickle, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+
+class Inert:
+    def __init__(self, *args, **kwargs): pass
+    def __call__(self, *args, **kwargs): return Inert()
+    def __setstate__(self, state): pass
+
+REAL = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter")}
+asked = []
+
+class Recording(pickle.Unpickler):
+    def find_class(self, module, name):
+        # What pickle's own find_class does for protocol 2 (torch.save's) before importing.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        asked.append(f"{module}.{name}")
+        if (module, name) in REAL:
+            return super().find_class(module, name)
+        return Inert
+
+class Module:
+    Unpickler = Recording
+    @staticmethod
+    def load(f, **kwargs):
+        return Recording(f, **kwargs).load()
+
+for line in sys.stdin:
+    asked.clear()
+    try:
+        torch.load(line.strip(), map_location="cpu", weights_only=False, pickle_module=Module)
+    except Exception:
+        pass
+    print(json.dumps(asked), flush=True)
+"""
+
+_RECORDS = {
+    b"PK\x03\x04": [(6, 2), (8, 2), (14, 4), (18, 4), (22, 4), (26, 2), (28, 2)],
+    b"PK\x01\x02": [(8, 2), (10, 2), (20, 4), (24, 4), (28, 2), (30, 2), (34, 2), (42, 4)],
+    b"PK\x05\x06": [(4, 2), (6, 2), (8, 2), (10, 2), (12, 4), (16, 4), (20, 2)],
+    b"PK\x06\x06": [(24, 8), (32, 8), (40, 8), (48, 8)],
+    b"PK\x06\x07": [(8, 8)],
+}
+
+
+def _fields(data: bytes) -> list[list[tuple[int, int]]]:
+    """(offset, size) of every integer field, one list per kind of record (a kind is picked first,
+    so that the few end records are mutated as often as the many member records)."""
+    out = []
+    for sig, fields in _RECORDS.items():
+        kind = []
+        at = data.find(sig)
+        while at != -1:
+            kind += [(at + off, size) for off, size in fields if at + off + size <= len(data)]
+            at = data.find(sig, at + 1)
+        if kind:
+            out.append(kind)
+    return out
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        kinds = _fields(bytes(out))
+        at, size = rng.choice(rng.choice(kinds))
+        fields = [f for kind in kinds for f in kind]
+        old = int.from_bytes(out[at : at + size], "little")
+        pick = rng.random()
+        if pick < 0.35:
+            new = old + rng.choice((-64, -30, -2, -1, 1, 2, 30, 64))
+        elif pick < 0.7:
+            # another field's value: offsets and sizes that point at real records
+            other_at, other_size = rng.choice([f for f in fields if f[1] == size])
+            new = int.from_bytes(out[other_at : other_at + other_size], "little")
+        else:
+            new = rng.choice((0, 1, 8, 0x0808, (1 << (8 * size)) - 1, rng.getrandbits(8 * size)))
+        out[at : at + size] = (new % (1 << (8 * size))).to_bytes(size, "little")
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    evil, good = tmp_path_factory.mktemp("evil"), tmp_path_factory.mktemp("good")
+    return [save_checkpoint(good / "model.pt"), save_checkpoint(evil / "model.pt", payload=True)]
+
+
+def test_what_torch_asks_for_the_scan_saw(archives: list[bytes], tmp_path: Path, marker: Path) -> None:
+    rng = random.Random(20261123)
+    paths = []
+    for i in range(MUTANTS):
+        path = tmp_path / f"mutant{i}.pt"
+        path.write_bytes(mutate(archives[i % 2], rng))
+        paths.append(path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RECORDING_LOADER],
+        input="".join(f"{p}\n" for p in paths),
+        capture_output=True,
+        text=True,
+        cwd=marker.parent,
+        timeout=600,
+    )
+    asked_per_file = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(asked_per_file) == MUTANTS, proc.stderr[-2000:]
+    loaded_something = 0
+    for path, asked in zip(paths, asked_per_file, strict=True):
+        report = safeload.scan(path)
+        # Only a limit may stop the scan short of what torch reads (a huge memo index, say).
+        limited = any(f.code == "SL203" for f in report.findings)
+        missed = set(asked) - set(report.globals)
+        loaded_something += bool(asked)
+        assert limited or not missed, f"{path.name}: torch asked for {sorted(missed)}, the scan saw {report.globals}"
+        if report.verdict.value == "SAFE":
+            assert not missed and "builtins.exec" not in asked, path.name
+    # The mutants must reach torch's unpickler often enough for the comparison to mean anything.
+    assert loaded_something > MUTANTS // 4
