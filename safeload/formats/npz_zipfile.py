@@ -56,6 +56,25 @@ def members_only_zipfile_reads(
     """Members Python's zipfile finds where zipread found other bytes or none, each with an SL306
     finding. ``wanted(head)`` says from a member's first MiB whether its bytes are needed whole (a
     member numpy would unpickle); other members stop there."""
+    most = _directory_size(buf, archive.eocd_offset) // _CENTRAL_RECORD
+    if most > ctx.limits.max_zip_members:
+        # zipfile would build every record it lists before handing back any: bound that first.
+        yield ZipfileMember(
+            "",
+            ctx.member or "",
+            archive.eocd_offset,
+            b"",
+            [
+                make_finding(
+                    "SL203",
+                    f"Python's zipfile would list up to {most} members, more than max_zip_members "
+                    f"({ctx.limits.max_zip_members}); the archive was not read as numpy.load reads it",
+                    member=ctx.member,
+                    offset=archive.eocd_offset,
+                )
+            ],
+        )
+        return
     try:
         zf = zipfile.ZipFile(MemoryReader(buf))
         infos = zf.infolist()
@@ -87,6 +106,27 @@ def members_only_zipfile_reads(
             )
             found.data = _read(zf, info, ctx, wanted, found)
             yield found
+
+
+_CENTRAL_RECORD = 46  # the smallest central directory record
+_EOCD_SIZE_AT = 12
+_LOCATOR_SIZE = 20
+_ZIP64_RECORD_SIZE = 56
+
+
+def _directory_size(buf: memoryview, eocd: int) -> int:
+    """At least the central directory size zipfile takes: the ZIP64 record's right before the
+    locator, if there is one, else the end record's (the larger of the two, to bound its work)."""
+    size = int.from_bytes(buf[eocd + _EOCD_SIZE_AT : eocd + _EOCD_SIZE_AT + 4], "little")
+    locator = eocd - _LOCATOR_SIZE
+    record = locator - _ZIP64_RECORD_SIZE
+    if (
+        record >= 0
+        and bytes(buf[locator : locator + 4]) == b"PK\x06\x07"
+        and bytes(buf[record : record + 4]) == b"PK\x06\x06"
+    ):
+        size = max(size, int.from_bytes(buf[record + 40 : record + 48], "little"))
+    return size
 
 
 def _read(

@@ -321,7 +321,7 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
             )
     for extra in npz_zipfile.members_only_zipfile_reads(buf, archive, ctx, _object_array_head):
         result.findings.extend(extra.findings)
-        if not _object_array_head(extra.data):
+        if not extra.name or not _object_array_head(extra.data):
             continue  # numpy.load unpickles nothing of it
         # Another reading of a member the loader already has from zipread: scanned, never loaded.
         reading = ReadResult(format="npz")

@@ -299,6 +299,17 @@ def test_npz_member_only_pythons_zipfile_finds_is_live_for_numpy(tmp_path: Path)
     assert live.exists(), "fixture is not what numpy.load runs: the test would prove nothing"
 
 
+def test_npz_whose_directory_could_list_too_many_members_is_not_listed_by_zipfile() -> None:
+    from safeload.limits import Limits
+
+    data = _npz_with_two_directories(b"N.")
+    # Room for two records in zipfile's directory; a limit of one member.
+    result = numpy_fmt.read(memoryview(data), make_ctx(Limits(max_zip_members=1)))
+    assert not result.streams
+    limited = [f for f in result.findings if f.code == "SL203" and "Python's zipfile" in f.message]
+    assert len(limited) == 1
+
+
 def test_npz_read_alike_by_both_readers_is_read_once() -> None:
     fh = io.BytesIO()
     np.savez(fh, a=np.arange(3), o=np.array([1, "x"], dtype=object))
