@@ -1,7 +1,7 @@
-"""Mutated torch archives against torch.load itself: whatever torch's unpickler asks for, the scan saw.
+"""Mutated torch files against torch.load itself: whatever torch's unpickler asks for, the scan saw.
 
 Each mutant rewrites fields of a real torch.save archive's zip records (offsets, sizes, counts,
-name lengths, the ZIP64 records) the way evasion tricks do. torch.load(weights_only=False) then reads it in
+name lengths, the ZIP64 records) the way evasion tricks do, or bytes of a legacy-format file. torch.load(weights_only=False) then reads it in
 a subprocess whose pickle module records every global the unpickler asks for and hands back an inert
 stub for any it does not know, so nothing a file names ever runs. The scan must have listed every
 such global, unless a limit stopped it (then it says so). Longer runs of this kind, against
@@ -24,7 +24,7 @@ from tests.unit.formats.torchfiles import save_checkpoint
 
 pytestmark = pytest.mark.slow
 
-MUTANTS = 300
+MUTANTS = 400
 
 # Reads paths from stdin; prints, per path, the globals torch's unpickler asked for.
 _RECORDING_LOADER = r"""
@@ -96,6 +96,10 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
     out = bytearray(data)
     for _ in range(rng.choice((1, 1, 2, 3))):
         kinds = _fields(bytes(out))
+        if not kinds:
+            # No zip record (the legacy format): a byte anywhere, most often a length or an opcode.
+            out[rng.randrange(len(out))] = rng.randrange(256)
+            continue
         at, size = rng.choice(rng.choice(kinds))
         fields = [f for kind in kinds for f in kind]
         old = int.from_bytes(out[at : at + size], "little")
@@ -115,7 +119,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 @pytest.fixture(scope="module")
 def archives(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     evil, good = tmp_path_factory.mktemp("evil"), tmp_path_factory.mktemp("good")
-    return [save_checkpoint(good / "model.pt"), save_checkpoint(evil / "model.pt", payload=True)]
+    return [
+        save_checkpoint(good / "model.pt"),
+        save_checkpoint(evil / "model.pt", payload=True),
+        save_checkpoint(good / "legacy.pt", legacy=True),
+        save_checkpoint(evil / "legacy.pt", payload=True, legacy=True),
+    ]
 
 
 def test_what_torch_asks_for_the_scan_saw(archives: list[bytes], tmp_path: Path, marker: Path) -> None:
@@ -123,7 +132,7 @@ def test_what_torch_asks_for_the_scan_saw(archives: list[bytes], tmp_path: Path,
     paths = []
     for i in range(MUTANTS):
         path = tmp_path / f"mutant{i}.pt"
-        path.write_bytes(mutate(archives[i % 2], rng))
+        path.write_bytes(mutate(archives[i % len(archives)], rng))
         paths.append(path)
     proc = subprocess.run(
         [sys.executable, "-c", _RECORDING_LOADER],
