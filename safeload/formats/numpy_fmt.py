@@ -40,7 +40,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from safeload.formats import npz_zipfile, zipread
+from safeload.formats import zipfile_view, zipread
 from safeload.formats.base import Child, PickleStream, ReadContext, ReadResult, StorageEntry, StreamRole
 from safeload.model import make_finding
 
@@ -319,7 +319,7 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
                     verify_if_pickled=zipread.deferred_crc(got, entry, ctx),
                 )
             )
-    for extra in npz_zipfile.members_only_zipfile_reads(buf, archive, ctx, _object_array_head):
+    for extra in zipfile_view.members_only_zipfile_reads(buf, archive, ctx, _object_array_head):
         result.findings.extend(extra.findings)
         if not extra.name or not _object_array_head(extra.data):
             continue  # numpy.load unpickles nothing of it

@@ -14,7 +14,7 @@ members as children. Bytes outside the archive's records are children too, read 
 
 from __future__ import annotations
 
-from safeload.formats import raw, zipread
+from safeload.formats import raw, zipfile_view, zipread
 from safeload.formats.base import (
     Child,
     PersistentScheme,
@@ -75,7 +75,19 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
     else:
         result = _read_torch(buf, archive, prefix, data_entry, ctx)
     _outside_records(buf, archive, ctx, result)
+    _zipfile_only(buf, archive, ctx, result)
     return result
+
+
+def _zipfile_only(buf: memoryview, archive: ZipArchive, ctx: ReadContext, result: ReadResult) -> None:
+    """Members only Python's zipfile finds (numpy.load opens any zip as an npz; unpackers read the
+    rest): handed on whole, their format decided by content like every other member's."""
+    for extra in zipfile_view.members_only_zipfile_reads(buf, archive, ctx, lambda _head: True):
+        result.findings.extend(extra.findings)
+        if extra.name and extra.data:
+            result.children.append(
+                Child(name=extra.name, data=memoryview(extra.data), file_offset=None, encoding=())
+            )
 
 
 def _read_torch(

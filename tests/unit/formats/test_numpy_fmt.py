@@ -254,13 +254,13 @@ def test_npz_with_a_bad_crc_is_flagged_and_still_scanned(marker: Path) -> None:
     assert [bytes(s.data) for s in result.streams] == [payload]
 
 
-def _npz_with_two_directories(payload: bytes) -> bytes:
+def _npz_with_two_directories(payload: bytes, first: tuple[str, bytes] | None = None) -> bytes:
     """The EOCD names a central directory of plain arrays (what torch's reader, miniz, reads: the
     ZIP64 locator points at no ZIP64 record); a ZIP64 record right before the locator names one
     that adds an object array (what Python's zipfile, and so numpy.load, reads)."""
     fh = io.BytesIO()
     with zipfile.ZipFile(fh, "w") as zf:
-        zf.writestr("a.npy", npy_bytes(np.arange(4)))
+        zf.writestr(*(first or ("a.npy", npy_bytes(np.arange(4)))))
         zf.writestr("p.npy", object_npy_header() + payload)
     full = fh.getvalue()
     eocd = full.rfind(b"PK\x05\x06")
@@ -284,7 +284,7 @@ def test_npz_member_only_pythons_zipfile_finds_is_scanned(marker: Path) -> None:
     (stream,) = result.streams
     assert stream.member == "p.npy" and not stream.loadable
     assert bytes(stream.data) == payload and imports(stream.data) == ["builtins.exec"]
-    only_zipfile = [f for f in result.findings if f.code == "SL306" and "numpy.load's reader" in f.message]
+    only_zipfile = [f for f in result.findings if f.code == "SL306" and "numpy.load's and most unpackers' reader" in f.message]
     assert [f.member for f in only_zipfile] == ["p.npy"]
     assert not marker.exists()
 
@@ -308,6 +308,22 @@ def test_npz_whose_directory_could_list_too_many_members_is_not_listed_by_zipfil
     assert not result.streams
     limited = [f for f in result.findings if f.code == "SL203" and "Python's zipfile" in f.message]
     assert len(limited) == 1
+
+
+def test_zip_member_only_pythons_zipfile_finds_is_scanned_by_content(marker: Path) -> None:
+    # Not an npz to safeload's sniff (its first member is no array), but numpy.load opens any zip as
+    # one: the generic zip reader hands zipfile's extra member on, and its content decides.
+    from safeload.formats import open_container
+    from safeload.limits import Limits
+
+    payload = exec_payload(marker)
+    data = _npz_with_two_directories(payload, first=("readme.txt", b"hello"))
+    container = open_container(memoryview(data), path="weights.zip", limits=Limits())
+    assert container.formats[0] == "zip"
+    streams = [s for s in container.streams if s.member == "p.npy"]
+    assert [bytes(s.data) for s in streams] == [payload] and not streams[0].loadable
+    assert any(f.code == "SL306" and "unpackers" in f.message for f in container.findings)
+    assert not marker.exists()
 
 
 def test_npz_read_alike_by_both_readers_is_read_once() -> None:

@@ -1,11 +1,11 @@
-"""An npz as numpy.load reads it: through Python's zipfile, which sees some damaged archives
-differently from torch's reader (zipread's view, which the npz reader takes first).
+"""A zip as Python's zipfile reads it (numpy.load's npz reader, and most tools that unpack a zip),
+where that differs from torch's reader (zipread's view, which every zip-based reader takes first).
 
 zipfile ignores the end record's entry counts, shifts every offset by what it takes for prepended
 bytes, and trusts the ZIP64 record right before the locator. Where that finds a member whose bytes
 zipread did not read, the member is read here with zipfile itself (it only parses headers and
-inflates: nothing in the member runs). In the usual archive both readings agree and nothing is read
-twice.
+inflates: nothing in the member runs). An archive zipread finds nothing odd about is not listed
+again: the two readers only part where zipread has a finding.
 """
 
 from __future__ import annotations
@@ -55,7 +55,12 @@ def members_only_zipfile_reads(
 ) -> Iterator[ZipfileMember]:
     """Members Python's zipfile finds where zipread found other bytes or none, each with an SL306
     finding. ``wanted(head)`` says from a member's first MiB whether its bytes are needed whole (a
-    member numpy would unpickle); other members stop there."""
+    member a loader would unpickle, or one to recognize by content); other members stop there."""
+    if not (archive.findings or archive.extra_regions or archive.shift):
+        # Every way the two readers part (entry counts, prepended bytes, ZIP64 records, bytes no
+        # record claims, overlaps, names) is one of zipread's findings: without any, zipfile lists
+        # the same members at the same offsets, and a checkpoint's scan does not pay for asking it.
+        return
     most = _directory_size(buf, archive.eocd_offset) // _CENTRAL_RECORD
     if most > ctx.limits.max_zip_members:
         # zipfile would build every record it lists before handing back any: bound that first.
@@ -97,7 +102,7 @@ def members_only_zipfile_reads(
             found.findings.append(
                 make_finding(
                     "SL306",
-                    "Python's zipfile (numpy.load's reader) finds this member at offset "
+                    "Python's zipfile (numpy.load's and most unpackers' reader) finds this member at offset "
                     f"{info.header_offset}, where torch's reader finds other bytes or none: it was "
                     "read as zipfile reads it",
                     member=member,
