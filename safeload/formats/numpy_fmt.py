@@ -319,9 +319,10 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
                     verify_if_pickled=zipread.deferred_crc(got, entry, ctx),
                 )
             )
-    for extra in zipfile_view.members_only_zipfile_reads(buf, archive, ctx, _object_array_head):
-        result.findings.extend(extra.findings)
-        if not extra.name or not _object_array_head(extra.data):
+    for extra in zipfile_view.members_only_zipfile_reads(
+        buf, archive, ctx, _object_array_head, result.findings
+    ):
+        if not _object_array_head(extra.data):
             continue  # numpy.load unpickles nothing of it
         # Another reading of a member the loader already has from zipread: scanned, never loaded.
         reading = ReadResult(format="npz")

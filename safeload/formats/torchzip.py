@@ -82,9 +82,9 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
 def _zipfile_only(buf: memoryview, archive: ZipArchive, ctx: ReadContext, result: ReadResult) -> None:
     """Members only Python's zipfile finds (numpy.load opens any zip as an npz; unpackers read the
     rest): handed on whole, their format decided by content like every other member's."""
-    for extra in zipfile_view.members_only_zipfile_reads(buf, archive, ctx, lambda _head: True):
-        result.findings.extend(extra.findings)
-        if extra.name and extra.data:
+    extras = zipfile_view.members_only_zipfile_reads(buf, archive, ctx, lambda _head: True, result.findings)
+    for extra in extras:
+        if extra.data:
             result.children.append(
                 Child(name=extra.name, data=memoryview(extra.data), file_offset=None, encoding=())
             )

@@ -14,12 +14,12 @@ import lzma
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from safeload.formats import zipread
 from safeload.formats.archives import MemoryReader
 from safeload.formats.base import ReadContext
-from safeload.model import Finding, make_finding
+from safeload.model import Finding
 from safeload.text import escape
 
 _CHUNK = 1 << 20
@@ -45,17 +45,20 @@ _ZIPFILE_ERRORS = (
 class ZipfileMember:
     name: str
     member: str  # as reports name it
-    header_offset: int
     data: bytes  # the member's bytes as zipfile returns them, or only its head when not wanted whole
-    findings: list[Finding] = field(default_factory=list)
 
 
 def members_only_zipfile_reads(
-    buf: memoryview, archive: zipread.ZipArchive, ctx: ReadContext, wanted: Callable[[bytes], bool]
+    buf: memoryview,
+    archive: zipread.ZipArchive,
+    ctx: ReadContext,
+    wanted: Callable[[bytes], bool],
+    findings: list[Finding],
 ) -> Iterator[ZipfileMember]:
-    """Members Python's zipfile finds where zipread found other bytes or none, each with an SL306
-    finding. ``wanted(head)`` says from a member's first MiB whether its bytes are needed whole (a
-    member a loader would unpickle, or one to recognize by content); other members stop there."""
+    """Members Python's zipfile finds where zipread found other bytes or none. Each adds an SL306
+    finding to ``findings`` (with what stopped its reading, if anything). ``wanted(head)`` says from
+    a member's first MiB whether its bytes are needed whole (a member a loader would unpickle, or
+    one to recognize by content); other members stop there."""
     if not (archive.findings or archive.extra_regions or archive.shift):
         # Every way the two readers part (entry counts, prepended bytes, ZIP64 records, bytes no
         # record claims, overlaps, names) is one of zipread's findings: without any, zipfile lists
@@ -64,20 +67,15 @@ def members_only_zipfile_reads(
     most = _directory_size(buf, archive.eocd_offset) // _CENTRAL_RECORD
     if most > ctx.limits.max_zip_members:
         # zipfile would build every record it lists before handing back any: bound that first.
-        yield ZipfileMember(
-            "",
-            ctx.member or "",
-            archive.eocd_offset,
-            b"",
-            [
-                make_finding(
-                    "SL203",
-                    f"Python's zipfile would list up to {most} members, more than max_zip_members "
-                    f"({ctx.limits.max_zip_members}); the archive was not read as numpy.load reads it",
-                    member=ctx.member,
-                    offset=archive.eocd_offset,
-                )
-            ],
+        findings.append(
+            zipread.member_finding(
+                "SL203",
+                f"Python's zipfile would list up to {most} members, more than max_zip_members "
+                f"({ctx.limits.max_zip_members}); the archive was not read as numpy.load reads it",
+                ctx,
+                None,
+                archive.eocd_offset,
+            )
         )
         return
     try:
@@ -97,20 +95,19 @@ def members_only_zipfile_reads(
                 continue
             if info.filename.endswith("/"):
                 continue
-            member = ctx.child_member(info.filename)
-            found = ZipfileMember(info.filename, member, info.header_offset, b"")
-            found.findings.append(
-                make_finding(
-                    "SL306",
-                    "Python's zipfile (numpy.load's and most unpackers' reader) finds this member at offset "
-                    f"{info.header_offset}, where torch's reader finds other bytes or none: it was "
-                    "read as zipfile reads it",
-                    member=member,
-                    offset=info.header_offset,
-                )
+
+            def note(code: str, message: str, info: zipfile.ZipInfo = info) -> None:
+                findings.append(zipread.member_finding(code, message, ctx, info.filename, info.header_offset))
+
+            note(
+                "SL306",
+                "Python's zipfile (numpy.load's and most unpackers' reader) finds this member at offset "
+                f"{info.header_offset}, where torch's reader finds other bytes or none: it was read as "
+                "zipfile reads it",
             )
-            found.data = _read(zf, info, ctx, wanted, found)
-            yield found
+            yield ZipfileMember(
+                info.filename, ctx.child_member(info.filename), _read(zf, info, ctx, wanted, note)
+            )
 
 
 _CENTRAL_RECORD = 46  # the smallest central directory record
@@ -127,8 +124,8 @@ def _directory_size(buf: memoryview, eocd: int) -> int:
     record = locator - _ZIP64_RECORD_SIZE
     if (
         record >= 0
-        and bytes(buf[locator : locator + 4]) == b"PK\x06\x07"
-        and bytes(buf[record : record + 4]) == b"PK\x06\x06"
+        and bytes(buf[locator : locator + 4]) == zipread.ZIP64_LOCATOR_SIG
+        and bytes(buf[record : record + 4]) == zipread.ZIP64_EOCD_SIG
     ):
         size = max(size, int.from_bytes(buf[record + 40 : record + 48], "little"))
     return size
@@ -139,19 +136,15 @@ def _read(
     info: zipfile.ZipInfo,
     ctx: ReadContext,
     wanted: Callable[[bytes], bool],
-    found: ZipfileMember,
+    note: Callable[[str, str], None],
 ) -> bytes:
     """The member's bytes as zipfile returns them, under the file's decompression budget."""
     out = bytearray()
-
-    def problem(code: str, message: str) -> None:
-        found.findings.append(make_finding(code, message, member=found.member, offset=info.header_offset))
-
     try:
         with zf.open(info) as f:
             while chunk := f.read(_CHUNK):
                 if not ctx.budget.take(len(chunk)):
-                    problem(
+                    note(
                         "SL203",
                         f"reading it as zipfile does would pass the file's limit of {ctx.budget.limit} bytes",
                     )
@@ -160,5 +153,5 @@ def _read(
                 if len(out) == len(chunk) and not wanted(bytes(out)):
                     break
     except _ZIPFILE_ERRORS as exc:
-        problem("SL205", f"zipfile stops reading it: {type(exc).__name__}: {escape(str(exc))}")
+        note("SL205", f"zipfile stops reading it: {type(exc).__name__}: {escape(str(exc))}")
     return bytes(out)

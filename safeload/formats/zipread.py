@@ -242,7 +242,7 @@ def _directory_shift(buf: memoryview, eocd: int, cd_offset: int, cd_size: int, t
     return None
 
 
-def _finding(code: str, message: str, ctx: ReadContext, member: str | None, offset: int | None) -> Finding:
+def member_finding(code: str, message: str, ctx: ReadContext, member: str | None, offset: int | None) -> Finding:
     file_offset = None if ctx.file_offset is None or offset is None else ctx.file_offset + offset
     return make_finding(
         code,
@@ -265,7 +265,7 @@ class _Reader:
         return self.buf[offset : offset + size]
 
     def note(self, code: str, message: str, member: str | None = None, offset: int | None = None) -> None:
-        self.findings.append(_finding(code, message, self.ctx, member, offset))
+        self.findings.append(member_finding(code, message, self.ctx, member, offset))
 
     def u(self, st: struct.Struct, offset: int) -> tuple | None:
         if offset < 0 or offset + st.size > len(self.buf):
@@ -617,7 +617,7 @@ def extract(buf: memoryview, entry: ZipEntry, ctx: ReadContext, *, check_crc: bo
     findings: list[Finding] = []
 
     def note(code: str, message: str) -> None:
-        findings.append(_finding(code, message, ctx, entry.name, entry.header_offset))
+        findings.append(member_finding(code, message, ctx, entry.name, entry.header_offset))
 
     if entry.data_offset is None:
         return Extracted(None, None, findings, False)
@@ -661,7 +661,7 @@ def crc_findings(data: memoryview, entry: ZipEntry, ctx: ReadContext) -> list[Fi
     if crc == entry.crc:
         return []
     message = f"CRC {crc:#010x} does not match the recorded {entry.crc:#010x}"
-    return [_finding("SL300", message, ctx, entry.name, entry.header_offset)]
+    return [member_finding("SL300", message, ctx, entry.name, entry.header_offset)]
 
 
 def deferred_crc(got: Extracted, entry: ZipEntry, ctx: ReadContext) -> Callable[[], list[Finding]] | None:
