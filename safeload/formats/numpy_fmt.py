@@ -26,8 +26,15 @@ Meta for the loader, ``ReadResult.meta["npy_arrays"]``: a dict from array key to
   ``data_offset``   where the array bytes (or the pickle) start inside the member's bytes
   ``data_length``   byte length of the raw array (None for object arrays)
   ``storage``       key in ``ReadResult.storages`` holding the raw array bytes (None for object arrays)
+  ``crc``           (plain arrays in an npz) the CRC-32 the zip records for the member, None when
+                    its bytes could not all be read
+  ``crc_prefix``    (with ``crc``) the CRC-32 of the member's bytes before ``data_offset``, to
+                    continue over the array bytes: ``zlib.crc32(array_bytes, crc_prefix)``
 The key is ``"npy"`` for a whole .npy file and the zip member name (``"arr_0.npy"``) in an npz.
-For npz, ``meta["npz_members"]`` lists every member name in archive order.
+For npz, ``meta["npz_members"]`` lists every member name in archive order, and
+``meta["npz_other_members"]`` maps each member that is no .npy (numpy.load returns its bytes) to a
+dict with ``storage`` (its key in ``ReadResult.storages``; None for an empty directory entry),
+``crc`` and ``crc_prefix`` (0).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import dataclasses
 import functools
 import math
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -271,9 +279,12 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
     # Layout anomalies (CRC, flags, name mismatch, duplicates, overlap, member limit) come from zipread.
     result.findings.extend(archive.findings)
     result.meta["npz_members"] = [e.name for e in archive.entries]
+    others: dict[str, dict[str, object]] = {}
+    result.meta["npz_other_members"] = others
     npy_count = 0
     for entry in archive.entries:
         if entry.is_dir and not entry.size:
+            others[entry.name] = {"storage": None, "crc": None}  # numpy.load gives b"" for it
             continue
         # numpy's zipfile checks each member's CRC as it reads it. A plain array holds no pickle, so
         # its CRC decides nothing about code: skip hashing (and paging in) gigabytes of weights.
@@ -300,7 +311,7 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
             npy_count += 1
             if got.complete and not _plain_array(got.data):
                 result.findings.extend(zipread.crc_findings(got.data, entry, ctx))
-            read_npy(
+            if read_npy(
                 got.data,
                 result,
                 ctx,
@@ -308,8 +319,18 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
                 member=member,
                 file_offset=got.file_offset,
                 encoding=encoding,
-            )
+            ):
+                _note_crc(result, entry, got)
         else:
+            # numpy.load hands such a member over as its bytes; what they are is decided by content.
+            result.storages[entry.name] = StorageEntry(
+                key=entry.name, data=got.data, file_offset=got.file_offset
+            )
+            others[entry.name] = {
+                "storage": entry.name,
+                "crc": entry.crc if got.complete else None,
+                "crc_prefix": 0,
+            }
             result.children.append(
                 Child(
                     name=entry.name,
@@ -335,6 +356,20 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
             make_finding("SL400", f"npz of {npy_count} arrays without objects: no pickle", member=ctx.member)
         )
     return result
+
+
+def _note_crc(result: ReadResult, entry: zipread.ZipEntry, got: zipread.Extracted) -> None:
+    """What the loader needs to check a plain array's member CRC as numpy's zipfile does when it
+    reads it (the scan has no reason to hash weights): the recorded CRC and the CRC of the header
+    that precedes the array bytes, which the loader continues over them."""
+    arrays = result.meta["npy_arrays"]
+    assert isinstance(arrays, dict)
+    info = arrays[entry.name]
+    if info["storage"] is None:
+        return  # an object array: the scan checked its CRC
+    assert got.data is not None
+    info["crc"] = entry.crc if got.complete else None
+    info["crc_prefix"] = zlib.crc32(got.data[: info["data_offset"]])
 
 
 def _object_array_head(head: bytes) -> bool:

@@ -258,25 +258,38 @@ class _Load:
         by_member = {
             sa.stream.member: sa for sa in self.analysis.streams if sa.stream.role is StreamRole.NPY_OBJECT
         }
+        members, others = meta.get("npz_members"), meta.get("npz_other_members")
+        if not isinstance(members, list) or not isinstance(others, dict):
+            if list(arrays) != ["npy"]:
+                raise LoadError("npy index does not hold one array", path=self.path)
+            return self._npy_member(arrays["npy"], by_member, storages)
+        # numpy.load's NpzFile: every member, in archive order, named without the .npy suffix; an
+        # array for .npy bytes, the member's bytes for anything else.
         out: dict[str, object] = {}
-        for key, info in arrays.items():
-            where = Where(self.path, info.get("member"))
-            if info.get("has_object"):
-                sa = by_member.get(info.get("member"))
-                if sa is None:
-                    raise LoadError(
-                        "object array pickle was not scanned", path=self.path, member=info.get("member")
-                    )
-                out[key] = self._unpickle(sa, substitutes={}, persistent=None, default_encoding=None)
+        for name in members:
+            member = name
+            if name in arrays:
+                value = self._npy_member(arrays[name], by_member, storages)
+            elif name in others:
+                value = numpy_formats.member_bytes(others[name], storages, Where(self.path, member))
             else:
-                entry = storages.get(info.get("storage"))
-                if entry is None:
-                    raise LoadError("array bytes were not indexed", path=self.path, member=info.get("member"))
-                out[key] = numpy_formats.npy_array(info, entry, where, mmap=self.mmap)
-        if "npz" not in self.container.formats and list(out) == ["npy"]:
-            return out["npy"]
-        # numpy.load's NpzFile names arrays by member without the .npy suffix.
-        return {(k[:-4] if k.endswith(".npy") else k): v for k, v in out.items()}
+                raise LoadError("npz member was not indexed", path=self.path, member=member)
+            out[name[:-4] if name.endswith(".npy") else name] = value
+        return out
+
+    def _npy_member(
+        self, info: dict[str, Any], by_member: dict[str | None, StreamAnalysis], storages: dict[str, Any]
+    ) -> object:
+        member = info.get("member")
+        if info.get("has_object"):
+            sa = by_member.get(member)
+            if sa is None:
+                raise LoadError("object array pickle was not scanned", path=self.path, member=member)
+            return self._unpickle(sa, substitutes={}, persistent=None, default_encoding=None)
+        entry = storages.get(info.get("storage"))
+        if entry is None:
+            raise LoadError("array bytes were not indexed", path=self.path, member=member)
+        return numpy_formats.npy_array(info, entry, Where(self.path, member), mmap=self.mmap)
 
 
 def _reread_numpy(analysis: Analysis) -> tuple[dict[str, object], dict[str, Any]]:
@@ -297,7 +310,9 @@ def _reread_numpy(analysis: Analysis) -> tuple[dict[str, object], dict[str, Any]
         budget=Budget(limits.max_decompressed_bytes),
     )
     buffer = analysis.source.buffer
-    if not numpy_fmt.sniff(buffer):
+    # numpy.load opens any zip as an npz, whatever its first member (detection calls one an npz
+    # only when its first member is an .npy, and reads the others as a plain zip's members).
+    if not numpy_fmt.sniff(buffer) and bytes(buffer[:4]) not in (b"PK\x03\x04", b"PK\x05\x06"):
         return {}, {}
     result = numpy_fmt.read(buffer, ctx)
     return result.meta, result.storages

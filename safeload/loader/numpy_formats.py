@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,13 +42,53 @@ def share_or_copy(data: memoryview, *, mmap: bool) -> memoryview | bytearray:
 
 
 def npy_array(info: Mapping[str, Any], entry: StorageEntry, where: Where, *, mmap: bool) -> np.ndarray:
-    """A raw .npy array over its bytes (the reader already checked the length against the header)."""
+    """A raw .npy array over its bytes (the reader already checked the length against the header),
+    shaped as numpy.lib.format.read_array shapes it."""
     dtype = descr_to_dtype(info["descr"])
     shape = check_dims(tuple(info["shape"]), "npy shape", where)
     if math.prod(shape) * dtype.itemsize != len(entry.data):
         raise where.error("npy array bytes do not match its header")
+    _check_crc(info, entry.data, where)
+    if dtype.shape:
+        # A subarray descr ("(2,)<i8"): numpy reads prod(shape) items of it, which become an array of
+        # its base dtype with the subarray's dimensions appended, then reshapes that to ``shape``.
+        # That works only when the subarray holds one element, or there is no element at all.
+        count = math.prod(shape)
+        if count * math.prod(dtype.shape) != count:
+            raise where.error(
+                f"npy descr {escape(str(info['descr']), 60)} is a subarray dtype: numpy.load cannot read "
+                f"an array of shape {shape} with it either"
+            )
+        dtype = dtype.base
     order = "F" if info["fortran_order"] else "C"
     return np.ndarray(shape, dtype=dtype, buffer=share_or_copy(entry.data, mmap=mmap), order=order)
+
+
+def member_bytes(info: Mapping[str, Any], storages: Mapping[str, StorageEntry], where: Where) -> bytes:
+    """An npz member that is no .npy: numpy.load returns its bytes (b"" for a directory entry)."""
+    key = info.get("storage")
+    if key is None:
+        return b""
+    entry = storages.get(key)
+    if entry is None:
+        raise where.error("npz member bytes were not indexed")
+    _check_crc(info, entry.data, where)
+    return bytes(entry.data)
+
+
+def _check_crc(info: Mapping[str, Any], data: memoryview, where: Where) -> None:
+    """An npz member's CRC, checked as numpy's zipfile checks it when it reads the member."""
+    if "crc" not in info:
+        return  # a whole .npy file
+    expected = info["crc"]
+    if expected is None:
+        raise where.error("npz member could not be read whole")
+    actual = zlib.crc32(data, info["crc_prefix"])
+    if actual != expected:
+        raise where.error(
+            f"npz member's CRC-32 {actual:#010x} does not match the recorded {expected:#010x}: the bytes "
+            "are damaged (numpy.load refuses them too)"
+        )
 
 
 class ArrayWrapper:

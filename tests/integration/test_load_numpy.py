@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import safeload
-from safeload.errors import DisallowedGlobalError
+from safeload.errors import DisallowedGlobalError, LoadError
 from tests.pickle_builder import marker_code
 
 WRAPPER = "joblib.numpy_pickle.NumpyArrayWrapper"
@@ -55,9 +55,114 @@ def test_npz(tmp_path: Path, compressed: bool) -> None:
     (np.savez_compressed if compressed else np.savez)(path, **arrays())
     out = safeload.load(path)
     with np.load(path) as ref:
-        assert sorted(out) == sorted(ref.files)
+        assert list(out) == ref.files
         for key in ref.files:
             assert_arrays_equal(ref[key], out[key])
+
+
+@pytest.mark.parametrize(
+    "compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"]
+)
+def test_npz_members_that_are_no_npy_are_their_bytes(tmp_path: Path, compression: int) -> None:
+    # numpy.load's NpzFile decides by each member's magic: an array for .npy bytes, the member's
+    # bytes for anything else (b"" for a directory entry), in archive order.
+    path = tmp_path / "a.npz"
+    np.savez(path, first=np.arange(3))
+    with zipfile.ZipFile(path, "a", compression=compression) as zf:
+        zf.writestr("meta.json", b'{"epoch": 3}')
+        zf.writestr("notes/", b"")
+        zf.writestr("broken.npy", b"\x93RUMPY" + bytes(range(40)))  # not the magic: bytes, not an array
+        with zf.open("last.npy", "w") as member:
+            np.lib.format.write_array(member, np.ones((2, 2), dtype=">f4"))
+    assert safeload.scan(path).verdict is safeload.Verdict.SAFE
+    out = safeload.load(path)
+    with np.load(path) as ref:
+        assert list(out) == ref.files == ["first", "meta.json", "notes/", "broken", "last"]
+        for key in ("meta.json", "notes/", "broken"):
+            assert type(out[key]) is bytes and out[key] == ref[key]
+        for key in ("first", "last"):
+            assert_arrays_equal(ref[key], out[key])
+
+
+def test_zip_whose_first_member_is_no_npy_loads_as_numpy_loads_it(tmp_path: Path) -> None:
+    # numpy.load opens any zip as an npz; here the first member is text, so detection reads the
+    # file as a plain zip whose members are recognized by content (npy arrays, one of objects).
+    path = tmp_path / "a.npz"
+    objects = np.array([{"k": [1, 2]}, "two"], dtype=object)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("README.txt", b"weights of a model")
+        for name, value in {"w": np.arange(6.0).reshape(2, 3), "objects": objects}.items():
+            with zf.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, value, allow_pickle=True)
+    report = safeload.scan(path)
+    assert report.verdict is safeload.Verdict.SAFE and "zip" in report.formats
+    out = safeload.load(path)
+    with np.load(path, allow_pickle=True) as ref:
+        assert list(out) == ref.files == ["README.txt", "w", "objects"]
+        assert out["README.txt"] == ref["README.txt"]
+        assert_arrays_equal(ref["w"], out["w"])
+        assert list(out["objects"]) == list(ref["objects"])
+    with pytest.raises(DisallowedGlobalError):
+        safeload.load(path, policy="strict")  # the object array still goes through the policy
+
+
+@pytest.mark.parametrize("member", ["a.npy", "meta.bin"])
+def test_npz_member_with_a_wrong_crc_is_refused_as_numpy_refuses_it(tmp_path: Path, member: str) -> None:
+    # The scan does not hash plain array bytes (no code can hide there); the loader checks what
+    # numpy's zipfile checks when it reads a member, and never hands over damaged bytes.
+    path = tmp_path / "a.npz"
+    np.savez(path, a=np.arange(64, dtype="<i4"))
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("meta.bin", bytes(range(64)))
+    data = bytearray(path.read_bytes())
+    target = (5).to_bytes(4, "little") if member == "a.npy" else bytes(range(16, 24))
+    data[data.index(target)] ^= 0x55
+    path.write_bytes(bytes(data))
+    with np.load(path) as ref, pytest.raises(zipfile.BadZipFile):
+        ref[member.removesuffix(".npy")]
+    with pytest.raises(LoadError, match="CRC-32") as caught:
+        safeload.load(path)
+    assert caught.value.member == member
+
+
+def _npy_with_descr(
+    path: Path, descr: str, shape: tuple[int, ...], payload: bytes, fortran: bool = False
+) -> None:
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": fortran, "shape": shape})
+        f.write(payload)
+
+
+@pytest.mark.parametrize(
+    ("descr", "shape", "fortran"),
+    [
+        ("(1,)<i8", (3,), False),
+        ("(1,1)<i2", (2, 3), True),
+        ("(0,)<i8", (0, 3), False),
+        ("(2,)<f4", (0,), False),
+    ],
+)
+def test_npy_subarray_descr_reads_as_numpy_reads_it(
+    tmp_path: Path, descr: str, shape: tuple[int, ...], fortran: bool
+) -> None:
+    # numpy.save never writes one, but numpy.load reads prod(shape) items of a subarray dtype and
+    # reshapes what that gives (its base dtype) to ``shape``.
+    path = tmp_path / "a.npy"
+    dtype = np.dtype(descr)
+    _npy_with_descr(path, descr, shape, bytes(range(int(np.prod(shape)) * dtype.itemsize)), fortran)
+    ref = np.load(path)
+    out = safeload.load(path)
+    assert_arrays_equal(ref, out)
+    assert out.flags.f_contiguous == ref.flags.f_contiguous
+
+
+def test_npy_subarray_descr_numpy_cannot_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.npy"
+    _npy_with_descr(path, "(2,)<i8", (3,), bytes(48))
+    with pytest.raises(ValueError):
+        np.load(path)
+    with pytest.raises(LoadError, match="subarray"):
+        safeload.load(path)
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA], ids=["bzip2", "lzma"])
