@@ -14,6 +14,8 @@ members as children. Bytes outside the archive's records are children too, read 
 
 from __future__ import annotations
 
+import re
+
 from safeload.formats import raw, zipfile_view, zipread
 from safeload.formats.base import (
     Child,
@@ -173,7 +175,7 @@ def _records(
     version = record(b".data/version")
     if version is None:
         version = record(b"version")
-    meta["version"] = _int(version)
+    meta["version"] = _leading_int(version)
     byteorder = record(b"byteorder")
     if byteorder is not None:
         if byteorder in (b"little", b"big"):
@@ -191,6 +193,16 @@ def _records(
     # torch.load hands archives holding constants.pkl to torch.jit.load (TorchScript).
     meta["torchscript"] = archive.locate(prefix + b"/constants.pkl") is not None
     return meta
+
+
+def _leading_int(value: bytes | None) -> int | None:
+    """The number torch reads from a version record (std::stoull: leading whitespace, a +, then
+    digits; whatever follows is ignored); None when it reads none, or a negative one (which torch
+    then refuses as too small or too large)."""
+    if value is None:
+        return None
+    digits = re.match(rb"\s*\+?(\d+)", value)
+    return int(digits.group(1)) if digits else None
 
 
 def _int(value: bytes | None) -> int | None:

@@ -30,6 +30,8 @@ FRAMEWORKS = ("auto", "torch", "numpy")
 # torch.load decodes Python 2 byte strings as utf-8 unless told otherwise; numpy and joblib use
 # pickle's own default.
 _TORCH_ENCODING = "utf-8"
+# The zip format versions torch's reader accepts (caffe2 inline_container: kMin/kMaxSupportedFileFormatVersion).
+MIN_ZIP_VERSION, MAX_ZIP_VERSION = 1, 10
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
@@ -171,6 +173,14 @@ class _Load:
             raise UnsupportedFormatError(
                 "cannot load: this is a TorchScript archive (torch.load refuses it with weights_only=True too); "
                 "TorchScript runs code by design",
+                path=self.path,
+            )
+        version = meta.get("version")
+        if not isinstance(version, int) or not MIN_ZIP_VERSION <= version <= MAX_ZIP_VERSION:
+            shown = "missing or not a number" if not isinstance(version, int) else f"{version}"
+            raise LoadError(
+                f"the archive's version record is {shown}; torch.load reads versions "
+                f"{MIN_ZIP_VERSION} to {MAX_ZIP_VERSION} only and refuses this file too",
                 path=self.path,
             )
         sa = self._loadable()

@@ -25,7 +25,7 @@ import numpy as np
 
 from safeload.errors import LoadError
 from safeload.formats.base import StorageEntry
-from safeload.loader.storages import Where, check_storage_bytes, check_view, parse_zip_pid
+from safeload.loader.storages import Where, check_storage_bytes, check_view, parse_zip_pid, shared_view_key
 from safeload.loader.unpickler import Gate, Guarded
 from safeload.text import escape
 
@@ -252,7 +252,13 @@ class NumpyBackend:
             raise self.where.error(f"storage {escape(key)} named by the pickle is not in the file")
         n = check_storage_bytes(len(entry.data), numel, dtype.itemsize, key, self.where)
         raw = np.frombuffer(entry.data, dtype=np.uint8) if len(entry.data) else np.zeros(0, np.uint8)
-        if entry.data.readonly and not self._mmap:
+        unit = dtype.itemsize // 2 if dtype.name.startswith("complex") else dtype.itemsize
+        if self._swap and unit > 1:
+            # As torch's loader: the storage is byte-swapped once, by its own dtype (complex ones
+            # by their parts), so every view of it shares the swapped bytes.
+            raw = raw.copy()
+            raw.view(f"u{unit}").byteswap(inplace=True)
+        elif entry.data.readonly and not self._mmap:
             raw = raw.copy()  # a caller's read-only bytes: do not hand out views of them
         storage = Storage(raw, dtype)
         self._made[id(storage)] = storage
@@ -287,6 +293,9 @@ class NumpyBackend:
                 raise self.where.error("legacy storage view metadata is not (key, offset, size)")
             view_key, offset, size = view
             view_key = str(view_key.decode("ascii", "replace") if isinstance(view_key, bytes) else view_key)
+            shared = shared_view_key(view_key, self._by_key, storages, self.where)
+            if shared is not None:
+                return shared[0]
             if view_key not in views:
                 elements = len(root.data) // dtype.itemsize
                 off, (count,), _ = check_view(
@@ -325,8 +334,6 @@ class NumpyBackend:
         elements = len(st.data) // dtype.itemsize
         off, dims, steps = check_view(offset, size, stride, elements, self.where)
         npdtype = numpy_dtype(dtype.name, self.where)
-        if self._swap:
-            npdtype = npdtype.newbyteorder()
         # An ndarray over the storage's bytes with explicit offset and strides: views of one storage
         # share memory, and the bounds were proved above (numpy checks them again).
         array = np.ndarray(
@@ -337,13 +344,19 @@ class NumpyBackend:
             offset=min(off, elements) * dtype.itemsize,
             strides=tuple(s * dtype.itemsize for s in steps),
         )
-        if self._swap:
-            array = array.astype(npdtype.newbyteorder("="))
-        if isinstance(metadata, dict):
-            if metadata.get("conj"):
-                array = np.conj(array)
-            if metadata.get("neg"):
+        if metadata is not None:
+            if not isinstance(metadata, dict) or not all(
+                type(k) is str and type(v) is bool for k, v in metadata.items()
+            ):
+                raise self.where.error("tensor metadata is not a dict of flags")
+            # torch sets a bit for each key present, whatever its value ({"neg": False} negates).
+            if "conj" in metadata:
+                if npdtype.kind != "c":
+                    raise self.where.error("tensor metadata sets conj on a tensor that is not complex")
+                array = np.conjugate(array)
+            if "neg" in metadata:
                 array = np.negative(array)
+            array = np.asarray(array)  # a ufunc makes a 0-d array a numpy scalar
         return array
 
     def _rebuild_tensor(self, storage: object, offset: object, size: object, stride: object) -> np.ndarray:

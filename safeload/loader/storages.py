@@ -6,11 +6,15 @@ inside its storage, so no backend ever reads (or lets a caller write) outside th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from safeload.errors import LoadError
 from safeload.text import escape
+
+if TYPE_CHECKING:
+    from safeload.formats.base import StorageEntry
 
 # torch and numpy index with int64; anything larger cannot be a real shape, stride or offset.
 INT64_MAX = (1 << 63) - 1
@@ -128,3 +132,19 @@ def parse_zip_pid(pid: object, where: Where) -> tuple[object, str, object, objec
     if type(key) is not str:
         raise where.error("persistent id storage key is not a string")
     return storage_type, key, location, count
+
+
+def shared_view_key(
+    view_key: str, loaded: Mapping[str, tuple[Any, ...]], storages: Mapping[str, StorageEntry], where: Where
+) -> tuple[Any, ...] | None:
+    """torch's legacy loader keeps storages and their views in one table: a view key that names a
+    storage loaded already is that storage (whole, its own dtype), as there; one that names a
+    storage still to come would have torch fill that storage's bytes into the view: refused."""
+    if view_key in loaded:
+        return loaded[view_key]
+    if view_key in storages:
+        raise where.error(
+            f"legacy storage view key {escape(view_key)} is also the key of a storage loaded after it: "
+            "torch.load would write that storage's bytes into the view; the file is crafted"
+        )
+    return None

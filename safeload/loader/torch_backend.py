@@ -24,6 +24,7 @@ from safeload.loader.storages import (
     check_storage_bytes,
     check_view,
     parse_zip_pid,
+    shared_view_key,
 )
 from safeload.loader.unpickler import Gate, Guarded
 from safeload.text import escape
@@ -234,6 +235,9 @@ class TorchBackend:
                 raise self.where.error("legacy storage view metadata is not (key, offset, size)")
             view_key, offset, view_size = view_metadata
             view_key = _key(view_key, self.where)
+            shared = shared_view_key(view_key, self._by_key, storages, self.where)
+            if shared is not None:
+                return shared[0]
             if view_key not in views:
                 views[view_key] = self.view_storage(root, dtype, offset, view_size)
             return views[view_key]

@@ -80,7 +80,7 @@ def checkpoint(body: bytes, storages: dict[str, bytes], policy: str = "strict") 
         formats=["torch-zip"],
         streams=[stream],
         storages={k: StorageEntry(k, memoryview(bytearray(v)), None) for k, v in storages.items()},
-        meta={"byteorder": "little", "loadable": {"format": "torch-zip", "member": stream.member}},
+        meta={"byteorder": "little", "version": 3, "loadable": {"format": "torch-zip", "member": stream.member}},
     )
     return handmade.Analysis(
         handmade.Report("<forged>"),

@@ -112,6 +112,7 @@ def torch_zip(
     )
     container.meta = {
         "byteorder": byteorder,
+        "version": int(zf.read(f"{prefix}/version")),
         "torchscript": False,
         "loadable": {"format": "torch-zip", "member": stream.member},
     }
