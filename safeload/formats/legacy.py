@@ -29,6 +29,7 @@ from safeload.analysis.types import ImportSite, WalkResult
 from safeload.analysis.walker import walk
 from safeload.formats import raw
 from safeload.formats.base import (
+    Child,
     PersistentScheme,
     PickleStream,
     ReadContext,
@@ -279,7 +280,26 @@ class _Sequence(_Base):
             pos = start + nbytes
         self.result.meta["storages"] = layout
         if pos < len(buf):
-            self.note("SL201", f"{len(buf) - pos} bytes after the last storage", pos)
+            self._after_storages(pos)
+
+    def _after_storages(self, pos: int) -> None:
+        tail = self.buf[pos:]
+        if not is_sequence(tail):
+            self.note("SL201", f"{len(tail)} bytes after the last storage", pos)
+            return
+        # torch.save called twice on one file handle: torch.load reads the first checkpoint, and a
+        # second torch.load on the same handle the next one. Read by content, as its own file.
+        self.note(
+            "SL202",
+            "another legacy checkpoint follows the last storage (torch.save called again on the same "
+            "file): torch.load reads the first, a second torch.load on the same handle the next; "
+            "each was scanned",
+            pos,
+        )
+        file_offset = None if self.ctx.file_offset is None else self.ctx.file_offset + pos
+        self.result.children.append(
+            Child(name="<appended>", data=tail, file_offset=file_offset, encoding=self.ctx.encoding)
+        )
 
 
 # -- the tar format --------------------------------------------------------------------------------

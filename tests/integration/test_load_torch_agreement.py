@@ -207,3 +207,14 @@ def test_numpy_backend_big_endian_views_share_the_swapped_storage(tmp_path: Path
             np.array_equal(arrays[key], ref[key].numpy()) and arrays[key].strides == ref[key].numpy().strides
         )
     assert np.shares_memory(arrays["base"], arrays["t"]) and np.shares_memory(arrays["c"], arrays["c2"])
+
+
+def test_two_legacy_saves_to_one_file_load_the_first_as_torch(tmp_path: Path) -> None:
+    path = tmp_path / "two.pt"
+    with path.open("wb") as f:
+        torch.save({"a": torch.arange(3.0)}, f, _use_new_zipfile_serialization=False)
+        torch.save({"b": torch.ones(2)}, f, _use_new_zipfile_serialization=False)
+    assert safeload.scan(path).verdict is safeload.Verdict.SAFE
+    ref, out, arrays = _load_all(path)
+    assert_same(ref, out)
+    assert list(arrays) == ["a"] and arrays["a"].tolist() == [0.0, 1.0, 2.0]

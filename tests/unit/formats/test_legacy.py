@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import safeload
 from safeload.formats import Container, PersistentScheme, StreamRole, open_container
 from safeload.formats.legacy import element_size
 from safeload.limits import Limits
@@ -150,6 +151,42 @@ def test_bytes_after_the_storages(legacy: bytes) -> None:
     assert c.findings[0].offset == len(legacy)
 
 
+def test_a_second_checkpoint_after_the_storages_is_scanned_as_its_own(legacy: bytes, tmp_path: Path) -> None:
+    # torch.save called twice on one file handle: torch.load reads the first, a second torch.load
+    # on the same handle the next one.
+    second = save_checkpoint(tmp_path / "second.pt", legacy=True)
+    c = scan(legacy + second)
+    assert [(f.code, f.offset) for f in c.findings] == [("SL202", len(legacy))]
+    assert [s.role for s in c.streams] == SEQUENCE + SEQUENCE
+    assert [s.member for s in c.streams[5:]] == ["<appended>"] * 5
+    assert [s.file_offset for s in c.streams[5:]] == [len(legacy) + e for e in [0, *pickle_ends(second, 4)]]
+    assert sorted(bytes(e.data) for e in c.storages.values()) == _expected_storages()  # the first's
+
+
+def test_a_payload_in_a_second_checkpoint_is_caught(
+    legacy: bytes, tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(marker.parent)
+    data = legacy + save_checkpoint(tmp_path / "evil.pt", payload=True, legacy=True)
+    report = safeload.scan_bytes(data)
+    assert report.verdict is safeload.Verdict.UNSAFE
+    assert {(f.global_name, f.member) for f in report.findings if f.code == "SL100"} == {
+        ("builtins.exec", "<appended>")
+    }
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_payload_in_a_second_checkpoint_runs_under_a_second_torch_load(
+    legacy: bytes, tmp_path: Path
+) -> None:
+    path = tmp_path / "two.pt"
+    path.write_bytes(legacy + save_checkpoint(tmp_path / "evil.pt", payload=True, legacy=True))
+    code = "import sys, torch\nf = open(sys.argv[1], 'rb')\ntorch.load(f, weights_only=False)\ntorch.load(f, weights_only=False)"
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, timeout=300)
+    assert (tmp_path / MARKER_NAME).exists()
+
+
 def test_storage_count_past_the_end(legacy: bytes) -> None:
     c = scan(legacy[:-3])
     assert [f.code for f in c.findings] == ["SL205"]
@@ -256,5 +293,9 @@ def test_the_readers_walks_are_the_walks_of_the_streams(legacy: bytes, tmp_path:
                 (i.qualname, i.offset, i.uses) for i in fresh.imports
             ]
             assert s.walked.anomalies == fresh.anomalies
-            assert (s.walked.complete, s.walked.opcodes, s.walked.end) == (fresh.complete, fresh.opcodes, fresh.end)
+            assert (s.walked.complete, s.walked.opcodes, s.walked.end) == (
+                fresh.complete,
+                fresh.opcodes,
+                fresh.end,
+            )
             assert [p.offset for p in s.walked.persistent_ids] == [p.offset for p in fresh.persistent_ids]
