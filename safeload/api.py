@@ -374,8 +374,27 @@ def load(
     if pickle_module is not None:
         raise TypeError("safeload.load does not take pickle_module: it always uses its restricted unpickler")
     resolved = resolve_policy(policy, allow)
+    start = _seekable_position(f)
     source = open_source(f, use_mmap=bool(mmap), max_bytes=resolved.limits.max_file_bytes)
-    return _load_source(source, resolved, map_location, bool(mmap), framework, pickle_load_args)
+    obj, analysis = _load_source(source, resolved, map_location, bool(mmap), framework, pickle_load_args)
+    meta = analysis.container.meta
+    end = meta.get("end")
+    loadable = meta.get("loadable")
+    whole_file = isinstance(loadable, dict) and loadable.get("member") is None
+    if start is not None and isinstance(end, int) and whole_file:
+        # As torch.load leaves a handle after a legacy checkpoint: a second load reads the next.
+        f.seek(start + end)
+    return obj
+
+
+def _seekable_position(f: Any) -> int | None:
+    """Where a seekable file object stands before the load; None for a path or a stream."""
+    if isinstance(f, (str, bytes, os.PathLike)) or not hasattr(f, "read"):
+        return None
+    try:
+        return int(f.tell()) if f.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def loads(
@@ -390,7 +409,7 @@ def loads(
 ) -> Any:
     resolved = resolve_policy(policy, allow)
     source = from_bytes(data, name)
-    return _load_source(source, resolved, map_location, False, framework, pickle_load_args)
+    return _load_source(source, resolved, map_location, False, framework, pickle_load_args)[0]
 
 
 def _load_source(
@@ -400,13 +419,14 @@ def _load_source(
     mmap: bool,
     framework: str,
     pickle_load_args: dict[str, Any],
-) -> Any:
+) -> tuple[Any, Analysis]:
     analysis = analyse(source, policy, explain_streams=False, pin_streams=source.mapped)
     if analysis.report.verdict is not Verdict.SAFE:
         raise refusal(analysis.report)
     from safeload.loader import unpickle
 
-    return unpickle(analysis, map_location=map_location, mmap=mmap, framework=framework, **pickle_load_args)
+    obj = unpickle(analysis, map_location=map_location, mmap=mmap, framework=framework, **pickle_load_args)
+    return obj, analysis
 
 
 def refusal(report: ScanReport) -> SafeloadError:

@@ -279,6 +279,7 @@ class _Sequence(_Base):
             layout[key] = {"offset": start, "numel": count, "element_size": size, "storage_type": qualname}
             pos = start + nbytes
         self.result.meta["storages"] = layout
+        self.result.meta["end"] = pos  # where the checkpoint ends (and a next one may start)
         if pos < len(buf):
             self._after_storages(pos)
 

@@ -218,3 +218,19 @@ def test_two_legacy_saves_to_one_file_load_the_first_as_torch(tmp_path: Path) ->
     ref, out, arrays = _load_all(path)
     assert_same(ref, out)
     assert list(arrays) == ["a"] and arrays["a"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_loads_on_one_handle_read_one_legacy_checkpoint_each_as_torch(tmp_path: Path) -> None:
+    path = tmp_path / "two.pt"
+    with path.open("wb") as f:
+        f.write(b"head")
+        for i in range(2):
+            torch.save({"i": torch.tensor([float(i)])}, f, _use_new_zipfile_serialization=False)
+    with path.open("rb") as ref_file, path.open("rb") as f:
+        ref_file.seek(4)
+        f.seek(4)
+        for _ in range(2):
+            ref = torch.load(ref_file, weights_only=True)
+            assert_same(ref, safeload.load(f))
+            assert f.tell() == ref_file.tell()
+        assert f.read() == b""
