@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable
 
+from safeload.analysis.text_numbers import float_arg, int_arg, long_arg
 from safeload.analysis.types import WalkResult
 from safeload.analysis.values import Opaque
 from safeload.limits import Limits
@@ -161,26 +162,17 @@ class Arguments:
         raise Stop("SL200", offset, "the STRING opcode argument must be quoted")
 
     def _number(self, op: int, text: bytes, offset: int) -> object:
-        # C parses these with NUL-terminated string functions: a NUL ends the number.
-        text = text.split(b"\0", 1)[0]
-        digits = self.limits.max_int_digits
+        """INT, LONG, FLOAT as the C unpickler reads them (text_numbers); an Opaque where C refuses
+        (walking on only reports more)."""
         if op == 0x46:  # FLOAT
-            try:
-                return float(text)
-            except ValueError:
-                return Opaque("float")  # C refuses; walking on only reports more
-        if op == 0x4C and text.endswith(b"L"):
-            text = text[:-1]
-        if len(text.strip().lstrip(b"+-")) > digits:
+            value = float_arg(text)
+            return Opaque("float") if value is None else value
+        # C parses these with NUL-terminated string functions: a NUL ends the number.
+        digits = self.limits.max_int_digits
+        if len(text.split(b"\0", 1)[0].strip().lstrip(b"+-")) > digits:
             raise Stop("SL203", offset, f"integer literal longer than {digits} digits")
-        if op == 0x49 and text in (b"00", b"01"):
-            return text == b"01"
-        for base in (0, 10):
-            try:
-                return int(text, base)
-            except ValueError:
-                continue
-        return Opaque("int")
+        number = int_arg(text) if op == 0x49 else long_arg(text)
+        return Opaque("int") if number is None else number
 
     def _index(self, text: bytes, offset: int) -> int:
         text = text.split(b"\0", 1)[0]  # as in _number

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from safeload.analysis.text_numbers import float_arg, int_arg, long_arg
 from safeload.errors import InternalLoaderError, LoadError, SafeloadError, UnsafeModelError
 from safeload.loader.array_state import BuildOnce, build_state_problem
 from safeload.loader.resolve import Resolver, map_name
@@ -242,6 +243,12 @@ def _taking(base: Callable[[Any], None], count: int | None) -> Callable[[Any], N
     return handler
 
 
+def _require(ok: bool, message: str) -> None:
+    """A malformed stream the C unpickler refuses (pickle.py would go on)."""
+    if not ok:
+        raise TypeError(f"{message} (pickle.load refuses it too)")
+
+
 class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     """pickle's pure-Python unpickler with the gate and torch's opcode rules."""
 
@@ -298,9 +305,28 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
             names = "/".join(k.__name__ for k in kinds)
             raise self._refuse(f"{op} on {_kind(target)}; only {names} objects take it")
 
+    # Protocol 0 numbers as the C unpickler (pickle.load, torch.load) reads them, not pickle.py.
+    def _text_number(self, parse: Callable[[bytes], object], what: str) -> None:
+        line = self.readline()
+        value = parse(line[:-1] if line.endswith(b"\n") else line)
+        if value is None:
+            raise ValueError(f"could not convert string to {what}")
+        self.append(value)
+
+    def load_int(self) -> None:
+        self._text_number(int_arg, "int")
+
+    def load_long(self) -> None:
+        self._text_number(long_arg, "int")
+
+    def load_float(self) -> None:
+        self._text_number(float_arg, "float")
+
     # Calls: what they are given is taken (see BuildOnce); what they make may take one BUILD.
+    # Arguments must be a tuple (and keywords a dict) as the C unpickler requires.
     def load_reduce(self) -> None:
         self._callable(self.stack[-2], "REDUCE")
+        _require(type(self.stack[-1]) is tuple, "REDUCE arguments are not a tuple")
         if self._builds.pending:
             self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
@@ -308,6 +334,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     def load_newobj(self) -> None:
         self._callable(self.stack[-2], "NEWOBJ")
+        _require(type(self.stack[-1]) is tuple, "NEWOBJ expected an arg tuple")
         if self._builds.pending:
             self._builds.taken(self.stack[-1:])
         pickle._Unpickler.load_newobj(self)  # type: ignore[attr-defined]
@@ -315,6 +342,8 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     def load_newobj_ex(self) -> None:
         self._callable(self.stack[-3], "NEWOBJ_EX")
+        _require(type(self.stack[-2]) is tuple, "NEWOBJ_EX args argument must be a tuple")
+        _require(type(self.stack[-1]) is dict, "NEWOBJ_EX kwargs argument must be a dict")
         if self._builds.pending:
             self._builds.taken(self.stack[-2:])
         pickle._Unpickler.load_newobj_ex(self)  # type: ignore[attr-defined]
@@ -389,6 +418,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     dispatch[pickle.LIST[0]] = load_list
     dispatch[pickle.DICT[0]] = load_dict
     dispatch[pickle.FROZENSET[0]] = load_frozenset
+    dispatch[pickle.INT[0]] = load_int
+    dispatch[pickle.LONG[0]] = load_long
+    dispatch[pickle.FLOAT[0]] = load_float
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.NEWOBJ[0]] = load_newobj
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
