@@ -277,13 +277,12 @@ class _Load:
         # array for .npy bytes, the member's bytes for anything else.
         out: dict[str, object] = {}
         for name in members:
-            member = name
             if name in arrays:
                 value = self._npy_member(arrays[name], by_member, storages)
             elif name in others:
-                value = numpy_formats.member_bytes(others[name], storages, Where(self.path, member))
+                value = numpy_formats.member_bytes(others[name], storages, Where(self.path, name))
             else:
-                raise LoadError("npz member was not indexed", path=self.path, member=member)
+                raise LoadError("npz member was not indexed", path=self.path, member=name)
             out[name[:-4] if name.endswith(".npy") else name] = value
         return out
 

@@ -25,7 +25,14 @@ import numpy as np
 
 from safeload.errors import LoadError
 from safeload.formats.base import StorageEntry
-from safeload.loader.storages import Where, check_storage_bytes, check_view, parse_zip_pid, shared_view_key
+from safeload.loader.storages import (
+    Where,
+    check_flags,
+    check_storage_bytes,
+    check_view,
+    parse_zip_pid,
+    shared_view_key,
+)
 from safeload.loader.unpickler import Gate, Guarded
 from safeload.text import escape
 
@@ -344,11 +351,8 @@ class NumpyBackend:
             offset=min(off, elements) * dtype.itemsize,
             strides=tuple(s * dtype.itemsize for s in steps),
         )
-        if metadata is not None:
-            if not isinstance(metadata, dict) or not all(
-                type(k) is str and type(v) is bool for k, v in metadata.items()
-            ):
-                raise self.where.error("tensor metadata is not a dict of flags")
+        check_flags(metadata, self.where)
+        if isinstance(metadata, dict):
             # torch sets a bit for each key present, whatever its value ({"neg": False} negates).
             if "conj" in metadata:
                 if npdtype.kind != "c":

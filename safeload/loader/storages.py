@@ -148,3 +148,12 @@ def shared_view_key(
             "torch.load would write that storage's bytes into the view; the file is crafted"
         )
     return None
+
+
+def check_flags(metadata: object, where: Where) -> None:
+    """A rebuild's metadata (torch's conj/neg bits): None or a dict of flags."""
+    if metadata is not None and (
+        not isinstance(metadata, dict)
+        or not all(type(k) is str and type(v) is bool for k, v in metadata.items())
+    ):
+        raise where.error("tensor metadata is not a dict of flags")

@@ -20,6 +20,7 @@ from safeload.loader.storages import (
     Where,
     ascii_text,
     check_dims,
+    check_flags,
     check_int,
     check_storage_bytes,
     check_view,
@@ -269,12 +270,7 @@ class TorchBackend:
             raise self.where.error("tensor carries backward hooks; torch.save never writes them")
 
     def _check_metadata(self, metadata: object) -> None:
-        if metadata is None:
-            return
-        if not isinstance(metadata, dict) or not all(
-            type(k) is str and type(v) is bool for k, v in metadata.items()
-        ):
-            raise self.where.error("tensor metadata is not a dict of flags")
+        check_flags(metadata, self.where)
 
     def _rebuild_tensor(self, storage: Any, offset: object, size: object, stride: object) -> Any:
         self._check(storage, offset, size, stride, storage.dtype.itemsize)

@@ -10,6 +10,7 @@ import pickle
 import pickletools
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,20 +106,23 @@ def test_legacy_view_key_naming_a_storage_still_to_come_is_refused(tmp_path: Pat
             safeload.load(path, framework=framework)
 
 
-def _zip_with(obj: Any, member: str, body: bytes | None) -> bytes:
+def _rezipped(obj: Any, edit: Callable[[str, bytes], bytes | None]) -> bytes:
+    """torch.save(obj), rewritten member by member: edit(name, body) gives the new body (None drops
+    the member)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
-            if info.filename.endswith(f"/{member}"):
-                if body is None:
-                    continue
+            body = edit(info.filename, src.read(info.filename))
+            if body is not None:
                 dst.writestr(info.filename, body)
-            else:
-                dst.writestr(info.filename, src.read(info.filename))
     return out.getvalue()
+
+
+def _zip_with(obj: Any, member: str, body: bytes | None) -> bytes:
+    return _rezipped(obj, lambda name, old: body if name.endswith(f"/{member}") else old)
 
 
 @pytest.mark.parametrize("version", [b" 3", b"3abc", b"+3", b"10\n"], ids=repr)
@@ -187,20 +191,16 @@ def test_numpy_backend_big_endian_views_share_the_swapped_storage(tmp_path: Path
     base = torch.arange(12, dtype=torch.float32)
     cbase = (torch.arange(4) + 1j * torch.arange(4)).to(torch.complex64)
     obj = {"base": base, "t": base.view(3, 4).t(), "c": cbase, "c2": cbase[1:]}
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            body = src.read(info.filename)
-            if info.filename.endswith("/byteorder"):
-                body = b"big"
-            elif "/data/" in info.filename and not info.filename.endswith("serialization_id"):
-                body = np.frombuffer(body, "<u4").byteswap().tobytes()  # float32 and complex64 parts
-            dst.writestr(info.filename, body)
+
+    def as_big_endian(name: str, body: bytes) -> bytes:
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name and not name.endswith("serialization_id"):
+            return np.frombuffer(body, "<u4").byteswap().tobytes()  # float32 and complex64 parts
+        return body
+
     path = tmp_path / "big.pt"
-    path.write_bytes(out.getvalue())
+    path.write_bytes(_rezipped(obj, as_big_endian))
     ref, _, arrays = _load_all(path)
     for key in obj:
         assert (
