@@ -19,6 +19,7 @@ __all__ = [
     "Verdict",
     "__version__",
     "errors",
+    "guard_torch_load",
     "load",
     "load_policy",
     "loads",
@@ -46,6 +47,8 @@ def __getattr__(name: str) -> object:
         from safeload import api
 
         value = getattr(api, name)
+    elif name == "guard_torch_load":
+        from safeload.guard import guard_torch_load as value
     elif name in ("Policy", "load_policy"):
         from safeload import policy
 

@@ -55,6 +55,15 @@ def available() -> bool:
     return True
 
 
+def load_owners() -> tuple[Any, Any]:
+    """torch and torch.serialization: the modules whose ``load`` is torch.load (ImportError without
+    torch). safeload.guard swaps that attribute on both."""
+    import torch
+    import torch.serialization
+
+    return torch, torch.serialization
+
+
 class TorchBackend:
     """Builds storages and tensors for one load."""
 
