@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
+from stat import S_ISREG
 
 _CREATE = (
     os.O_WRONLY
@@ -33,9 +33,44 @@ def write_atomic(target: str | os.PathLike[str], data: str | bytes, *, mode: int
             f.write(payload)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+
+
+def write_if_changed(target: str | os.PathLike[str], data: str | bytes, *, mode: int = 0o666) -> bool:
+    """``write_atomic``, unless ``target`` is a regular file (not a link) that already holds exactly
+    these bytes: it is then left as it is, inode and times included. Returns whether it wrote.
+
+    A replayed audit rewrites the report it wrote last time: reading it back costs a fraction of
+    writing it anew and freeing the old one's pages.
+    """
+    path = os.fspath(target)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if _holds(path, payload):
+        return False
+    write_atomic(path, payload, mode=mode)
+    return True
+
+
+def _holds(path: str, payload: bytes) -> bool:
+    try:
+        st = os.lstat(path)
+        if not S_ISREG(st.st_mode) or st.st_size != len(payload):
+            return False
+        flags = (
+            os.O_RDONLY
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_CLOEXEC", 0)
+            | getattr(os, "O_BINARY", 0)
+        )
+        fd = os.open(path, flags)
+        with open(fd, "rb") as f:
+            return f.read(len(payload) + 1) == payload
+    except OSError:
+        return False
 
 
 def _create_beside(path: str, mode: int) -> tuple[int, str]:

@@ -35,10 +35,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 from safeload.atomic import write_atomic
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     from safeload.model import ScanReport
 

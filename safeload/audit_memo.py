@@ -32,7 +32,6 @@ import marshal
 import os
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
 
 from safeload import __version__
 from safeload import rules as rules_package
@@ -40,6 +39,7 @@ from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_walk import FileGroup, collect
 from safeload.text import escape
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     from datetime import date
 
@@ -54,25 +54,44 @@ _NAMED_CHANGES = 3
 _MAX_POLICY_BYTES = 1 << 20
 
 
-# Named tuples, not dataclasses: a replayed audit imports as little as it can.
-class RunSpec(NamedTuple):
+# Plain classes, not dataclasses or typing.NamedTuple: a replayed audit imports as little as it can.
+class RunSpec:
     """Everything besides the files themselves that decides an audit's report."""
 
-    paths: tuple[str, ...]
-    policy: str
-    allow: tuple[str, ...]
-    compare: tuple[str, ...]
-    fmt: str
-    verbose: bool
-    baseline: str | None
+    __slots__ = ("paths", "policy", "allow", "compare", "fmt", "verbose", "baseline")
+
+    def __init__(
+        self,
+        *,
+        paths: tuple[str, ...],
+        policy: str,
+        allow: tuple[str, ...],
+        compare: tuple[str, ...],
+        fmt: str,
+        verbose: bool,
+        baseline: str | None,
+    ) -> None:
+        self.paths = paths
+        self.policy = policy
+        self.allow = allow
+        self.compare = compare
+        self.fmt = fmt
+        self.verbose = verbose
+        self.baseline = baseline
+
+    def values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
 
 
-class Replay(NamedTuple):
-    report: bytes  # UTF-8, as the audit wrote it (written back as it is)
-    exit_code: int
-    paths: int
-    files: int
-    skipped: int
+class Replay:
+    __slots__ = ("report", "exit_code", "paths", "files", "skipped")
+
+    def __init__(self, *, report: bytes, exit_code: int, paths: int, files: int, skipped: int) -> None:
+        self.report = report  # UTF-8, as the audit wrote it (written back as it is)
+        self.exit_code = exit_code
+        self.paths = paths
+        self.files = files
+        self.skipped = skipped
 
 
 class RunMemo:
@@ -85,7 +104,7 @@ class RunMemo:
         self.parts = _parts(spec)
         self.key = run_key(spec, self.groups, self.parts)
         # The same command in the same directory: what a miss compares with.
-        self.command = hashlib.sha256(repr((os.getcwd(), tuple(spec))).encode()).hexdigest()[:32]
+        self.command = hashlib.sha256(repr((os.getcwd(), spec.values())).encode()).hexdigest()[:32]
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
         self._path_states: object = _NOT_YET
 

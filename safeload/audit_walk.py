@@ -10,8 +10,8 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from stat import S_ISREG
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     from safeload.model import ScanReport
 

@@ -10,11 +10,13 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from safeload import __version__
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     from safeload.model import ScanReport
 
 EXIT_CLEAN = 0
@@ -27,7 +29,34 @@ class UsageError(Exception):
     pass
 
 
+class _Formatter(argparse.HelpFormatter):
+    # argparse makes a formatter for every argument it adds, and each asks shutil for the terminal's
+    # width: importing shutil (with bz2 and lzma) is several percent of a replayed audit. Same rule
+    # as shutil.get_terminal_size: $COLUMNS, else the terminal, else 80; argparse then takes 2 off.
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+def _columns() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     # argparse exits 2 on bad usage; 2 means "incomplete scan" here, so usage errors become 3.
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
@@ -188,9 +217,9 @@ def _emit(text: str, output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    from safeload.atomic import write_atomic
+    from safeload.atomic import write_if_changed
 
-    write_atomic(output, text)  # never a half-written report
+    write_if_changed(output, text)  # never a half-written report
 
 
 def _cmd_policy(args: argparse.Namespace) -> int:

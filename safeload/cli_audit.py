@@ -6,11 +6,14 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
 
-from safeload.atomic import write_atomic
+from safeload.atomic import write_if_changed
 from safeload.gcpause import fewer_collections
 from safeload.text import escape
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 EXIT_USAGE = 3
 # Only when --format is not given: the output file's name says what the user wants written.
@@ -171,7 +174,7 @@ def _memo(args: argparse.Namespace, fmt: str) -> Any:
 
 def _write(output: str | None, report: str | bytes) -> None:
     if output:
-        write_atomic(output, report)
+        write_if_changed(output, report)
     elif isinstance(report, bytes):
         sys.stdout.write(report.decode("utf-8"))
     else:

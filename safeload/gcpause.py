@@ -13,21 +13,24 @@ thresholds are restored when the last concurrent scan ends.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import gc
-import threading
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
+if TYPE_CHECKING:
+    from typing import ParamSpec, TypeVar
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
 
 __all__ = ["SCAN_THRESHOLD", "fewer_collections"]
 
 # Allocations between young-generation collections during a scan (CPython's default is 700).
 SCAN_THRESHOLD = 100_000
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # threading's Lock, without importing threading (a replayed audit)
 _active = 0  # scans in progress, in any thread
 _saved: tuple[int, ...] | None = None  # the thresholds to restore when the last one ends
 

@@ -7,8 +7,8 @@ it knows whether it will render anything (a replayed audit report renders nothin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     from safeload.model import ScanRun
 

@@ -222,12 +222,15 @@ def test_a_damaged_stored_run_is_a_miss(tree: Path, tmp_path: Path, capsys: pyte
 
 def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -> None:
     """What makes a replay fast: no pydantic, no scanner, no renderer, not even the rule catalogue,
-    the error classes (and pickle with them), dataclasses, tempfile or pathlib (checked in a fresh process; an editable install's import hook
-    loads pathlib at start-up, so the check forgets it first: an import by safeload loads it anew)."""
+    the error classes (and pickle with them), dataclasses, tempfile, pathlib, typing, shutil or
+    threading (checked in a fresh process; an editable install's import hook loads pathlib at
+    start-up, so the check forgets it first: an import by safeload loads it anew)."""
     args = ["audit", str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.html"), "--no-progress"]
     script = (
         "import sys; names = ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html', "
-        "'safeload.codes', 'safeload.errors', 'pickle', 'dataclasses', 'tempfile', 'pathlib'); [sys.modules.pop(m, None) for m in names]; "
+        "'safeload.codes', 'safeload.errors', 'pickle', 'dataclasses', 'tempfile', 'pathlib', 'typing', "
+        "'shutil', 'threading'); "
+        "[sys.modules.pop(m, None) for m in names]; "
         "from safeload.cli import main; code = main(sys.argv[1:]); "
         "print(code, [m for m in names if m in sys.modules])"
     )

@@ -1,4 +1,5 @@
-"""write_atomic: the whole file or the old one, never through a link, with the usual permissions."""
+"""write_atomic: the whole file or the old one, never through a link, with the usual permissions.
+write_if_changed: the same, or nothing at all when the file already holds those bytes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safeload.atomic import write_atomic
+from safeload.atomic import write_atomic, write_if_changed
 
 
 def test_text_and_bytes_replace_the_file_whole(tmp_path: Path) -> None:
@@ -59,3 +60,36 @@ def test_a_name_already_taken_is_skipped(tmp_path: Path, monkeypatch: pytest.Mon
     write_atomic(target, "ok")
     assert target.read_text() == "ok"
     assert not (tmp_path / "elsewhere").exists()  # the planted link was not followed
+
+
+def test_a_file_that_holds_the_bytes_already_is_left_alone(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    assert write_if_changed(target, "same ✓") is True  # absent: written
+    before = target.stat()
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    before = target.stat()
+    assert write_if_changed(target, "same ✓") is False
+    assert write_if_changed(str(target), "same ✓".encode()) is False
+    after = target.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert os.listdir(tmp_path) == ["report.json"]
+
+
+@pytest.mark.parametrize("old", ["same-size", "longer text", "short", ""])
+def test_other_bytes_are_replaced_whole(tmp_path: Path, old: str) -> None:
+    target = tmp_path / "report.json"
+    target.write_text(old)
+    inode = target.stat().st_ino
+    assert write_if_changed(target, "SAME-SIZE") is True
+    assert target.read_text() == "SAME-SIZE"
+    assert target.stat().st_ino != inode  # a new file renamed into place, as write_atomic does
+
+
+def test_a_link_to_the_same_bytes_is_still_replaced(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("{}")
+    target = tmp_path / "report.json"
+    target.symlink_to(victim)
+    assert write_if_changed(target, "{}") is True
+    assert not target.is_symlink() and target.read_text() == "{}"
+    assert victim.read_text() == "{}"

@@ -219,3 +219,28 @@ def test_the_console_command_hands_over_all_its_output_and_exit_code(tmp_path: P
     assert json.loads(report.read_text())["exit_code"] == 1
     assert b"exit 1" in proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("columns", ["50", "132", "", "junk", "-3"])
+def test_help_is_wrapped_as_argparse_wraps_it(columns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """safeload's help formatter takes the terminal width without shutil: the text must not change."""
+    import argparse
+
+    from safeload import cli
+
+    monkeypatch.setenv("COLUMNS", columns)
+    for command in (None, "scan", "audit", "policy"):
+        ours = cli.build_parser(command)
+        monkeypatch.setattr(cli, "_Formatter", argparse.HelpFormatter)
+        stock = cli.build_parser(command)
+        monkeypatch.undo()
+        monkeypatch.setenv("COLUMNS", columns)
+        helps = [p.format_help() for p in (ours, stock)]
+        if command is not None:
+            sub = [a for a in ours._actions if isinstance(a, argparse._SubParsersAction)][0]
+            stock_sub = [a for a in stock._actions if isinstance(a, argparse._SubParsersAction)][0]
+            helps = [sub.choices[command].format_help(), stock_sub.choices[command].format_help()]
+        assert helps[0] == helps[1]
+        widest = max(len(line) for line in helps[0].splitlines())
+        # the width is really taken from $COLUMNS (or, without a usable one, is 80)
+        assert widest > 80 if columns == "132" else widest <= 80
