@@ -6,13 +6,14 @@ Two trees, each timed with every tool as a command-line run (start-up included, 
   small: many small files (raw pickles of every protocol and small torch.save checkpoints);
   large: a few big torch.save checkpoints (the issue's figure is 20 files of 1 GB: --large-mb 1024,
          which needs about 20 GB of disk; the default is smaller so that a quick run stays quick).
-safeload runs with each --jobs value, first with an empty cache, then again on the unchanged tree
-(the cached re-run: the tree is walked and stat'ed again, and the last report replayed), --reruns
-times. Printed: seconds, files/s, each peer's time as a ratio to safeload's first run with the most
-jobs (> 1: safeload faster), and the cached re-run as a share of the first run: its best and its
-median. One re-run of 5,000 small files takes about 0.15 s at best; on this project's VMs the same
-command takes anything up to twice that from run to run, so one timing says more about the VM than
-about safeload.
+Every tool's first run is timed --firsts times, the tools taking turns (safeload with each --jobs
+value, from an empty cache each time); then safeload runs again on the unchanged tree --reruns times
+(the cached re-run: the tree is walked and stat'ed again, and the last report replayed). Printed:
+the best and the median time, files/s at the best, each peer's time as a ratio to safeload's first
+run with the most jobs, best to best and median to median (> 1: safeload faster), and the cached
+re-run as a share of the first run. On this project's VMs one command takes anything up to 1.6
+times as long from run to run (picklescan's first run of 5,000 files: 1.0 to 1.6 s in one
+session), so one timing says more about the VM than about the tools: compare medians.
 
 A first audit reads every byte once (the scan hashes what it walks: sha256 is the file's identity
 for dedupe, cache and waivers); picklescan and modelscan read only the pickle members of a torch
@@ -91,16 +92,24 @@ def timed(cmd: list[str], timeout: float) -> float | str:
     return elapsed
 
 
+def _summary(times: list[float | str]) -> tuple[float, float] | str:
+    """(best, median) of the timings, or the first failure."""
+    failed = [t for t in times if isinstance(t, str)]
+    if failed:
+        return failed[0]
+    done = sorted(t for t in times if isinstance(t, float))
+    return done[0], statistics.median(done)
+
+
 def bench_tree(
-    name: str, tree: Path, files: int, jobs: list[int], timeout: float, reruns: int = 5
+    name: str, tree: Path, files: int, jobs: list[int], timeout: float, reruns: int = 5, firsts: int = 3
 ) -> list[list[str]]:
-    rows: list[list[str]] = []
-    results: dict[str, float | str] = {}
-    medians: dict[str, float] = {}
+    """Every tool's first run ``firsts`` times, the tools taking turns (safeload from an empty cache
+    each time), then safeload's cached re-runs on the cache its last first run left."""
     slug = tree.name
+    commands: dict[str, tuple[list[str], Path | None]] = {}
     for n in jobs:
         cache = OUT / f"cache-{slug}-{n}"
-        shutil.rmtree(cache, ignore_errors=True)
         cmd = [
             _tool("safeload"),
             "audit",
@@ -115,33 +124,39 @@ def bench_tree(
             str(OUT / f"{slug}-jobs{n}.json"),
             "--no-progress",
         ]
-        results[f"safeload audit --jobs {n}"] = timed(cmd, timeout)
-        again = [timed(cmd, timeout) for _ in range(max(1, reruns))]
-        times = sorted(t for t in again if isinstance(t, float))
-        key = f"safeload audit --jobs {n} (cached re-run)"
-        failed = [t for t in again if isinstance(t, str)]
-        results[key] = failed[0] if failed else times[0]
-        if not failed:
-            medians[key] = statistics.median(times)
-    results["picklescan -p"] = timed([_tool("picklescan"), "-p", str(tree)], timeout)
-    results["modelscan -p"] = timed([_tool("modelscan"), "-p", str(tree)], timeout)
+        commands[f"safeload audit --jobs {n}"] = (cmd, cache)
+    commands["picklescan -p"] = ([_tool("picklescan"), "-p", str(tree)], None)
+    commands["modelscan -p"] = ([_tool("modelscan"), "-p", str(tree)], None)
 
+    first_times: dict[str, list[float | str]] = {tool: [] for tool in commands}
+    for _ in range(max(1, firsts)):
+        for tool, (cmd, cache) in commands.items():
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
+            first_times[tool].append(timed(cmd, timeout))
+    results: dict[str, tuple[float, float] | str] = {}
+    for tool, (cmd, cache) in commands.items():
+        results[tool] = _summary(first_times[tool])
+        if cache is not None:
+            again = [timed(cmd, timeout) for _ in range(max(1, reruns))]
+            results[f"{tool} (cached re-run)"] = _summary(again)
+
+    rows: list[list[str]] = []
     reference = results[f"safeload audit --jobs {max(jobs)}"]
-    for tool, seconds in results.items():
-        if isinstance(seconds, str):
-            rows.append([name, tool, seconds, "-", "-", "-"])
+    for tool, result in results.items():
+        if isinstance(result, str):
+            rows.append([name, tool, result, "-", "-", "-", "-"])
             continue
-        ratio = (
-            f"{seconds / reference:.2f}"
-            if isinstance(reference, float) and not tool.startswith("safeload")
-            else "-"
-        )
+        best, median = result
+        ratio = "-"
+        if not isinstance(reference, str) and not tool.startswith("safeload"):
+            ratio = f"{best / reference[0]:.2f} ({median / reference[1]:.2f})"
         share = "-"
         if "cached" in tool:
             first = results[tool.replace(" (cached re-run)", "")]
-            if isinstance(first, float):
-                share = f"{100 * seconds / first:.1f}% (median {100 * medians[tool] / first:.1f}%)"
-        rows.append([name, tool, f"{seconds:.2f}", f"{files / seconds:.0f}", ratio, share])
+            if not isinstance(first, str):
+                share = f"{100 * best / first[0]:.1f}% (median {100 * median / first[1]:.1f}%)"
+        rows.append([name, tool, f"{best:.2f}", f"{median:.2f}", f"{files / best:.0f}", ratio, share])
     return rows
 
 
@@ -157,6 +172,12 @@ def main() -> None:
     ap.add_argument(
         "--reruns", type=int, default=5, help="cached re-runs per --jobs value: best and median (default 5)"
     )
+    ap.add_argument(
+        "--firsts",
+        type=int,
+        default=3,
+        help="first runs per tool, the tools taking turns: best and median (default 3)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the generated trees in bench/out")
     args = ap.parse_args()
 
@@ -168,18 +189,30 @@ def main() -> None:
     try:
         if args.small:
             make_small(small, args.small)
-            rows += bench_tree(f"{args.small} small", small, args.small, args.jobs, args.timeout, args.reruns)
+            rows += bench_tree(
+                f"{args.small} small", small, args.small, args.jobs, args.timeout, args.reruns, args.firsts
+            )
         if args.large:
             make_large(large, args.large, args.large_mb)
             rows += bench_tree(
-                f"{args.large} x {args.large_mb} MB", large, args.large, args.jobs, args.timeout, args.reruns
+                f"{args.large} x {args.large_mb} MB",
+                large,
+                args.large,
+                args.jobs,
+                args.timeout,
+                args.reruns,
+                args.firsts,
             )
     finally:
         if not args.keep:
             for leftover in (small, large, *OUT.glob("cache-audit-*")):
                 shutil.rmtree(leftover, ignore_errors=True)
     print(f"cpus: {os.cpu_count()}  python: {sys.version.split()[0]}  safeload walker: {walker_build()}")
-    print(table(rows, ["tree", "tool", "seconds", "files/s", "peer/safeload", "cached/first"]))
+    print(
+        table(
+            rows, ["tree", "tool", "best s", "median s", "files/s", "peer/safeload (median)", "cached/first"]
+        )
+    )
 
 
 if __name__ == "__main__":
