@@ -9,11 +9,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import queue
 import signal
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -226,32 +227,39 @@ def _new_pool(config: PoolConfig, policy: Policy, workers: int) -> ProcessPoolEx
 def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, on_done: OnDone) -> list[Task]:
     unfinished: list[Task] = []
     pool = _new_pool(config, policy, config.jobs)
+    # Each batch's future reports itself here when it ends: one wait per batch, where
+    # concurrent.futures.wait would walk every pending future each time (hundreds of batches).
+    finished: queue.SimpleQueue[Future[list[Result]]] = queue.SimpleQueue()
     try:
         pending = {}
         for i, b in enumerate(batches):
             try:
-                pending[pool.submit(_worker_batch, b)] = b
+                future = pool.submit(_worker_batch, b)
             except BrokenProcessPool:
                 # A worker died while batches were still being handed out (as early as its start).
                 unfinished.extend(task for rest in batches[i:] for task in rest)
                 break
+            pending[future] = b
+            future.add_done_callback(finished.put)
         while pending:
-            done, _ = wait(pending, timeout=STALL_CHECK_S, return_when=FIRST_COMPLETED)
-            if not done and not _workers_alive(pool):
-                # Every worker is gone and no future says so: fail closed, never wait forever.
-                unfinished.extend(task for batch in pending.values() for task in batch)
-                pending.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
-                return unfinished
-            for future in done:
-                batch = pending.pop(future)
-                try:
-                    results = future.result()
-                except BrokenProcessPool:
-                    unfinished.extend(batch)
-                    continue
-                for path, result in zip(batch, results, strict=True):
-                    on_done(path, _outcome(result))
+            try:
+                future = finished.get(timeout=STALL_CHECK_S)
+            except queue.Empty:
+                if not _workers_alive(pool):
+                    # Every worker is gone and no future says so: fail closed, never wait forever.
+                    unfinished.extend(task for batch in pending.values() for task in batch)
+                    pending.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    return unfinished
+                continue
+            batch = pending.pop(future)
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                unfinished.extend(batch)
+                continue
+            for path, result in zip(batch, results, strict=True):
+                on_done(path, _outcome(result))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
