@@ -218,3 +218,24 @@ def test_guards_left_out_of_order_never_unguard_a_running_block(marker: Path, tm
         t.join(60)
     assert seen_in_b == ["builtins.exec"]
     assert torch.load is ORIGINAL_LOAD
+
+
+def test_torch_hub_loads_through_the_guard(marker: Path, tmp_path: Path) -> None:
+    """Real library code that looks torch.load up when it calls it: torch.hub's loader."""
+    import torch.hub
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    _malicious_checkpoint(hub / "model.pt", marker)
+    state = _benign_checkpoint(hub / "ok.pt")
+    expected = torch.load(hub / "ok.pt", weights_only=True)
+    # Both files are already in the hub's directory: nothing is downloaded.
+    base = "https://example.invalid/weights/"
+    with safeload.guard_torch_load():
+        with pytest.raises(UnsafeModelError) as info:
+            torch.hub.load_state_dict_from_url(base + "model.pt", model_dir=str(hub), weights_only=False)
+        got = torch.hub.load_state_dict_from_url(base + "ok.pt", model_dir=str(hub), weights_only=False)
+    assert info.value.global_name == "builtins.exec"
+    assert got.keys() == state.keys() and got["step"] == 7
+    for key in ("w", "h", "b"):
+        assert _same_bits(got[key], expected[key]), key
