@@ -55,22 +55,32 @@ def write_if_changed(target: str | os.PathLike[str], data: str | bytes, *, mode:
     return True
 
 
+_READ_EXISTING = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+    # What is opened is judged by its descriptor: were a FIFO swapped in, opening it must not wait
+    # for a writer.
+    | getattr(os, "O_NONBLOCK", 0)
+)
+
+
 def _holds(path: str, payload: bytes) -> bool:
     try:
-        st = os.lstat(path)
+        fd = os.open(path, _READ_EXISTING)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
         if not S_ISREG(st.st_mode) or st.st_size != len(payload):
             return False
-        flags = (
-            os.O_RDONLY
-            | getattr(os, "O_NOFOLLOW", 0)
-            | getattr(os, "O_CLOEXEC", 0)
-            | getattr(os, "O_BINARY", 0)
-        )
-        fd = os.open(path, flags)
-        with open(fd, "rb") as f:
+        with open(fd, "rb", closefd=False) as f:
             return f.read(len(payload) + 1) == payload
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def _create_beside(path: str, mode: int) -> tuple[int, str]:

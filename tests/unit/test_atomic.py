@@ -93,3 +93,16 @@ def test_a_link_to_the_same_bytes_is_still_replaced(tmp_path: Path) -> None:
     assert write_if_changed(target, "{}") is True
     assert not target.is_symlink() and target.read_text() == "{}"
     assert victim.read_text() == "{}"
+
+
+def test_a_fifo_at_the_target_is_replaced_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    import threading
+
+    target = tmp_path / "report.json"
+    os.mkfifo(target)
+    done: list[bool] = []
+    writer = threading.Thread(target=lambda: done.append(write_if_changed(target, "{}")), daemon=True)
+    writer.start()
+    writer.join(30)
+    assert done == [True]
+    assert target.is_file() and target.read_text() == "{}"
