@@ -322,20 +322,29 @@ def scan(
     policy: PolicySpec = "default",
     allow: Iterable[str] = (),
     sha256: bool | None = None,
+    regular_only: bool = False,
 ) -> ScanReport:
-    """Scan a file without importing or running anything it names."""
+    """Scan a file without importing or running anything it names.
+
+    regular_only: for a file found by walking a directory: anything that is not a regular file
+    when it is opened (a FIFO swapped in would block the scan) is reported unreadable.
+    """
     resolved = resolve_policy(policy, allow)
     try:
-        source = open_scan_source(path, resolved)
+        source = open_scan_source(path, resolved, regular_only=regular_only)
     except SafeloadError as exc:
         return unreadable_report(os.fsdecode(path), exc, resolved)
     return analyse(source, resolved, sha256=sha256).report
 
 
-def open_scan_source(path: str | os.PathLike[str], policy: Policy) -> Source:
+def open_scan_source(path: str | os.PathLike[str], policy: Policy, *, regular_only: bool = False) -> Source:
     """The file read once for a scan (mapped, or read when small). Raises SafeloadError."""
     return open_source(
-        path, use_mmap=True, max_bytes=policy.limits.max_file_bytes, read_below=SMALL_FILE_READ
+        path,
+        use_mmap=True,
+        max_bytes=policy.limits.max_file_bytes,
+        read_below=SMALL_FILE_READ,
+        regular_only=regular_only,
     )
 
 

@@ -92,7 +92,8 @@ class Scanner:
         from safeload.errors import SafeloadError
 
         try:
-            source = open_scan_source(path, self.policy)
+            # The walk saw a regular file; one swapped for a FIFO since must not block the audit.
+            source = open_scan_source(path, self.policy, regular_only=True)
         except SafeloadError as exc:
             return unreadable_report(path, exc, self.policy), "scanned"
         # The hash is taken from the buffer the scan then walks: what is reused is for these bytes.

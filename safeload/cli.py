@@ -178,7 +178,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     reports = []
     skipped = []
     for path, named in iter_inputs(args.paths):
-        report = scan(path, policy=policy, sha256=True if args.sha256 else None)
+        report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
         if not named and _no_model_format(report):
             skipped.append(path)
             continue

@@ -93,15 +93,26 @@ def describe(f: object) -> str:
     return f"<{type(f).__name__}>"
 
 
-def open_source(f: object, *, use_mmap: bool, max_bytes: int, read_below: int = 0) -> Source:
+def open_source(
+    f: object, *, use_mmap: bool, max_bytes: int, read_below: int = 0, regular_only: bool = False
+) -> Source:
     """Read or map `f` once. Raises ScanError (with the path) when it cannot be read.
 
     read_below: with use_mmap, a regular file smaller than this is read into immutable bytes instead
     (a scan of a small file: mapping and unmapping cost more than reading it, and the walker is
     fastest on bytes). Loads that asked for mmap leave it at 0.
+    regular_only: a path that is not a regular file when opened is refused (ScanError), and opening
+    it never waits: a directory walk found a regular file there, and a FIFO put in its place since
+    would otherwise block until someone writes to it.
     """
     if isinstance(f, (str, os.PathLike)):
-        return _from_path(os.fsdecode(f), use_mmap=use_mmap, max_bytes=max_bytes, read_below=read_below)
+        return _from_path(
+            os.fsdecode(f),
+            use_mmap=use_mmap,
+            max_bytes=max_bytes,
+            read_below=read_below,
+            regular_only=regular_only,
+        )
     if hasattr(f, "read"):
         if use_mmap:
             raise ScanError(
@@ -118,9 +129,14 @@ def from_bytes(data: bytes | bytearray | memoryview, name: str) -> Source:
     return Source(buffer=view, path=name, size=len(view), mapped=False, _holders=[data])
 
 
-def _from_path(path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0) -> Source:
+def _from_path(
+    path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0, regular_only: bool = False
+) -> Source:
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+    if regular_only:
+        flags |= getattr(os, "O_NONBLOCK", 0)  # no effect on a regular file's reads
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, flags)
     except OSError as exc:
         raise ScanError(f"cannot open: {exc.strerror}", path=path) from exc
     try:
@@ -128,6 +144,8 @@ def _from_path(path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0
         if stat.S_ISDIR(info.st_mode):
             raise ScanError("is a directory", path=path)
         regular = stat.S_ISREG(info.st_mode)
+        if regular_only and not regular:
+            raise ScanError("not a regular file (any more: it was replaced since it was listed)", path=path)
         if regular and info.st_size > max_bytes:
             raise LimitExceededError(
                 f"file is {info.st_size} bytes, over the limit of {max_bytes}",
@@ -137,7 +155,9 @@ def _from_path(path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0
         if regular and use_mmap and 0 < info.st_size < read_below:
             data = _read_small(fd, info.st_size)
             if data is not None:
-                return Source(buffer=memoryview(data), path=path, size=len(data), mapped=False, _holders=[data])
+                return Source(
+                    buffer=memoryview(data), path=path, size=len(data), mapped=False, _holders=[data]
+                )
         if regular and use_mmap and info.st_size > 0:
             # Copy-on-write, as torch.load(mmap=True) maps: loaded tensors stay writable and writes
             # never reach the file.
@@ -146,7 +166,12 @@ def _from_path(path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0
             # The descriptor stays open for `peek`; the holder closes it when the source is dropped
             # (weakref.finalize costs as much as the map call: ~10 us).
             source = Source(
-                buffer=view, path=path, size=len(view), mapped=True, _holders=[mapped, _Descriptor(fd)], _fd=fd
+                buffer=view,
+                path=path,
+                size=len(view),
+                mapped=True,
+                _holders=[mapped, _Descriptor(fd)],
+                _fd=fd,
             )
             fd = -1  # the source owns it now
             return source
