@@ -120,14 +120,23 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
 _REF = re.compile(rb"[0-9a-f]{40}\n?")
 
 
+# Non-blocking: the walk saw a regular file, and a FIFO swapped in since must not make it wait.
+_READ_REF = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
 def _is_ref(path: str, st: os.stat_result) -> bool:
     if st.st_size not in (40, 41):
         return False
     try:
-        with open(path, "rb") as f:
-            return _REF.fullmatch(f.read(42)) is not None
+        fd = os.open(path, _READ_REF)
     except OSError:
         return False
+    try:
+        return S_ISREG(os.fstat(fd).st_mode) and _REF.fullmatch(os.read(fd, 42)) is not None
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _walk(

@@ -639,3 +639,24 @@ def test_a_file_swapped_for_a_fifo_after_the_walk_never_blocks_the_audit(
     report = out[0].report  # type: ignore[attr-defined]
     assert report.verdict is Verdict.UNSCANNABLE
     assert any("not a regular file" in f.message for f in report.findings)
+
+
+def test_the_ref_check_never_waits_on_a_fifo(tmp_path: Path) -> None:
+    """The walk reads files of a git ref's size (40 or 41 bytes): one swapped for a FIFO is no ref."""
+    import stat
+    import threading
+
+    from safeload import audit_walk
+
+    fifo = tmp_path / "main"
+    os.mkfifo(fifo)
+    ref = tmp_path / "ref"
+    ref.write_text("0123456789abcdef0123456789abcdef01234567\n")
+    seen = os.stat(ref)  # what the walk's listing said: a regular file of 41 bytes
+    assert seen.st_size == 41 and stat.S_ISREG(seen.st_mode)
+    out: list[bool] = []
+    worker = threading.Thread(target=lambda: out.append(audit_walk._is_ref(str(fifo), seen)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert out == [False]
+    assert audit_walk._is_ref(str(ref), seen) is True
