@@ -102,7 +102,6 @@ def audit(
         notify(Progress(done=done, total=total, path=shown[0], verdict=report.verdict, cached=cached))
 
     hashes = cache.load_hashes() if cache is not None else {}
-    learned: dict[str, str] = {}
     hash_hits = _resolve_from_cache(groups, policy, cache, {} if options.rehash else hashes, finish)
     plan = _scan_plan(groups)
     members = dict(plan)
@@ -112,10 +111,11 @@ def audit(
         nonlocal scanned
         scanned += not (outcome.cached or outcome.reused)
         sha = outcome.report.sha256
-        if outcome.stat_key is not None and sha is not None:
+        if cache is not None and outcome.stat_key is not None and sha is not None:
             if hashes.get(outcome.stat_key) != sha:
-                learned[outcome.stat_key] = sha
-            if cache is not None and not (outcome.cached or outcome.reused):
+                # Committed with the results as the audit goes, not in one go at its end.
+                cache.save_hashes({outcome.stat_key: sha})
+            if not (outcome.cached or outcome.reused):
                 # A file that was read whole and did not change meanwhile (it has a stat key).
                 cache.put_report(outcome.report, __version__, text=outcome.report_json)
         for group in members[path]:
@@ -135,7 +135,6 @@ def audit(
     finally:
         if cache is not None:
             # Even when interrupted: what was learned stays learned, committed whole.
-            cache.save_hashes(learned)
             cache.close()
 
     reports, skipped = _expand(groups)

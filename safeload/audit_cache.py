@@ -46,7 +46,7 @@ CACHE_FORMAT = 2
 DB_NAME = "cache.sqlite3"
 # Findings that describe this run's circumstances, not the bytes: never reused.
 UNCACHEABLE_CODES = frozenset({"SL206", "SL207"})
-_FLUSH_ENTRIES = 1000
+_FLUSH_ENTRIES = 2000  # results and hashes (a file scanned anew brings one of each)
 _FLUSH_SECONDS = 2.0
 _BUSY_TIMEOUT_S = 60.0
 _SCHEMA = (
