@@ -660,3 +660,28 @@ def test_the_ref_check_never_waits_on_a_fifo(tmp_path: Path) -> None:
     worker.join(30)
     assert out == [False]
     assert audit_walk._is_ref(str(ref), seen) is True
+
+
+def test_the_objects_forked_workers_share_are_frozen_while_they_run(tmp_path: Path) -> None:
+    """Frozen while workers run (their collections would copy every shared page), thawed after;
+    a caller that froze objects itself keeps them frozen."""
+    import gc
+
+    folder = _many(tmp_path, 6)
+    tasks = [str(p) for p in sorted(folder.iterdir())]
+    config = audit_workers.PoolConfig("default", (), None, 2)
+    policy = load_policy("default")
+    for callers_own in (False, True):
+        if callers_own:
+            gc.freeze()
+        during: list[int] = []
+        try:
+            audit_workers.run_parallel(
+                tasks, config, policy, lambda path, o, seen=during: seen.append(gc.get_freeze_count())
+            )
+            assert len(during) == len(tasks)
+            assert all(n > 0 for n in during)
+            # thawed only by whoever froze: the caller's objects stay frozen (some may be freed)
+            assert gc.get_freeze_count() > 0 if callers_own else gc.get_freeze_count() == 0
+        finally:
+            gc.unfreeze()
