@@ -27,6 +27,7 @@ from safeload.audit_views import (
 )
 from safeload.audit_walk import FileGroup, collect
 from safeload.audit_workers import Outcome, PolicyName, PoolConfig, Scanner, run_parallel, unreadable
+from safeload.gcpause import FrozenHeap
 from safeload.model import Finding, ScanReport, Verdict, decide
 from safeload.report.summary import count_globals, file_identity
 
@@ -126,9 +127,12 @@ def audit(
     tasks = [path for path, _ in plan]
     try:
         if options.jobs == 1 or len(tasks) <= 1:
+            if tasks:
+                import safeload.api  # noqa: F401  (imported before the heap is frozen: its objects too)
             scanner = Scanner(policy, cache)
-            for path in tasks:
-                on_done(path, scanner.safe_process(path))
+            with FrozenHeap():
+                for path in tasks:
+                    on_done(path, scanner.safe_process(path))
         else:
             config = PoolConfig(options.policy, options.allow, options.cache_dir, options.jobs)
             run_parallel(tasks, config, policy, on_done)

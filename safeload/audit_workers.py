@@ -6,7 +6,6 @@ worker that dies costs only the file that killed it: see run_parallel.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import platform
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 from safeload import __version__
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import AuditError, reapply_waivers
+from safeload.gcpause import FrozenHeap
 from safeload.model import ScanReport, decide, make_finding, unread_report
 
 if TYPE_CHECKING:
@@ -209,21 +209,13 @@ def run_parallel(tasks: list[Task], config: PoolConfig, policy: Policy, on_done:
     """
     size = max(1, min(32, len(tasks) // (config.jobs * 8)))
     batches = [tasks[i : i + size] for i in range(0, len(tasks), size)]
-    # Forked workers share this process's objects page for page until either side writes to one.
-    # A collection writes to every object it examines, so each worker's first collections copied
-    # the pages of everything the auditing process held (70-90 ms a collection, seen here), and
-    # the auditing process its own after the fork. Frozen objects are examined by no collection.
-    # A caller that froze objects itself keeps its own arrangement.
-    freeze = gc.get_freeze_count() == 0
-    if freeze:
-        gc.freeze()
-    try:
+    # Forked workers share what this process holds: no collection must copy it (see FrozenHeap).
+    # Choosing the start method imports the scanner when workers are forked: before the freeze.
+    _pool_context()
+    with FrozenHeap():
         unfinished = _pool_round(batches, config, policy, on_done)
         if unfinished:
             _run_isolated(unfinished, config, policy, on_done)
-    finally:
-        if freeze:
-            gc.unfreeze()
 
 
 def _new_pool(config: PoolConfig, policy: Policy, workers: int) -> ProcessPoolExecutor:

@@ -171,18 +171,20 @@ def exit_code_for(verdicts: Sequence[str]) -> int:
 
 def _cmd_scan(args: argparse.Namespace) -> int:
     from safeload.api import resolve_policy, scan
+    from safeload.gcpause import FrozenHeap
     from safeload.model import ScanRun
     from safeload.report import render
 
     policy = resolve_policy(args.policy, args.allow)
     reports = []
     skipped = []
-    for path, named in iter_inputs(args.paths):
-        report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
-        if not named and _no_model_format(report):
-            skipped.append(path)
-            continue
-        reports.append(report)
+    with FrozenHeap():  # what the imports made lives as long as the command: no collection examines it
+        for path, named in iter_inputs(args.paths):
+            report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
+            if not named and _no_model_format(report):
+                skipped.append(path)
+                continue
+            reports.append(report)
     code = exit_code_for([r.verdict.value for r in reports])
     run = ScanRun(version=__version__, policy=policy.name, reports=tuple(reports), skipped=tuple(skipped), exit_code=code)
     _emit(render(run, args.format, verbose=args.verbose), args.output)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
 
-__all__ = ["SCAN_THRESHOLD", "fewer_collections"]
+__all__ = ["SCAN_THRESHOLD", "FrozenHeap", "fewer_collections"]
 
 # Allocations between young-generation collections during a scan (CPython's default is 700).
 SCAN_THRESHOLD = 100_000
@@ -68,3 +68,31 @@ def fewer_collections(func: Callable[_P, _R]) -> Callable[_P, _R]:
             _leave()
 
     return wrapper
+
+
+class FrozenHeap:
+    """``with FrozenHeap():`` keeps every object that exists now out of the collections made in the
+    block (gc.freeze), and lets them back in after it (gc.unfreeze).
+
+    For a run of many scans, started once its modules are imported and its inputs listed. Those
+    objects live as long as the run, yet the young collections that a scan's allocations set off
+    examined them all (the first one, after the imports: 56-66 ms of an audit of 5,000 small
+    files, seen here). Workers forked in the block share them page for page, and a collection
+    writes to every object it examines: a worker's first collections copied those pages (66-92 ms
+    each) until they were frozen. What scans allocate in the block is collected as usual.
+    A caller that froze objects itself keeps its own arrangement: nothing is frozen or thawed then.
+    """
+
+    def __init__(self) -> None:
+        self._froze = False
+
+    def __enter__(self) -> FrozenHeap:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            self._froze = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._froze:
+            self._froze = False
+            gc.unfreeze()

@@ -685,3 +685,30 @@ def test_the_objects_forked_workers_share_are_frozen_while_they_run(tmp_path: Pa
             assert gc.get_freeze_count() > 0 if callers_own else gc.get_freeze_count() == 0
         finally:
             gc.unfreeze()
+
+
+def test_a_run_of_scans_in_one_process_freezes_what_it_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """audit --jobs 1 and scan DIR: objects made before the scans are frozen while they run, thawed after."""
+    import gc
+
+    import safeload.api
+
+    folder = _many(tmp_path, 4)
+    during: list[int] = []
+    audit([str(folder)], AuditOptions(jobs=1), progress=lambda e: during.append(gc.get_freeze_count()))
+    assert len(during) == 5 and all(n > 0 for n in during[1:])  # the first event only gives the total
+    assert gc.get_freeze_count() == 0
+
+    real_scan = safeload.api.scan
+    scanned: list[int] = []
+
+    def counting_scan(*args, **kwargs):  # type: ignore[no-untyped-def]
+        scanned.append(gc.get_freeze_count())
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(safeload.api, "scan", counting_scan)
+    assert main(["scan", str(folder)]) == 0
+    assert len(scanned) == 4 and all(n > 0 for n in scanned)
+    assert gc.get_freeze_count() == 0
