@@ -185,6 +185,7 @@ def _analyse_stream(
         member=stream.member,
         file_offset=stream.file_offset,
         persistent_scheme=stream.persistent_scheme,
+        torchscript=stream.torchscript,
     )
     explanation = None
     flagged = {f.global_name for f in findings if f.effect is Effect.UNSAFE and f.global_name}
@@ -447,6 +448,7 @@ def refusal(report: ScanReport) -> SafeloadError:
         "path": report.path,
         "member": first.member,
         "offset": first.offset,
+        "file_offset": first.file_offset,
         "global_name": first.global_name,
         "remedy": first.remedy,
     }

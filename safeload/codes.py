@@ -131,6 +131,14 @@ _RULES = [
          Severity.HIGH, Effect.UNSAFE,
          "torch's reader finds members case-insensitively, so ARCHIVE/DATA.PKL is loaded as data.pkl; tools "
          "that look for the exact name miss it. torch.save never writes such a name."),
+    Rule("SL312", "torchscript-program", "A TorchScript archive: a program torch.jit.load compiles and runs",
+         Severity.HIGH, Effect.UNSAFE,
+         "torch.load hands an archive that holds constants.pkl to torch.jit.load, which compiles the "
+         "TorchScript source in its code/ folder and runs it: class __setstate__ methods while the archive "
+         "loads, forward when the model is called. TorchScript calls torch operators, and some of them "
+         "read and write files (torch.from_file creates one). safeload scans the archive's pickles (their "
+         "own reader resolves the program's classes and imports no Python), but it cannot vouch for a "
+         "program and never loads one; torch.load(weights_only=True) refuses TorchScript archives too."),
     # -- information ------------------------------------------------------------------------------
     Rule("SL400", "no-pickle", "No pickle in this format", Severity.INFO, Effect.NONE,
          "The format (for example safetensors) carries no pickle; loading it runs no code."),

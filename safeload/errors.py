@@ -23,12 +23,14 @@ class SafeloadError(Exception):
         offset: int | None = None,
         global_name: str | None = None,
         remedy: str | None = None,
+        file_offset: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.path = path
         self.member = member
-        self.offset = offset
+        self.offset = offset  # inside the member's pickle stream
+        self.file_offset = file_offset  # from the start of the file, when the bytes are stored there
         self.global_name = global_name
         self.remedy = remedy
 
@@ -42,6 +44,8 @@ class SafeloadError(Exception):
             where.append(f"member {escape(self.member)}")
         if self.offset is not None:
             where.append(f"offset {self.offset}")
+        if self.file_offset is not None and (self.member or self.offset is None):
+            where.append(f"byte {self.file_offset} of the file")
         if where:
             lines.append("  at " + ", ".join(where))
         if self.global_name:

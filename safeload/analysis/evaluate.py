@@ -28,6 +28,20 @@ _USE_ORDER = {u: i for i, u in enumerate(Use)}
 _STORAGE_MODULES = frozenset({"torch", "torch.storage", "torch.cuda"})
 _STORAGE_NAME = re.compile(r"[A-Z][A-Za-z0-9]*Storage\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
+# Names TorchScript's unpickler resolves to helpers of its own (torch/csrc/jit/serialization/
+# unpickler.cpp), never to Python; together with the classes of the archive's program
+# (``__torch__.*``) they are the program's business, which SL312 reports, not the policy's.
+TORCHSCRIPT_HELPERS = frozenset(
+    f"torch.jit._pickle.{name}"
+    for name in (
+        "build_tensor_from_id",
+        "restore_type_tag",
+        "build_intlist",
+        "build_tensorlist",
+        "build_doublelist",
+        "build_boollist",
+    )
+)
 
 
 class Decision(Protocol):
@@ -51,12 +65,17 @@ def evaluate_stream(
     member: str | None,
     file_offset: int | None,
     persistent_scheme: PersistentScheme,
+    torchscript: bool = False,
 ) -> tuple[list[Finding], list[GlobalUse]]:
-    """Findings for one walked stream, and one GlobalUse row per import site."""
+    """Findings for one walked stream, and one GlobalUse row per import site.
+
+    torchscript: the stream is read by TorchScript's unpickler; the names it resolves itself get
+    rows but no policy finding (any other name is judged as everywhere: a Python reader would
+    import it, and TorchScript's writer never writes it)."""
     where = _Where(member, file_offset)
     findings: list[Finding] = []
     rows: list[GlobalUse] = []
-    findings += _imports(walk.imports, policy, where, rows)
+    findings += _imports(walk.imports, policy, where, rows, torchscript)
     for anomaly in walk.anomalies:
         findings.append(
             where.finding(anomaly.code, anomaly.message, anomaly.offset, global_name=anomaly.global_name)
@@ -80,7 +99,7 @@ def _sorted_uses(uses: Iterable[Use]) -> tuple[Use, ...]:
 
 
 def _imports(
-    sites: list[ImportSite], policy: PolicyLike, where: _Where, rows: list[GlobalUse]
+    sites: list[ImportSite], policy: PolicyLike, where: _Where, rows: list[GlobalUse], torchscript: bool = False
 ) -> list[Finding]:
     decisions: dict[str, Decision] = {}
     groups: dict[str, list[ImportSite]] = {}
@@ -104,6 +123,8 @@ def _imports(
     for qualname, group in groups.items():
         decision = decisions[qualname]
         if decision.allowed and not decision.on_floor:
+            continue
+        if torchscript and (qualname.startswith("__torch__.") or qualname in TORCHSCRIPT_HELPERS):
             continue
         first = group[0]
         uses = _sorted_uses(u for s in group for u in s.uses)

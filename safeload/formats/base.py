@@ -66,6 +66,9 @@ class PickleStream:
     # Another loader's reading of bytes a more exact reader claims (pickle.load of a joblib file):
     # what it would import counts; that it breaks part way (on array bytes) does not.
     secondary: bool = False
+    # Read by TorchScript's own unpickler (torch.jit.load, in C++): it imports no Python and resolves
+    # a fixed set of names itself, and the classes of the archive's program (``__torch__.*``).
+    torchscript: bool = False
     # The walker's result for exactly ``data`` under these settings, when a reader had to walk it
     # first (the legacy format's boundaries and storage ids): the scan does not walk it again.
     walked: WalkResult | None = field(default=None, compare=False, repr=False)

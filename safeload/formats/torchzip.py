@@ -27,10 +27,12 @@ from safeload.formats.base import (
     StreamRole,
 )
 from safeload.formats.zipread import ZipArchive, ZipEntry
-from safeload.model import make_finding
+from safeload.model import Finding, make_finding
 from safeload.text import escape
 
 NAME = "torch-zip"
+# A torch archive holding a TorchScript program (torch.jit.save): torch.load runs torch.jit.load.
+TORCHSCRIPT = "torchscript"
 GENERIC = "zip"
 
 # Records torch itself reads or writes beside data.pkl and data/: never pickles.
@@ -96,6 +98,10 @@ def _read_torch(
     buf: memoryview, archive: ZipArchive, prefix: bytes, data_entry: ZipEntry, ctx: ReadContext
 ) -> ReadResult:
     result = ReadResult(format=NAME, findings=list(archive.findings))
+    torchscript = _torchscript(archive, prefix)
+    if torchscript is not None:
+        result.format = TORCHSCRIPT
+        result.findings.append(_program_finding(torchscript, prefix, ctx))
     # torch.load takes the zip path only for files that start with a local header, and miniz reads
     # offsets as absolute: anything else is not a checkpoint torch.load would open as one.
     torch_opens = archive.shift == 0 and bytes(buf[:4]) == zipread.LOCAL_SIG
@@ -113,7 +119,16 @@ def _read_torch(
     # Every entry miniz could take for data.pkl is scanned as data.pkl; the one it takes is loadable.
     for entry in [data_entry] + [e for e in archive.same_name(data_name) if e.index != data_entry.index]:
         loadable = entry.index == data_entry.index and torch_opens
-        stream = _stream(buf, entry, ctx, result, StreamRole.TORCH_ZIP_DATA, multi=False, loadable=loadable)
+        stream = _stream(
+            buf,
+            entry,
+            ctx,
+            result,
+            StreamRole.TORCH_ZIP_DATA,
+            multi=False,
+            loadable=loadable,
+            torchscript=torchscript is not None,
+        )
         if stream is not None:
             result.streams.append(stream)
         scanned.add(entry.index)
@@ -144,15 +159,18 @@ def _read_torch(
         if entry.raw_name.lower().endswith(b".pkl") or raw.sniff(got.data):
             if got.complete:
                 result.findings.extend(zipread.crc_findings(got.data, entry, ctx))
-            result.streams.append(_other_stream(entry, got, ctx))
-            result.findings.append(
-                make_finding(
-                    "SL307",
-                    f"{escape(entry.name)} is a pickle beside data.pkl; scanned with the same policy",
-                    member=ctx.child_member(entry.name),
-                    file_offset=got.file_offset,
+            under = entry.raw_name.startswith(prefix + b"/")
+            program_pickle = torchscript is not None and under and _torchscript_pickle(entry.raw_name[len(prefix) + 1 :])
+            result.streams.append(_other_stream(entry, got, ctx, torchscript=program_pickle))
+            if not program_pickle:
+                result.findings.append(
+                    make_finding(
+                        "SL307",
+                        f"{escape(entry.name)} is a pickle beside data.pkl; scanned with the same policy",
+                        member=ctx.child_member(entry.name),
+                        file_offset=got.file_offset,
+                    )
                 )
-            )
         else:
             result.children.append(_child(entry, got, ctx))
     return result
@@ -190,9 +208,37 @@ def _records(
             )
     meta["format_version"] = _int(record(b".format_version"))
     meta["storage_alignment"] = _int(record(b".storage_alignment"))
-    # torch.load hands archives holding constants.pkl to torch.jit.load (TorchScript).
-    meta["torchscript"] = archive.locate(prefix + b"/constants.pkl") is not None
+    meta["torchscript"] = _torchscript(archive, prefix) is not None
     return meta
+
+
+def _torchscript(archive: ZipArchive, prefix: bytes) -> ZipEntry | None:
+    """The constants.pkl entry that makes torch.load hand the archive to torch.jit.load, if any.
+    torch looks for the exact name among its records (_is_torchscript_zip), where other lookups
+    ignore case."""
+    name = prefix + b"/constants.pkl"
+    return next((e for e in archive.entries if e.raw_name == name), None)
+
+
+def _torchscript_pickle(name: bytes) -> bool:
+    """A pickle TorchScript writes and reads itself (record name under the prefix)."""
+    if name in (b"data.pkl", b"constants.pkl", b"bytecode.pkl"):
+        return True
+    return name.startswith(b"code/") and name.endswith(b".debug_pkl")
+
+
+def _program_finding(constants: ZipEntry, prefix: bytes, ctx: ReadContext) -> Finding:
+    code = escape(prefix.decode("utf-8", "replace") + "/code/")
+    return make_finding(
+        "SL312",
+        f"a TorchScript archive (it holds {escape(constants.name)}): torch.load hands it to torch.jit.load, "
+        f"which compiles the program in {code} and runs it, __setstate__ methods while it loads",
+        member=ctx.child_member(constants.name),
+        file_offset=None if ctx.file_offset is None else ctx.file_offset + constants.header_offset,
+        remedy="load it with torch.jit.load only if you trust its source, after reading its program "
+        f"({code}*.py inside the archive); for the weights alone, ask for a state_dict checkpoint "
+        "(torch.save(model.state_dict())) or safetensors",
+    )
 
 
 def _leading_int(value: bytes | None) -> int | None:
@@ -223,6 +269,7 @@ def _stream(
     *,
     multi: bool,
     loadable: bool = False,
+    torchscript: bool = False,
 ) -> PickleStream | None:
     got = zipread.extract(buf, entry, ctx)
     result.findings.extend(got.findings)
@@ -245,10 +292,13 @@ def _stream(
         multi=multi,
         loadable=loadable,
         encoding=_encoding(entry, ctx),
+        torchscript=torchscript,
     )
 
 
-def _other_stream(entry: ZipEntry, got: zipread.Extracted, ctx: ReadContext) -> PickleStream:
+def _other_stream(
+    entry: ZipEntry, got: zipread.Extracted, ctx: ReadContext, *, torchscript: bool
+) -> PickleStream:
     assert got.data is not None
     return PickleStream(
         member=ctx.child_member(entry.name),
@@ -259,6 +309,7 @@ def _other_stream(entry: ZipEntry, got: zipread.Extracted, ctx: ReadContext) -> 
         persistent_scheme=PersistentScheme.TORCH_ZIP,
         multi=True,
         encoding=_encoding(entry, ctx),
+        torchscript=torchscript,
     )
 
 

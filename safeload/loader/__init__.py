@@ -82,6 +82,7 @@ class _Load:
         fmt = loadable.get("format") if isinstance(loadable, dict) else None
         handlers: dict[str, Callable[[], object]] = {
             "torch-zip": self._torch_zip,
+            "torchscript": self._torchscript,
             "torch-legacy": self._legacy,
             "npy": self._numpy_file,
             "npz": self._numpy_file,
@@ -167,14 +168,18 @@ class _Load:
 
     # -- formats ----------------------------------------------------------------------------------
 
+    def _torchscript(self) -> object:
+        # Reached only when a policy waives SL312 for this file: the scan passed, the program stays.
+        raise UnsupportedFormatError(
+            "cannot load: a TorchScript archive is a program, which torch.jit.load compiles and runs; "
+            "safeload loads no program (torch.load refuses it with weights_only=True too)",
+            path=self.path,
+            remedy="load it with torch.jit.load only if you trust its source, or ask for a state_dict "
+            "checkpoint or safetensors",
+        )
+
     def _torch_zip(self) -> object:
         meta = self.container.meta
-        if meta.get("torchscript"):
-            raise UnsupportedFormatError(
-                "cannot load: this is a TorchScript archive (torch.load refuses it with weights_only=True too); "
-                "TorchScript runs code by design",
-                path=self.path,
-            )
         version = meta.get("version")
         if not isinstance(version, int) or not MIN_ZIP_VERSION <= version <= MAX_ZIP_VERSION:
             shown = "missing or not a number" if not isinstance(version, int) else f"{version}"
