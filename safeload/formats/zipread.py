@@ -348,7 +348,7 @@ class _Reader:
         cd_start = cd_offset + shift
         if cd_start + cd_size > len(self.buf):
             self.note("SL205", "the central directory runs past the end of the file", offset=cd_start)
-        entries = self._central(cd_start, cd_size, total, shift)
+        entries = self._central(cd_start, cd_size, total, shift, disk)
         archive = ZipArchive(entries, self.findings, eocd, end, cd_start, cd_size, shift, zip64, comment)
         self._check_layout(archive)
         return archive
@@ -358,7 +358,7 @@ class _Reader:
         return rec if rec is not None and rec[0] == ZIP64_EOCD_SIG else None
 
     # -- central directory ---------------------------------------------------------------------
-    def _central(self, start: int, size: int, total: int, shift: int) -> list[ZipEntry]:
+    def _central(self, start: int, size: int, total: int, shift: int, disk: int) -> list[ZipEntry]:
         limit = self.ctx.limits.max_zip_members
         entries: list[ZipEntry] = []
         buf = self.buf
@@ -367,6 +367,7 @@ class _Reader:
         rec_size = _CENTRAL.size
         pos = start
         stop = min(nbuf, start + size)
+        odd_disk = False  # reported once: one such entry is enough for torch to refuse the archive
         while pos < stop:
             if len(entries) >= limit:
                 self.note("SL203", f"more than {limit} zip members; the rest were not read", offset=pos)
@@ -379,9 +380,17 @@ class _Reader:
                 elif pos < stop:
                     self.note("SL306", "bytes after the last central directory record", offset=pos)
                 break
-            (_, _, _, flags, method, _, _, crc, comp, usize, nlen, xlen, clen, _, _, ext_attr, hoff) = rec
+            (_, _, _, flags, method, _, _, crc, comp, usize, nlen, xlen, clen, start_disk, _, ext_attr, hoff) = rec
             name_at = pos + rec_size
             raw_name = bytes(buf[name_at : name_at + nlen])
+            if start_disk != disk and start_disk != 1 and not odd_disk:
+                odd_disk = True
+                self.note(
+                    "SL306",
+                    f"central directory entry {len(entries)} starts on disk {start_disk}: torch's reader "
+                    "refuses the archive (a multi-disk entry), Python's zipfile ignores the field",
+                    offset=pos,
+                )
             if name_at + nlen + xlen + clen > nbuf:
                 self.note("SL205", "central directory record runs past the end of the file", offset=pos)
                 break

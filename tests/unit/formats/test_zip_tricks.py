@@ -398,3 +398,27 @@ def test_headers_read_through_peek_match_the_mapping(
             source.buffer, path="checkpoint", limits=Limits(), peek=lambda offset, size: b"\0" * size
         )
         assert _container_summary(blind) != _container_summary(peeked), name
+
+
+@pytest.mark.parametrize("start_disk", [1, 2])
+def test_entry_starting_on_another_disk(sources: dict[str, bytes], tmp_path: Path, start_disk: int) -> None:
+    """miniz refuses an archive with an entry on a disk other than its own or 1; zipfile ignores the
+    field. torch cannot open the file, numpy.load (zipfile) can: readers disagree, SL306."""
+    import safeload
+    from safeload.errors import UnsafeModelError
+
+    rec = record(sources["good"], b"/data.pkl")
+    data = patch(sources["good"], rec.offset + 34, struct.pack("<H", start_disk))
+    path = tmp_path / "model.pt"
+    path.write_bytes(data)
+    assert _zipfile_read(data, "model/data.pkl") == _zipfile_read(sources["good"], "model/data.pkl")
+    odd = [f for f in scan(data).findings if f.code == "SL306" and "disk" in f.message]
+    if start_disk == 1:
+        assert torch.load(path, weights_only=True).keys() == safeload.load(path).keys()
+        assert odd == []
+        return
+    with pytest.raises(RuntimeError, match="unsupported multidisk archive"):
+        torch.load(path, weights_only=True)
+    assert len(odd) == 1 and odd[0].file_offset == rec.offset
+    with pytest.raises(UnsafeModelError, match="starts on disk 2"):
+        safeload.load(path)
