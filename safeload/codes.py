@@ -139,6 +139,14 @@ _RULES = [
          "read and write files (torch.from_file creates one). safeload scans the archive's pickles (their "
          "own reader resolves the program's classes and imports no Python), but it cannot vouch for a "
          "program and never loads one; torch.load(weights_only=True) refuses TorchScript archives too."),
+    Rule("SL313", "torch-package", "A torch.package archive: Python modules imported from the archive itself",
+         Severity.HIGH, Effect.UNSAFE,
+         "torch.package.PackageImporter opens an archive that holds .data/extern_modules. It imports every "
+         "module that file does not list as external from the archive's own source files, and runs them: "
+         "a pickle in it that names an allowed global (collections.OrderedDict) runs whatever the archive's "
+         "collections.py holds. Its pickles also call functions named in their persistent ids "
+         "(reduce_package). safeload scans the archive's pickles but cannot vouch for its code and never "
+         "loads a package."),
     # -- information ------------------------------------------------------------------------------
     Rule("SL400", "no-pickle", "No pickle in this format", Severity.INFO, Effect.NONE,
          "The format (for example safetensors) carries no pickle; loading it runs no code."),

@@ -34,6 +34,10 @@ NAME = "torch-zip"
 # A torch archive holding a TorchScript program (torch.jit.save): torch.load runs torch.jit.load.
 TORCHSCRIPT = "torchscript"
 GENERIC = "zip"
+# A torch.package archive (PackageExporter): PackageImporter imports the modules shipped in it.
+TORCH_PACKAGE = "torch-package"
+# Modules a finding names, of those a package ships.
+_NAMED_MODULES = 3
 
 # Records torch itself reads or writes beside data.pkl and data/: never pickles.
 _TORCH_RECORDS = frozenset(
@@ -72,12 +76,15 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
         )
     prefix = record_prefix(archive)
     data_entry = None if prefix is None else archive.locate(prefix + b"/data.pkl")
+    package = None if prefix is None else archive.locate(prefix + b"/.data/extern_modules")
     if prefix is None or data_entry is None:
-        result = ReadResult(format=GENERIC, findings=list(archive.findings))
+        result = ReadResult(format=GENERIC if package is None else TORCH_PACKAGE, findings=list(archive.findings))
         for entry in archive.entries:
             _hand_on(buf, entry, ctx, result)
     else:
         result = _read_torch(buf, archive, prefix, data_entry, ctx)
+    if package is not None and prefix is not None:
+        result.findings.append(_package_finding(archive, prefix, package, ctx))
     _outside_records(buf, archive, ctx, result)
     _zipfile_only(buf, archive, ctx, result)
     return result
@@ -225,6 +232,32 @@ def _torchscript_pickle(name: bytes) -> bool:
     if name in (b"data.pkl", b"constants.pkl", b"bytecode.pkl"):
         return True
     return name.startswith(b"code/") and name.endswith(b".debug_pkl")
+
+
+def _package_finding(archive: ZipArchive, prefix: bytes, extern: ZipEntry, ctx: ReadContext) -> Finding:
+    """PackageImporter (torch.package) opens any torch-style archive holding .data/extern_modules."""
+    under = prefix + b"/"
+    modules = [
+        e.raw_name[len(under) : -3].decode("utf-8", "replace").removesuffix("/__init__").replace("/", ".")
+        for e in archive.entries
+        if e.raw_name.startswith(under) and e.raw_name.endswith(b".py") and not e.is_dir
+    ]
+    if modules:
+        named = ", ".join(escape(m) for m in modules[:_NAMED_MODULES])
+        more = f" and {len(modules) - _NAMED_MODULES} more" if len(modules) > _NAMED_MODULES else ""
+        count = "the Python module" if len(modules) == 1 else f"the {len(modules)} Python modules"
+        ships = f"{count} shipped in it ({named}{more})"
+    else:
+        ships = "any Python module shipped in it (this one ships none)"
+    return make_finding(
+        "SL313",
+        f"a torch.package archive (it holds {escape(extern.name)}): torch.package.PackageImporter imports "
+        f"{ships} in place of installed ones whenever a pickle or its caller names them, and runs their code",
+        member=ctx.child_member(extern.name),
+        file_offset=None if ctx.file_offset is None else ctx.file_offset + extern.header_offset,
+        remedy="open it with PackageImporter only if you trust its source, after reading the .py files in it; "
+        "for the weights alone, ask for a state_dict checkpoint (torch.save(model.state_dict())) or safetensors",
+    )
 
 
 def _program_finding(constants: ZipEntry, prefix: bytes, ctx: ReadContext) -> Finding:
