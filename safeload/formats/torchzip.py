@@ -249,27 +249,37 @@ def _package_finding(archive: ZipArchive, prefix: bytes, extern: ZipEntry, ctx: 
         ships = f"{count} shipped in it ({named}{more})"
     else:
         ships = "any Python module shipped in it (this one ships none)"
-    return make_finding(
+    return _code_finding(
         "SL313",
         f"a torch.package archive (it holds {escape(extern.name)}): torch.package.PackageImporter imports "
         f"{ships} in place of installed ones whenever a pickle or its caller names them, and runs their code",
-        member=ctx.child_member(extern.name),
-        file_offset=None if ctx.file_offset is None else ctx.file_offset + extern.header_offset,
-        remedy="open it with PackageImporter only if you trust its source, after reading the .py files in it; "
-        "for the weights alone, ask for a state_dict checkpoint (torch.save(model.state_dict())) or safetensors",
+        extern,
+        ctx,
+        remedy="open it with PackageImporter only if you trust its source, after reading the .py files in it",
     )
 
 
 def _program_finding(constants: ZipEntry, prefix: bytes, ctx: ReadContext) -> Finding:
     code = escape(prefix.decode("utf-8", "replace") + "/code/")
-    return make_finding(
+    return _code_finding(
         "SL312",
         f"a TorchScript archive (it holds {escape(constants.name)}): torch.load hands it to torch.jit.load, "
         f"which compiles the program in {code} and runs it, __setstate__ methods while it loads",
-        member=ctx.child_member(constants.name),
-        file_offset=None if ctx.file_offset is None else ctx.file_offset + constants.header_offset,
+        constants,
+        ctx,
         remedy="load it with torch.jit.load only if you trust its source, after reading its program "
-        f"({code}*.py inside the archive); for the weights alone, ask for a state_dict checkpoint "
+        f"({code}*.py inside the archive)",
+    )
+
+
+def _code_finding(code: str, message: str, record: ZipEntry, ctx: ReadContext, *, remedy: str) -> Finding:
+    """An archive that ships code, reported at the record that makes a loader run it."""
+    return make_finding(
+        code,
+        message,
+        member=ctx.child_member(record.name),
+        file_offset=None if ctx.file_offset is None else ctx.file_offset + record.header_offset,
+        remedy=f"{remedy}; for the weights alone, ask for a state_dict checkpoint "
         "(torch.save(model.state_dict())) or safetensors",
     )
 
