@@ -145,6 +145,7 @@ def _read_torch(
         "data_pkl": data_entry.name,
         "byteorder": "little",
         "torch_opens": torch_opens,
+        "torchscript": torchscript is not None,
     }
     meta.update(_records(buf, archive, prefix, ctx, result))
     result.meta = meta
@@ -215,7 +216,6 @@ def _records(
             )
     meta["format_version"] = _int(record(b".format_version"))
     meta["storage_alignment"] = _int(record(b".storage_alignment"))
-    meta["torchscript"] = _torchscript(archive, prefix) is not None
     return meta
 
 
@@ -224,7 +224,10 @@ def _torchscript(archive: ZipArchive, prefix: bytes) -> ZipEntry | None:
     torch looks for the exact name among its records (_is_torchscript_zip), where other lookups
     ignore case."""
     name = prefix + b"/constants.pkl"
-    return next((e for e in archive.entries if e.raw_name == name), None)
+    if archive.locate(name) is None:  # not there in any case: the common answer, from the index
+        return None
+    # torch's records are the entries the end record counts (miniz's file count).
+    return next((e for e in archive.same_name(name) if e.counted and e.raw_name == name), None)
 
 
 def _torchscript_pickle(name: bytes) -> bool:
