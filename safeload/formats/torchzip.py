@@ -145,7 +145,6 @@ def _read_torch(
         "data_pkl": data_entry.name,
         "byteorder": "little",
         "torch_opens": torch_opens,
-        "torchscript": torchscript is not None,
     }
     meta.update(_records(buf, archive, prefix, ctx, result))
     result.meta = meta

@@ -63,7 +63,7 @@ def test_real_checkpoint(checkpoint: bytes) -> None:
     assert c.meta["record_prefix"] == "model"
     assert c.meta["byteorder"] == "little"
     assert c.meta["version"] == int(members["model/version"])
-    assert c.meta["torchscript"] is False
+    assert "torchscript" not in c.formats
     assert c.meta["loadable"] == {"format": "torch-zip", "member": "model/data.pkl"}
 
 
@@ -125,7 +125,6 @@ def test_torchscript_archive_pickles_are_all_scanned(tmp_path: Path) -> None:
     torch.jit.save(module, tmp_path / "ts.pt")
     c = scan((tmp_path / "ts.pt").read_bytes())
     assert c.formats[0] == "torchscript"
-    assert c.meta["torchscript"] is True
     others = {s.member for s in c.streams if s.role is StreamRole.TORCH_ZIP_OTHER}
     assert "ts/constants.pkl" in others
     # TorchScript's own pickles are read by its own unpickler: marked so, and no SL307 for them.

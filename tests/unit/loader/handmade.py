@@ -113,7 +113,6 @@ def torch_zip(
     container.meta = {
         "byteorder": byteorder,
         "version": int(zf.read(f"{prefix}/version")),
-        "torchscript": False,
         "loadable": {"format": "torch-zip", "member": stream.member},
     }
     resolved = policy if isinstance(policy, Policy) else load_policy(policy)
