@@ -11,7 +11,6 @@ import os
 import platform
 import queue
 import signal
-import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -65,21 +64,16 @@ class Scanner:
         self._cached_loaded = False
 
     def scan(self, path: str) -> Outcome:
-        try:
-            before = os.stat(path)
-        except OSError as exc:
-            return Outcome(
-                unreadable(path, f"vanished before it was scanned: {exc.strerror or exc}", self.policy)
-            )
-        if not stat.S_ISREG(before.st_mode):
-            return Outcome(unreadable(path, "not a regular file", self.policy))
-        report, how = self._scan_once(path)
+        report, how, opened = self._scan_once(path)
+        if opened is None:
+            return Outcome(report)  # never read: nothing to remember
         try:
             after = os.stat(path)
         except OSError:
             # removed after it was read: the report stands for the bytes that were read
             return Outcome(report, cached=how == "cached", reused=how == "reused")
-        if _identity(after) != _identity(before):
+        if _identity(after) != _identity(opened):
+            # Written to, or another file put in its place, since it was opened.
             changed = make_finding("SL206", "the file changed while it was being scanned; scan it again")
             findings = (*report.findings, changed)
             return Outcome(report.model_copy(update={"findings": findings, "verdict": decide(findings)}))
@@ -87,8 +81,9 @@ class Scanner:
         key = stat_key(after) if report.sha256 else None
         return Outcome(report, cached=how == "cached", stat_key=key, reused=how == "reused")
 
-    def _scan_once(self, path: str) -> tuple[ScanReport, str]:
-        """(report, how): "scanned", "reused" (bytes seen earlier in this run) or "cached"."""
+    def _scan_once(self, path: str) -> tuple[ScanReport, str, os.stat_result | None]:
+        """(report, how, the opened file's status): how is "scanned", "reused" (bytes seen earlier
+        in this run) or "cached"; the status is None where the file could not be read."""
         from safeload.api import analyse, open_scan_source, unreadable_report
         from safeload.errors import SafeloadError
 
@@ -96,21 +91,24 @@ class Scanner:
             # The walk saw a regular file; one swapped for a FIFO since must not block the audit.
             source = open_scan_source(path, self.policy, regular_only=True)
         except SafeloadError as exc:
-            return unreadable_report(path, exc, self.policy), "scanned"
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return unreadable(path, "vanished before it was scanned", self.policy), "scanned", None
+            return unreadable_report(path, exc, self.policy), "scanned", None
+        opened = source.opened
         # The hash is taken from the buffer the scan then walks: what is reused is for these bytes.
         digest = source.sha256()
         known = self.seen.get(digest)
         if known is not None:
-            return known.model_copy(update={"path": path}), "reused"
+            return known.model_copy(update={"path": path}), "reused", opened
         if self.cache is not None and self._may_be_cached(self.cache, digest):
             hit = self.cache.get_report(digest, self.policy.hash, __version__)
             if hit is not None:
-                return reapply_waivers(hit, self.policy).model_copy(update={"path": path}), "cached"
+                return reapply_waivers(hit, self.policy).model_copy(update={"path": path}), "cached", opened
         report = analyse(source, self.policy, sha256=digest).report
         if len(self.seen) >= _SEEN_MAX:
             del self.seen[next(iter(self.seen))]  # the oldest: memory stays bounded
         self.seen[digest] = report
-        return report, "scanned"
+        return report, "scanned", opened
 
     def _may_be_cached(self, cache: AuditCache, digest: str) -> bool:
         if not self._cached_loaded:

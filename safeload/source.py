@@ -44,6 +44,9 @@ class Source:
     path: str  # for messages: the path, or a description of the object
     size: int
     mapped: bool  # buffer is a read-only mapping of the file (pages load on touch)
+    # The opened file's status (fstat) when the source is a path: which file was read, for callers
+    # that check it did not change meanwhile.
+    opened: os.stat_result | None = None
     _holders: list[Any] = field(default_factory=list, repr=False)
     _fd: int | None = field(default=None, repr=False)  # the mapped file, open for `peek`
 
@@ -156,7 +159,12 @@ def _from_path(
             data = _read_small(fd, info.st_size)
             if data is not None:
                 return Source(
-                    buffer=memoryview(data), path=path, size=len(data), mapped=False, _holders=[data]
+                    buffer=memoryview(data),
+                    path=path,
+                    size=len(data),
+                    mapped=False,
+                    opened=info,
+                    _holders=[data],
                 )
         if regular and use_mmap and info.st_size > 0:
             # Copy-on-write, as torch.load(mmap=True) maps: loaded tensors stay writable and writes
@@ -170,6 +178,7 @@ def _from_path(
                 path=path,
                 size=len(view),
                 mapped=True,
+                opened=info,
                 _holders=[mapped, _Descriptor(fd)],
                 _fd=fd,
             )
@@ -181,7 +190,7 @@ def _from_path(
             else:
                 holder = _read_bounded(raw, max_bytes, path, None)
                 view = memoryview(holder)
-        return Source(buffer=view, path=path, size=len(view), mapped=False, _holders=[holder])
+        return Source(buffer=view, path=path, size=len(view), mapped=False, opened=info, _holders=[holder])
     except OSError as exc:
         raise ScanError(f"cannot read: {exc.strerror or exc}", path=path) from exc
     finally:

@@ -11,6 +11,10 @@ def escape(value: object, limit: int = _MAX) -> str:
     Names from files reach terminals, logs and reports; a raw ESC or newline could forge output.
     """
     text = value if isinstance(value, str) else repr(value)
+    if text.isprintable() and "\\" not in text:
+        # Almost every name is plain text: a progress line or report row per file must not pay
+        # for a loop over its characters.
+        return text if len(text) <= limit else text[: limit - 3] + "..."
     out = []
     for ch in text:
         if ch.isprintable() and ch not in "\\":
