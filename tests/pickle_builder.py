@@ -115,7 +115,8 @@ def real_load_in_subprocess(data: bytes, workdir: Path, mode: str = "loads", tim
 
     ``mode``: "loads" (pickle.loads), "file" (pickle.load of open()), "bytesio" (pickle.load of
     io.BytesIO), "all" (pickle.load of open() until the file ends, as a multi-pickle reader does),
-    "joblib" (joblib.load, which unpickles any file with pickle.py's pure-Python unpickler).
+    "joblib" (joblib.load, which unpickles any file with pickle.py's pure-Python unpickler), "gzip"
+    and "xz" (pickle.load of gzip.open or lzma.open, as pandas.read_pickle reads a compressed file).
     Only for fixtures whose payload is harmless (it creates a marker under ``workdir``).
     """
     import subprocess
@@ -129,6 +130,8 @@ def real_load_in_subprocess(data: bytes, workdir: Path, mode: str = "loads", tim
         "bytesio": "pickle.load(io.BytesIO(open(p, 'rb').read()))",
         "all": "f = open(p, 'rb')\nwhile f.peek(1): pickle.load(f)",
         "joblib": "import joblib\njoblib.load(p)",
+        "gzip": "import gzip\npickle.load(gzip.open(p))",
+        "xz": "import lzma\npickle.load(lzma.open(p))",
     }[mode]
     code = f"import io, pickle, sys\np = sys.argv[1]\n{script}\n"
     return subprocess.run(

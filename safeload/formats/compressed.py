@@ -11,7 +11,9 @@ Decompression is bounded: input is fed in chunks and output is taken ``max_lengt
 every output byte is charged to the file's shared Budget (SL203 when it refuses) and a stream that
 expands beyond ``limits.max_compression_ratio`` is stopped (SL309). A truncated or corrupt stream,
 or bytes after the last stream that no reader continues with, give SL205; what was decompressed
-before the break is still handed on (a loader would have run a payload in it before failing).
+before the break is still handed on (a loader would have run a payload in it before failing),
+down to what a decoder call that raised had decoded (see _salvage). gzip members are read as
+gzip.py reads them (see GzipMember).
 
 The helpers :class:`Meter` and :func:`inflate` are shared with other readers (7z, sparse tar).
 """
@@ -94,6 +96,98 @@ class ZlibDecoder:
         out = self._d.decompress(self._d.unconsumed_tail + data, max(max_length, 0))
         # A full output buffer may leave output pending inside zlib even with no input left.
         self._more = max_length > 0 and len(out) == max_length and not self._d.eof
+        return out
+
+
+class GzipMember:
+    """One gzip member, read the way Python's gzip module reads it (gzip.open, and through it pandas
+    and joblib): the header as ``_read_gzip_header`` parses it, raw deflate, then the CRC-32 and
+    length trailer.
+
+    zlib's own gzip mode (wbits 31) refuses headers gzip.py reads (reserved flag bits set, a wrong
+    header CRC, which gzip.py skips unchecked) and raises on a bad trailer inside the call that
+    returns the member's last bytes. gzip.py checks the trailer only at the read after the member's
+    data, so a loader has unpickled all of it by then: a bad trailer is kept as ``problem`` (the
+    caller reports it and reads no further member), never raised.
+    """
+
+    _FIXED = 10  # magic, method, flags, mtime, extra flags, OS
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self._step = 0  # fixed part, FEXTRA, FNAME, FCOMMENT, FHCRC, then the body
+        self._flags = 0
+        self._body: ZlibDecoder | None = None
+        self._tail = bytearray()
+        self._crc = 0
+        self._size = 0
+        self.eof = False
+        self.unused_data = b""
+        self.problem: str | None = None
+
+    @property
+    def needs_input(self) -> bool:
+        if self._body is None or self._body.eof:
+            return not self.eof
+        return self._body.needs_input
+
+    def _header(self, data: bytes) -> bytes | None:
+        """What follows the header once it is complete; None while it is not."""
+        head = self._head
+        head += data
+        while self._step < 5:
+            if self._step == 0:
+                if len(head) < self._FIXED:
+                    return None
+                if bytes(head[:2]) != b"\x1f\x8b":
+                    raise ValueError("not a gzip member")
+                if head[2] != 8:
+                    raise ValueError(f"unknown compression method {head[2]}")
+                self._flags = head[3]
+                del head[: self._FIXED]
+            elif self._step == 1 and self._flags & 4:  # FEXTRA: a 2-byte length, then that many
+                if len(head) < 2 or len(head) < 2 + (head[0] | head[1] << 8):
+                    return None
+                del head[: 2 + (head[0] | head[1] << 8)]
+            elif self._step in (2, 3) and self._flags & (8 if self._step == 2 else 16):
+                end = head.find(0)  # FNAME, FCOMMENT: zero-terminated, of any length
+                if end < 0:
+                    head.clear()  # never needed again: only the terminator is looked for
+                    return None
+                del head[: end + 1]
+            elif self._step == 4 and self._flags & 2:  # FHCRC: skipped, as gzip.py skips it
+                if len(head) < 2:
+                    return None
+                del head[:2]
+            self._step += 1
+        rest = bytes(head)
+        head.clear()
+        return rest
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        if self._body is None:
+            rest = self._header(data)
+            if rest is None:
+                return b""
+            self._body = ZlibDecoder(-15)
+            data = rest
+        out = b""
+        if not self._body.eof:
+            out = self._body.decompress(data, max_length)
+            self._crc = zlib.crc32(out, self._crc)
+            self._size += len(out)
+            if not self._body.eof:
+                return out
+            data = self._body.unused_data
+        self._tail += data
+        if len(self._tail) >= 8:
+            crc, size = struct.unpack_from("<II", self._tail)
+            if crc != self._crc:
+                self.problem = f"CRC check failed (trailer {crc:#010x}, data {self._crc:#010x})"
+            elif size != self._size & 0xFFFFFFFF:
+                self.problem = f"incorrect length of data produced (trailer {size}, data {self._size})"
+            self.unused_data = bytes(self._tail[8:])
+            self.eof = True
         return out
 
 
@@ -235,7 +329,7 @@ def _is_zstd(b: memoryview) -> bool:
     return head == ZSTD_MAGIC or (head[1:] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50)
 
 
-GZIP = Codec("gzip", lambda: ZlibDecoder(31), lambda b: bytes(b[:3]) == GZIP_MAGIC)
+GZIP = Codec("gzip", GzipMember, lambda b: bytes(b[:3]) == GZIP_MAGIC)
 ZLIB = Codec("zlib", lambda: ZlibDecoder(15), _is_zlib_header)
 BZ2 = Codec("bz2", bz2.BZ2Decompressor, _is_bz2)
 XZ = Codec("xz", _lzma_auto, lambda b: bytes(b[:6]) == XZ_MAGIC or _is_lzma_alone_header(b))
@@ -369,6 +463,7 @@ def inflate(
     while True:
         dec = codec.new()
         start = pos
+        kept = 0  # output of this stream written so far
         try:
             while not dec.eof:
                 if dec.needs_input:
@@ -398,6 +493,7 @@ def inflate(
                         result.consumed = pos
                         return result
                     out.write(piece)
+                    kept += len(piece)
         except SpoolError as exc:
             result.findings.append(make_finding("SL203", f"{what}: {exc}", member=ctx.member))
             result.consumed = pos
@@ -411,9 +507,26 @@ def inflate(
                     base + start,
                 )
             )
+            stopped = _salvage(codec, src[start:pos], start, kept, meter, out)
+            if stopped is not None:
+                result.findings.append(stopped)
             result.consumed = pos
             return result
         result.streams += 1
+        problem = getattr(dec, "problem", None)
+        if problem is not None:
+            # The reader raises at its next read: no later stream is ever read.
+            result.findings.append(
+                _unreadable(
+                    ctx,
+                    f"{what} stream {result.streams} starting at offset {base + start}: {problem}. "
+                    f"Python's {what} reader raises this only after handing over the stream's data, "
+                    "which a loader has unpickled by then: that data was scanned",
+                    base + start,
+                )
+            )
+            result.consumed = pos
+            return result
         # The stream ended inside what it was fed; never step back before the stream's start.
         pos = max(start + 1, pos - len(dec.unused_data or b""))
         result.consumed = pos
@@ -432,6 +545,48 @@ def inflate(
                 )
             )
             return result
+
+
+# What Python's file readers (gzip.open, bz2.open, lzma.open) ask a decoder for at a time: the
+# 8 KiB of the BufferedReader in front of them.
+READER_STEP = 8 << 10
+
+
+def _salvage(
+    codec: Codec, stream: memoryview, start: int, kept: int, meter: Meter, out: Spool
+) -> Finding | None:
+    """Decode a stream that failed again from its start, READER_STEP bytes of output at a time, and
+    keep what comes out after the ``kept`` bytes already written, up to the error. ``start``: where
+    the stream starts in the wrapper's input (the ratio limit counts input from there).
+
+    A decoder call that raises returns nothing, though it may have decoded much (a block whose
+    check fails at its end, a deflate error deep into the input it was given). A file reader asks
+    for a little at a time and hands the loader all of that before the error: a payload there is
+    unpickled, so it must be scanned. Returns the finding that stopped it, if a limit did."""
+    dec = codec.new()
+    pos = 0
+    produced = 0
+    try:
+        while not dec.eof:
+            if dec.needs_input:
+                if pos >= len(stream):
+                    return None
+                chunk = bytes(stream[pos : pos + IN_CHUNK])
+                pos += len(chunk)
+            else:
+                chunk = b""
+            piece = dec.decompress(chunk, READER_STEP)
+            new = piece[max(0, kept - produced) :]
+            produced += len(piece)
+            if new:
+                if not meter.charge(len(new), start + pos):
+                    return meter.finding
+                out.write(new)
+    except SpoolError as exc:
+        return make_finding("SL203", f"{meter.what}: {exc}", member=meter.ctx.member)
+    except Exception:  # noqa: BLE001 - the error already reported: what came before it is kept
+        return None
+    return None
 
 
 def _unreadable(ctx: ReadContext, message: str, offset: int) -> Finding:

@@ -22,7 +22,7 @@ from joblib.numpy_pickle_compat import write_zfile
 
 from safeload.formats import compressed
 from safeload.limits import Limits
-from tests.pickle_builder import exec_payload
+from tests.pickle_builder import exec_payload, real_load_in_subprocess
 from tests.unit.formats._samples import codes, foreign_samples, imports, make_ctx
 
 BENIGN = pickle.dumps({"weights": list(range(200)), "name": "model"}, protocol=4)
@@ -148,6 +148,106 @@ def test_byte_flips_never_raise_and_checked_formats_report_them(kind: str) -> No
         # These formats carry checksums over the content: damage never reads as clean.
         if b"".join(bytes(c.data) for c in result.children) != BENIGN:
             assert "SL205" in codes(result), pos
+
+
+def _live(build: Callable[[Path], bytes], tmp_path: Path, mode: str) -> None:
+    """The real loader (pickle.load through Python's file reader, in a subprocess) runs the payload
+    of the file ``build`` makes for a marker: the trick is live."""
+    workdir = tmp_path / "live"
+    workdir.mkdir()
+    ran = workdir / "RAN"
+    proc = real_load_in_subprocess(build(ran), workdir, mode=mode)
+    assert ran.exists(), proc.stderr.decode()
+
+
+def _bad_trailer(member: bytes, field: str) -> bytes:
+    """A gzip member whose CRC-32 or length trailer no longer matches its data."""
+    at = len(member) - (8 if field == "crc" else 4)
+    return member[:at] + bytes(b ^ 0xFF for b in member[at : at + 4]) + member[at + 4 :]
+
+
+@pytest.mark.parametrize("field", ["crc", "length"])
+def test_gzip_bad_trailer_is_reported_and_its_member_still_scanned(
+    field: str, marker: Path, tmp_path: Path
+) -> None:
+    # gzip.py checks the trailer at the read after the member's data: the unpickler has run it by then.
+    _live(lambda m: _bad_trailer(gzip.compress(exec_payload(m)), field), tmp_path, "gzip")
+    data = _bad_trailer(gzip.compress(exec_payload(marker)), field)
+    with pytest.raises(gzip.BadGzipFile):
+        gzip.decompress(data)
+    result = compressed.read(memoryview(data), make_ctx())
+    assert codes(result) == ["SL205"]
+    assert ("CRC check failed" if field == "crc" else "incorrect length") in result.findings[0].message
+    assert bytes(result.children[0].data) == exec_payload(marker)
+    assert imports(result.children[0].data) == ["builtins.exec"]
+
+
+def test_no_member_after_a_bad_trailer_is_read(marker: Path) -> None:
+    # gzip.py raises when it reaches the next member: its bytes never reach a loader.
+    data = _bad_trailer(gzip.compress(BENIGN), "crc") + gzip.compress(exec_payload(marker))
+    result = compressed.read(memoryview(data), make_ctx())
+    assert codes(result) == ["SL205"]
+    assert [bytes(c.data) for c in result.children] == [BENIGN]
+
+
+def _gzip_header(flags: int, fields: bytes, member: bytes) -> bytes:
+    """``member`` (as gzip.compress writes it: a 10-byte header, no optional field) with header
+    ``flags`` and the optional ``fields`` those flags announce."""
+    return member[:3] + bytes([flags]) + member[4:10] + fields + member[10:]
+
+
+GZIP_HEADERS = {
+    # Bits 5-7 are reserved: zlib refuses them, gzip.py never looks at them.
+    "reserved-flag-bits": (0xE0, b""),
+    # gzip.py reads the header CRC and never checks it; zlib does.
+    "wrong-header-crc": (0x02, b"\xde\xad"),
+    "every-optional-field": (
+        0x04 | 0x08 | 0x10 | 0x02,
+        b"\x03\x00abc" + b"name.pkl\x00" + b"a comment\x00" + b"\x00\x00",
+    ),
+}
+
+
+@pytest.mark.parametrize("header", sorted(GZIP_HEADERS))
+def test_gzip_headers_are_read_as_gzip_py_reads_them(header: str, marker: Path, tmp_path: Path) -> None:
+    flags, fields = GZIP_HEADERS[header]
+    _live(lambda m: _gzip_header(flags, fields, gzip.compress(exec_payload(m))), tmp_path, "gzip")
+    data = _gzip_header(flags, fields, gzip.compress(exec_payload(marker)))
+    if header != "every-optional-field":
+        with pytest.raises(zlib.error):
+            zlib.decompress(data, 31)  # what a reader built on zlib's gzip mode would say
+    result = compressed.read(memoryview(data), make_ctx())
+    assert codes(result) == []
+    assert bytes(result.children[0].data) == exec_payload(marker)
+
+
+def test_a_name_field_of_any_length_is_read_without_holding_it(marker: Path) -> None:
+    name = b"n" * (3 * compressed.IN_CHUNK + 5) + b"\x00"
+    data = _gzip_header(0x08, name, gzip.compress(exec_payload(marker)))
+    assert gzip.decompress(data) == exec_payload(marker)
+    result = compressed.read(memoryview(data), make_ctx())
+    assert codes(result) == []
+    assert bytes(result.children[0].data) == exec_payload(marker)
+
+
+def test_output_before_a_failing_check_is_scanned(marker: Path, tmp_path: Path) -> None:
+    """A decoder call that raises returns nothing of what it decoded; lzma.open's reader asks for
+    8 KiB at a time and hands the loader the payload before the block's check fails."""
+
+    def build(m: Path) -> bytes:
+        damaged = bytearray(lzma.compress(exec_payload(m) + random.Random(2).randbytes(40_000)))
+        damaged[-40] ^= 0x10  # inside the last block: its check fails at the block's end
+        return bytes(damaged)
+
+    _live(build, tmp_path, "xz")
+    data = build(marker)
+    assert len(data) < compressed.IN_CHUNK  # one call of the first reading decodes it all
+    result = compressed.read(memoryview(data), make_ctx())
+    assert codes(result) == ["SL205"]
+    assert "corrupt" in result.findings[0].message
+    out = bytes(result.children[0].data)
+    assert out.startswith(exec_payload(marker)) and len(out) > 30_000
+    assert imports(out) == ["builtins.exec"]
 
 
 def _gzip_bomb(total: int, member: int = 16 << 20) -> bytes:
