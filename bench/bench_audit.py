@@ -46,21 +46,26 @@ def _tool(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or str(here))
 
 
+# Distinct checkpoints among the small tree's torch files (the rest are copies of them).
+DISTINCT_CHECKPOINTS = 251
+
+
 def make_small(folder: Path, count: int) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({"w": torch.arange(16, dtype=torch.float32), "step": 1}, buf)
-    checkpoint = buf.getvalue()
+    checkpoints: list[bytes] = []
+    for k in range(DISTINCT_CHECKPOINTS):
+        # Each a real torch.save archive (an edited byte would break its CRC or directory).
+        buf = io.BytesIO()
+        torch.save({"w": torch.arange(16, dtype=torch.float32) + k, "step": 1}, buf)
+        checkpoints.append(buf.getvalue())
     for i in range(count):
         sub = folder / f"shard{i % 50:02d}"
         sub.mkdir(exist_ok=True)
         if i % 4 == 0:
-            # vary one byte of the stored tensor so that files are distinct, not deduplicated away
-            data = bytearray(checkpoint)
-            data[-200] = i % 251
-            (sub / f"model{i}.pt").write_bytes(bytes(data))
+            # Copies of the same checkpoint, as registries hold them: dedupe has work to do.
+            (sub / f"model{i}.pt").write_bytes(checkpoints[i % DISTINCT_CHECKPOINTS])
         else:
             obj = {"step": i, "lr": 0.1, "hist": list(range(i % 50)), "name": f"run{i}"}
             (sub / f"state{i}.pkl").write_bytes(pickle.dumps(obj, protocol=(i % 5) + 1))
