@@ -13,7 +13,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safeload import __version__
+from safeload import __version__, build_id
 from safeload.audit_cache import AuditCache, cacheable, stat_key
 from safeload.audit_model import AuditRun, AuditStats, RunCounts
 from safeload.audit_views import (
@@ -118,7 +118,7 @@ def audit(
                 cache.save_hashes({outcome.stat_key: sha})
             if not (outcome.cached or outcome.reused):
                 # A file that was read whole and did not change meanwhile (it has a stat key).
-                cache.put_report(outcome.report, __version__, text=outcome.report_json)
+                cache.put_report(outcome.report, build_id.scanner_id(), text=outcome.report_json)
         for group in members[path]:
             finish(group, outcome.report, outcome.cached)
 
@@ -207,7 +207,7 @@ def _resolve_from_cache(
     if cache is None or not known:
         return hits
     # One read of the cache for every known hash (a query each costs more than the lookup).
-    found = cache.get_reports({g.sha256 for g in known if g.sha256}, policy.hash, __version__)
+    found = cache.get_reports({g.sha256 for g in known if g.sha256}, policy.hash, build_id.scanner_id())
     by_sha = {sha: reapply_waivers(report, policy) for sha, report in found.items()}
     for group in known:
         cached = by_sha.get(group.sha256 or "")

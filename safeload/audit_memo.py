@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from safeload import __version__
+from safeload import __version__, build_id
 from safeload import rules as rules_package
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_walk import FileGroup, collect
@@ -139,8 +139,10 @@ class RunMemo:
     def _what_changed(self) -> str:
         found = self.cache.get_manifest(self.command)
         if found is None:
-            return "no report of this audit is stored (the first audit with this cache and command, "\
+            return (
+                "no report of this audit is stored (the first audit with this cache and command, "
                 "or the last one had unreadable files)"
+            )
         key, raw = found
         if key == self.key:
             return "the stored report is damaged or missing"
@@ -155,12 +157,16 @@ class RunMemo:
             return "the stored report's manifest is damaged"
         labels = {
             "version": "safeload's version",
+            # A development build: the same version, other code.
+            "build": "safeload's code",
             # Development builds change it without a new version; manifests before it have none.
             "key": "the way safeload keys stored audits",
             "rules": "the built-in rules",
             "baseline": "the baseline file",
         }
         changed = [labels[k] for k in labels if before.get(k) != self.parts[k]]
+        if before.get("version") != self.parts["version"] and labels["build"] in changed:
+            changed.remove(labels["build"])  # a new version is new code: once is enough
         if changed:
             if "version" in before and before["version"] != self.parts["version"]:
                 changed[0] += f" ({escape(before['version'])} then, {__version__} now)"
@@ -209,6 +215,7 @@ def _parts(spec: RunSpec) -> dict[str, str]:
     baseline = None if spec.baseline is None else _file_digest(spec.baseline, None)
     return {
         "version": __version__,
+        "build": build_id.code_fingerprint_cached(),
         "key": str(_KEY_FORMAT),
         "rules": _rules_digest(),
         "baseline": repr((spec.baseline, baseline)),
@@ -246,7 +253,7 @@ def _tree_changes(before: dict[str, str], now: list[tuple[str, str]]) -> str:
 def run_key(spec: RunSpec, groups: Sequence[FileGroup], parts: dict[str, str] | None = None) -> str:
     parts = parts if parts is not None else _parts(spec)
     head = (
-        ("safeload audit run", _KEY_FORMAT, parts["version"]),
+        ("safeload audit run", _KEY_FORMAT, parts["version"], parts["build"]),
         os.getcwd(),
         (spec.paths, spec.policy, spec.allow, spec.compare, spec.fmt, spec.verbose),
         parts["baseline"],
@@ -256,15 +263,17 @@ def run_key(spec: RunSpec, groups: Sequence[FileGroup], parts: dict[str, str] | 
     add = rows.append
     for g in groups:
         st = g.st
-        add((
-            g.first,
-            g.paths,
-            g.links,
-            sorted(g.named) if g.named else None,
-            g.inert,
-            g.error,
-            None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
-        ))
+        add(
+            (
+                g.first,
+                g.paths,
+                g.links,
+                sorted(g.named) if g.named else None,
+                g.inert,
+                g.error,
+                None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+            )
+        )
     # marshal is C and round-trips, so no two walks give the same bytes; format 0 writes no
     # back-references or interning flags, so the bytes depend on the values alone, not on which
     # objects hold them (text built in Python costs twice as much on a tree of thousands of files).

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safeload import __version__
+from safeload import __version__, build_id
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import AuditError, reapply_waivers
 from safeload.gcpause import FrozenHeap
@@ -101,7 +101,7 @@ class Scanner:
         if known is not None:
             return known.model_copy(update={"path": path}), "reused", opened
         if self.cache is not None and self._may_be_cached(self.cache, digest):
-            hit = self.cache.get_report(digest, self.policy.hash, __version__)
+            hit = self.cache.get_report(digest, self.policy.hash, build_id.scanner_id())
             if hit is not None:
                 return reapply_waivers(hit, self.policy).model_copy(update={"path": path}), "cached", opened
         report = analyse(source, self.policy, sha256=digest).report
@@ -112,7 +112,7 @@ class Scanner:
 
     def _may_be_cached(self, cache: AuditCache, digest: str) -> bool:
         if not self._cached_loaded:
-            self._cached = cache.cached_shas(self.policy.hash, __version__)
+            self._cached = cache.cached_shas(self.policy.hash, build_id.scanner_id())
             self._cached_loaded = True
         return self._cached is None or digest in self._cached
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from safeload import audit_walk, audit_workers
+from safeload import audit_walk, audit_workers, build_id
 from safeload.audit import AuditError, AuditOptions, Progress, audit
 from safeload.audit_cache import DB_NAME
 from safeload.audit_views import load_baseline, reapply_waivers
@@ -193,6 +193,21 @@ def test_copies_are_scanned_once_and_each_is_reported_under_its_own_path(
     assert changed.counts.scanned == 1 and changed.counts.from_cache == 0
     assert changed.reports[0].verdict is Verdict.UNSAFE
     assert not marker.exists()
+
+
+def test_results_cached_by_other_code_of_the_same_version_are_not_reused(
+    registry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A development build between two releases keeps the version: a result its predecessor cached
+    (a verdict a fixed reader would change) must not come back."""
+    options = AuditOptions(cache_dir=tmp_path / "cache")
+    first = audit([str(registry)], options)
+    assert audit([str(registry)], options).counts.scanned == 0  # the cache works
+    monkeypatch.setattr(build_id, "code_fingerprint_cached", lambda: "another build")
+    rebuilt = audit([str(registry)], options)
+    assert rebuilt.counts.from_cache == 0 and rebuilt.counts.scanned == first.counts.scanned
+    assert rebuilt.reports == first.reports
+    assert audit([str(registry)], options).counts.scanned == 0  # cached again, for this build
 
 
 def test_file_vanishing_mid_audit_is_reported_and_the_audit_goes_on(registry: Path) -> None:

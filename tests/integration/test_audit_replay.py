@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safeload import audit_memo
+from safeload import audit_memo, build_id
 from safeload.audit_cache import AuditCache
 from safeload.cli import main
 from tests.pickle_builder import exec_payload
@@ -295,6 +295,19 @@ def test_a_miss_after_safeload_keys_stored_audits_otherwise_says_so(
     monkeypatch.setattr(audit_memo, "_KEY_FORMAT", audit_memo._KEY_FORMAT + 1)
     assert _why(_audit(capsys, *args)[1]) == "the way safeload keys stored audits changed since the stored audit"
     assert REPLAYED in _audit(capsys, *args)[1]
+
+
+def test_a_miss_after_a_build_with_the_same_version_says_the_code_changed(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = (str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.txt"))
+    _audit(capsys, *args)
+    monkeypatch.setattr(build_id, "code_fingerprint_cached", lambda: "another build")
+    assert _why(_audit(capsys, *args)[1]) == "safeload's code changed since the stored audit"
+    assert REPLAYED in _audit(capsys, *args)[1]
+    monkeypatch.setattr(audit_memo, "__version__", "99.0")
+    # A new version is new code: said once.
+    assert _why(_audit(capsys, *args)[1]).startswith("safeload's version (")
 
 
 def test_a_miss_names_what_changed_since_the_stored_report(

@@ -1,0 +1,58 @@
+"""Which scanner computed a cached result: safeload's version and the code of this install.
+
+A cache keyed by the version alone hands back what an older scanner said for as long as the
+version string stays the same (every development build between two releases): a fix to a reader
+would not reach the files audited before it, and a false SAFE it fixed would stay SAFE.
+
+The code's fingerprint comes from the package files' names, sizes and modification times, not
+their bytes: a replayed audit pays for it on every run (well under a millisecond for the package's
+files, against several to read and hash them), and installing or editing a file gives it a new
+time. The built-in rules are left out: audit keys digest them by content already.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+from safeload import __version__
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_SKIPPED_DIRS = frozenset({"__pycache__", "rules"})
+
+
+def code_fingerprint(folder: str = _PACKAGE) -> str:
+    """A digest of every file under ``folder`` (its path, size and mtime), bytecode caches and the
+    rules folder left out. Empty where the package is no directory (a zipped install)."""
+    if not os.path.isdir(folder):
+        return ""
+    rows: list[tuple[str, int, int]] = []
+    _list(folder, "", rows)
+    rows.sort()
+    return hashlib.sha256(repr(rows).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _list(folder: str, prefix: str, rows: list[tuple[str, int, int]]) -> None:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in _SKIPPED_DIRS:
+                        _list(entry.path, f"{prefix}{entry.name}/", rows)
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue  # gone since it was listed: what is there now is what runs
+            rows.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
+
+
+@functools.cache
+def code_fingerprint_cached() -> str:
+    """This install's code_fingerprint, taken once per process."""
+    return code_fingerprint()
+
+
+def scanner_id() -> str:
+    """The version results are cached under: ``<version>+<code fingerprint>``."""
+    return f"{__version__}+{code_fingerprint_cached()}"
