@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 
 CACHE_FORMAT = 2
 DB_NAME = "cache.sqlite3"
-# Findings that describe this run's circumstances, not the bytes: never reused.
-UNCACHEABLE_CODES = frozenset({"SL206", "SL207"})
+# Findings that describe this run's circumstances or this installation, not the bytes: never reused.
+UNCACHEABLE_CODES = frozenset({"SL206", "SL207", "SL208"})
 _FLUSH_ENTRIES = 2000  # results and hashes (a file scanned anew brings one of each)
 _FLUSH_SECONDS = 2.0
 _BUSY_TIMEOUT_S = 60.0

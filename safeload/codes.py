@@ -101,6 +101,11 @@ _RULES = [
          Effect.INCOMPLETE,
          "A bug in safeload stopped the analysis. The file was not judged; please report it with the "
          "file's sha256 (see SECURITY.md)."),
+    Rule("SL208", "reader-missing", "A package needed to read this file is not installed", Severity.HIGH,
+         Effect.INCOMPLETE,
+         "safeload reads 7z archives, zstd and lz4 streams with optional packages (py7zr, zstandard, lz4). "
+         "Install safeload[formats] and scan again. Such results are never cached: they describe this "
+         "installation, not the file."),
     # -- container anomalies (what real writers never produce) --------------------------------------
     Rule("SL300", "zip-crc-mismatch", "Zip member CRC does not match", Severity.HIGH, Effect.UNSAFE,
          "Python's zipfile refuses the member but torch's reader loads it: a known scanner evasion."),

@@ -10,8 +10,9 @@ Decisions, so that nothing is skipped silently:
   scanned.
 - bytes after the point where tarfile stops reading (its end marker, or a header it cannot parse),
   unless they are zero padding, are handed on as a child ``<after-tar>`` and give SL205.
-- a 7z archive that cannot be fully opened (py7zr missing, encryption, an unsupported filter, a
-  corrupt stream) gives SL205; members decompressed before the failure are still handed on.
+- a 7z archive that cannot be fully opened (encryption, an unsupported filter, a corrupt stream)
+  gives SL205 (SL208 where py7zr is not installed); members decompressed before the failure are
+  still handed on.
 """
 
 from __future__ import annotations
@@ -346,7 +347,12 @@ def read_7z(buf: memoryview, ctx: ReadContext) -> ReadResult:
         import py7zr.exceptions
     except ImportError:
         result.findings.append(
-            _unreadable(ctx, "7z archive, but py7zr is not installed; it could not be opened", 0)
+            make_finding(
+                "SL208",
+                "7z archive, but py7zr is not installed: install safeload[formats] to read it",
+                member=ctx.member,
+                file_offset=_abs(ctx, 0),
+            )
         )
         return result
     meter = Meter(ctx, "7z archive")

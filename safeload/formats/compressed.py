@@ -615,7 +615,15 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
     if not _available(kind):
         inflated = Inflated(
             Spool(),
-            [_unreadable(ctx, f"{kind} data, but the {_OPTIONAL[kind]} package is not installed", 0)],
+            [
+                make_finding(
+                    "SL208",
+                    f"{kind} data, but the {_OPTIONAL[kind]} package is not installed: install "
+                    "safeload[formats] to read it",
+                    member=ctx.member,
+                    file_offset=ctx.file_offset,
+                )
+            ],
         )
     else:
         inflated = inflate(src, CODECS[kind], ctx, what=kind, base=len(buf) - len(src), release=ctx.release)

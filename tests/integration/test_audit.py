@@ -210,6 +210,27 @@ def test_results_cached_by_other_code_of_the_same_version_are_not_reused(
     assert audit([str(registry)], options).counts.scanned == 0  # cached again, for this build
 
 
+def test_a_result_for_want_of_an_optional_package_is_never_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marker: Path
+) -> None:
+    """Installing the package must make the next audit read the file: nothing stale comes back."""
+    import lz4.frame
+
+    from safeload.formats import compressed
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "model.pkl.lz4").write_bytes(lz4.frame.compress(exec_payload(marker)))
+    options = AuditOptions(cache_dir=tmp_path / "cache")
+    with monkeypatch.context() as m:
+        m.setitem(compressed._OPTIONAL, "lz4", "safeload_no_such_module")
+        (missing,) = audit([str(folder)], options).reports
+        assert missing.verdict is Verdict.UNSCANNABLE and [f.code for f in missing.findings] == ["SL208"]
+    (installed,) = audit([str(folder)], options).reports
+    assert installed.verdict is Verdict.UNSAFE
+    assert "builtins.exec" in {g.name for s in installed.streams for g in s.globals}
+
+
 def test_file_vanishing_mid_audit_is_reported_and_the_audit_goes_on(registry: Path) -> None:
     victim = registry / "copies" / "eye.npy"
 
@@ -622,7 +643,9 @@ def test_a_pool_whose_workers_all_vanished_unnoticed_fails_closed(
     done: dict[str, object] = {}
     tasks = [str(p) for p in sorted(folder.iterdir())]
     config = audit_workers.PoolConfig("default", (), None, 2)
-    audit_workers.run_parallel(tasks, config, load_policy("default"), lambda path, o: done.setdefault(path, o))
+    audit_workers.run_parallel(
+        tasks, config, load_policy("default"), lambda path, o: done.setdefault(path, o)
+    )
     assert set(done) == set(tasks)
     for outcome in done.values():
         assert outcome.report.findings[0].code == "SL207"  # type: ignore[attr-defined]

@@ -268,7 +268,7 @@ def test_7z_without_py7zr_is_unscannable(monkeypatch: pytest.MonkeyPatch, marker
     data = sevenz_bytes({"m.pkl": exec_payload(marker)})
     monkeypatch.setitem(sys.modules, "py7zr", None)
     result = archives.read(memoryview(data), make_ctx())
-    assert codes(result) == ["SL205"]
+    assert codes(result) == ["SL208"]
     assert "py7zr" in result.findings[0].message
 
 

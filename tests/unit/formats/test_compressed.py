@@ -374,7 +374,8 @@ def test_unrecognized_bytes_are_not_claimed_and_read_says_so() -> None:
 def test_missing_optional_package_is_unscannable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(compressed._OPTIONAL, "lz4", "safeload_no_such_module")
     result = compressed.read(memoryview(lz4.frame.compress(BENIGN)), make_ctx())
-    assert codes(result) == ["SL205"]
+    assert codes(result) == ["SL208"]
+    assert "install safeload[formats]" in result.findings[0].message
     assert result.children == []
 
 
