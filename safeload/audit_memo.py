@@ -157,8 +157,8 @@ class RunMemo:
             return "the stored report's manifest is damaged"
         labels = {
             "version": "safeload's version",
-            # A development build: the same version, other code.
-            "build": "safeload's code",
+            # A development build (the same version, other code), or another Python.
+            "build": "safeload's code or the Python running it",
             # Development builds change it without a new version; manifests before it have none.
             "key": "the way safeload keys stored audits",
             "rules": "the built-in rules",
@@ -215,7 +215,7 @@ def _parts(spec: RunSpec) -> dict[str, str]:
     baseline = None if spec.baseline is None else _file_digest(spec.baseline, None)
     return {
         "version": __version__,
-        "build": build_id.code_fingerprint_cached(),
+        "build": build_id.install_fingerprint(),
         "key": str(_KEY_FORMAT),
         "rules": _rules_digest(),
         "baseline": repr((spec.baseline, baseline)),

@@ -1,4 +1,5 @@
-"""Which scanner computed a cached result: safeload's version and the code of this install.
+"""Which scanner computed a cached result: safeload's version, the code of this install and the
+Python running it (the cross-check replays streams through that Python's own unpickler).
 
 A cache keyed by the version alone hands back what an older scanner said for as long as the
 version string stays the same (every development build between two releases): a fix to a reader
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 
 from safeload import __version__
 
@@ -48,11 +50,12 @@ def _list(folder: str, prefix: str, rows: list[tuple[str, int, int]]) -> None:
 
 
 @functools.cache
-def code_fingerprint_cached() -> str:
-    """This install's code_fingerprint, taken once per process."""
-    return code_fingerprint()
+def install_fingerprint() -> str:
+    """This install's code_fingerprint and the running Python, taken once per process."""
+    python = f"{sys.implementation.name} {sys.version_info[:3]}"
+    return hashlib.sha256(f"{code_fingerprint()} {python}".encode()).hexdigest()[:16]
 
 
 def scanner_id() -> str:
-    """The version results are cached under: ``<version>+<code fingerprint>``."""
-    return f"{__version__}+{code_fingerprint_cached()}"
+    """The version results are cached under: ``<version>+<install fingerprint>``."""
+    return f"{__version__}+{install_fingerprint()}"

@@ -203,7 +203,7 @@ def test_results_cached_by_other_code_of_the_same_version_are_not_reused(
     options = AuditOptions(cache_dir=tmp_path / "cache")
     first = audit([str(registry)], options)
     assert audit([str(registry)], options).counts.scanned == 0  # the cache works
-    monkeypatch.setattr(build_id, "code_fingerprint_cached", lambda: "another build")
+    monkeypatch.setattr(build_id, "install_fingerprint", lambda: "another build")
     rebuilt = audit([str(registry)], options)
     assert rebuilt.counts.from_cache == 0 and rebuilt.counts.scanned == first.counts.scanned
     assert rebuilt.reports == first.reports

@@ -90,12 +90,21 @@ CHANGES = {
     "cwd": NOT_STORED,
     "allow": NOT_STORED,
 }
-NAMED = {"touch": "good.pt (changed)", "add": "new.pt (new)", "remove": "copy.pt (gone)", "relink": "link.pt (changed)"}
+NAMED = {
+    "touch": "good.pt (changed)",
+    "add": "new.pt (new)",
+    "remove": "copy.pt (gone)",
+    "relink": "link.pt (changed)",
+}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_any_change_audits_afresh(
-    change: str, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    change: str,
+    tree: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache, out = tmp_path / "cache", tmp_path / "report.txt"
     base = [str(tree), "--cache", str(cache), "-o", str(out), "--format", "text"]
@@ -159,7 +168,9 @@ def test_a_user_policy_edited_in_place_is_no_replay(
     assert REPLAYED in _audit(capsys, *args)[1]
 
 
-def test_a_changed_baseline_is_no_replay(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_changed_baseline_is_no_replay(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     old = tmp_path / "old.json"
     assert main(["audit", str(tree / "a"), "--format", "json", "-o", str(old), "--no-progress"]) == 0
     args = (str(tree), "--cache", str(tmp_path / "c"), "--baseline", str(old), "-o", str(tmp_path / "r.txt"))
@@ -190,7 +201,10 @@ def test_a_replay_ends_when_a_waiver_lapses(
     monkeypatch.setattr(audit_memo, "_today", lambda: (today + timedelta(days=1)).isoformat())
     err = _audit(capsys, *args)[1]
     assert REPLAYED not in err
-    assert _why(err) == f"a waiver in force at the last audit lapsed on {(today + timedelta(days=1)).isoformat()}"
+    assert (
+        _why(err)
+        == f"a waiver in force at the last audit lapsed on {(today + timedelta(days=1)).isoformat()}"
+    )
 
 
 def test_unreadable_files_keep_the_report_from_replay(
@@ -202,7 +216,9 @@ def test_unreadable_files_keep_the_report_from_replay(
     assert REPLAYED not in _audit(capsys, *args)[1]  # a transient failure is never repeated
 
 
-def test_a_damaged_stored_run_is_a_miss(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_stored_run_is_a_miss(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cache = tmp_path / "c"
     args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.txt"))
     _audit(capsys, *args)
@@ -225,7 +241,15 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
     the error classes (and pickle with them), dataclasses, tempfile, pathlib, typing, shutil or
     threading (checked in a fresh process; an editable install's import hook loads pathlib at
     start-up, so the check forgets it first: an import by safeload loads it anew)."""
-    args = ["audit", str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.html"), "--no-progress"]
+    args = [
+        "audit",
+        str(tree),
+        "--cache",
+        str(tmp_path / "c"),
+        "-o",
+        str(tmp_path / "r.html"),
+        "--no-progress",
+    ]
     script = (
         "import sys; names = ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html', "
         "'safeload.codes', 'safeload.errors', 'pickle', 'dataclasses', 'tempfile', 'pathlib', 'typing', "
@@ -236,21 +260,27 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     outs = [
-        subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, check=True
+        )
         for _ in range(2)
     ]
     assert outs[0].stdout.split()[0] == "1" and "pydantic" in outs[0].stdout  # audited
     assert outs[1].stdout.strip() == "1 []" and REPLAYED in outs[1].stderr  # replayed
 
 
-def test_only_the_most_recent_reports_are_kept(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_the_most_recent_reports_are_kept(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safeload.audit_cache import KEEP_RUNS
 
     cache = tmp_path / "c"
     formats = ["text", "json", "markdown", "html", "sarif"]
     for fmt in formats:
         for verbose in ([], ["-v"]):
-            _audit(capsys, str(tree), "--cache", str(cache), "--format", fmt, "-o", str(tmp_path / "r"), *verbose)
+            _audit(
+                capsys, str(tree), "--cache", str(cache), "--format", fmt, "-o", str(tmp_path / "r"), *verbose
+            )
     kept = _stored_reports(cache)
     assert len(kept) == KEEP_RUNS < 2 * len(formats)
     # each kept report has its manifest, and no other manifest is left
@@ -293,7 +323,9 @@ def test_a_miss_after_safeload_keys_stored_audits_otherwise_says_so(
     args = (str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.txt"))
     _audit(capsys, *args)
     monkeypatch.setattr(audit_memo, "_KEY_FORMAT", audit_memo._KEY_FORMAT + 1)
-    assert _why(_audit(capsys, *args)[1]) == "the way safeload keys stored audits changed since the stored audit"
+    assert (
+        _why(_audit(capsys, *args)[1]) == "the way safeload keys stored audits changed since the stored audit"
+    )
     assert REPLAYED in _audit(capsys, *args)[1]
 
 
@@ -302,8 +334,10 @@ def test_a_miss_after_a_build_with_the_same_version_says_the_code_changed(
 ) -> None:
     args = (str(tree), "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "r.txt"))
     _audit(capsys, *args)
-    monkeypatch.setattr(build_id, "code_fingerprint_cached", lambda: "another build")
-    assert _why(_audit(capsys, *args)[1]) == "safeload's code changed since the stored audit"
+    monkeypatch.setattr(build_id, "install_fingerprint", lambda: "another build")
+    assert _why(_audit(capsys, *args)[1]) == (
+        "safeload's code or the Python running it changed since the stored audit"
+    )
     assert REPLAYED in _audit(capsys, *args)[1]
     monkeypatch.setattr(audit_memo, "__version__", "99.0")
     # A new version is new code: said once.
@@ -344,7 +378,10 @@ def test_a_miss_names_what_changed_since_the_stored_report(
     (tree / "b" / "more0.pt").unlink()
     assert _audit(capsys, *args)[0] == 1
     (tree / "b" / "more1.pt").unlink()
-    assert _why(_audit(capsys, *args)[1]) == "the tree changed since the stored audit (too many files to say which)"
+    assert (
+        _why(_audit(capsys, *args)[1])
+        == "the tree changed since the stored audit (too many files to say which)"
+    )
     # A manifest that is no manifest: said, and the audit runs as usual.
     for manifest in (cache / "runs").glob("*.manifest"):
         manifest.write_bytes(b"{not json")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 import safeload
 from safeload import build_id
 
@@ -40,7 +42,15 @@ def test_bytecode_and_rules_do_not_count(tmp_path: Path) -> None:
     assert build_id.code_fingerprint(str(root)) == before
 
 
-def test_the_installed_package_has_one(tmp_path: Path) -> None:
+def test_the_installed_package_has_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_id.scanner_id().startswith(f"{safeload.__version__}+")
-    assert len(build_id.code_fingerprint_cached()) == 16
+    here = build_id.install_fingerprint()
+    assert len(here) == 16
     assert build_id.code_fingerprint(str(tmp_path / "missing")) == ""
+    # Another Python replays streams through another unpickler: another fingerprint.
+    build_id.install_fingerprint.cache_clear()
+    monkeypatch.setattr(build_id.sys, "version_info", (3, 99, 0))
+    try:
+        assert build_id.install_fingerprint() != here
+    finally:
+        build_id.install_fingerprint.cache_clear()
