@@ -1,9 +1,9 @@
 """The audit cache: scan results by content, and content hashes by file identity, in one SQLite file.
 
 Results are keyed by (sha256, policy hash, safeload version and code: build_id.scanner_id): the same
-bytes under the same policy and the same scanner give the same report, wherever the file lives. Hashing is what a re-run would
-spend its time on, so the sha256 of a file is also remembered, keyed by (device, inode, size,
-mtime_ns, ctime_ns).
+bytes under the same policy and the same scanner give the same report, wherever the file lives.
+Hashing is what a re-run would spend its time on, so the sha256 of a file is also remembered, keyed
+by (device, inode, size, mtime_ns, ctime_ns).
 
 Why the hash cache is safe enough: writing to a file updates its mtime and ctime. mtime can be set
 back (`touch -d`), but that sets ctime to the present, and ctime cannot be set by an unprivileged
