@@ -17,42 +17,27 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
-import json
 import lzma
 import pickle
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import safeload
 from tests.pickle_builder import exec_payload
+from tests.property.recording import assert_the_scan_saw, record_loads
 
 pytestmark = pytest.mark.slow
 
 MUTANTS = 500
 
 # Reads "path<TAB>reader" lines; prints, per line, the globals the unpickler asked for.
-_RECORDING_LOADER = r"""
-import _compat_pickle, bz2, gzip, json, lzma, pickle, sys
-
-class Inert:
-    def __init__(self, *args, **kwargs): pass
-    def __call__(self, *args, **kwargs): return Inert()
-    def __setstate__(self, state): pass
-
-asked = []
+_LOAD_THROUGH_READERS = r"""
+import bz2, gzip, lzma
 
 class Recording(pickle.Unpickler):
     def find_class(self, module, name):
-        # pickle's own find_class maps Python 2 names first (the scan reports the mapped name)
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        asked.append(f"{module}.{name}")
+        record(module, name)
         return Inert
 
 READERS = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}
@@ -136,26 +121,5 @@ def test_what_the_unpickler_asks_for_through_a_decompressing_reader_the_scan_saw
         path = tmp_path / f"mutant{i}"
         path.write_bytes(_mutate(data, rng))
         cases.append((path, reader))
-    proc = subprocess.run(
-        [sys.executable, "-c", _RECORDING_LOADER],
-        input="".join(f"{p}\t{r}\n" for p, r in cases),
-        capture_output=True,
-        text=True,
-        cwd=marker.parent,
-        timeout=600,
-    )
-    asked_per_file = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(asked_per_file) == MUTANTS, proc.stderr[-2000:]
-    reached = 0
-    for (path, _), asked in zip(cases, asked_per_file, strict=True):
-        report = safeload.scan(path)
-        limited = any(f.code == "SL203" for f in report.findings)
-        missed = set(asked) - set(report.globals)
-        reached += bool(asked)
-        assert limited or not missed, (
-            f"{path.name}: the unpickler asked for {sorted(missed)}, the scan saw {report.globals}"
-        )
-        if report.verdict.value == "SAFE":
-            assert not asked or "builtins.exec" not in asked, path.name
-    # The mutants must reach the unpickler often enough for the comparison to mean anything.
-    assert reached > MUTANTS // 4, reached
+    asked_per_file = record_loads(_LOAD_THROUGH_READERS, [f"{p}\t{r}" for p, r in cases], marker.parent)
+    assert assert_the_scan_saw([p for p, _ in cases], asked_per_file, "the unpickler") > MUTANTS // 4

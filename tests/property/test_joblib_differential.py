@@ -15,11 +15,8 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
-import json
 import lzma
 import random
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -30,36 +27,25 @@ import pytest
 import safeload
 from safeload.audit_views import policy_allows
 from safeload.policy import load_policy
+from tests.property.recording import record_loads
+from tests.unit.formats.torchfiles import Payload
 
 pytestmark = pytest.mark.slow
 
 MUTANTS = 300
 
 # Reads "path<TAB>mmap mode" lines; prints, per line, the globals joblib's unpicklers asked for.
-_RECORDING_LOADER = r"""
-import _compat_pickle, json, pickle, sys, warnings
-warnings.filterwarnings("ignore")
+_LOAD_WITH_JOBLIB = r"""
 import joblib
 import joblib.numpy_pickle as numpy_pickle
-
-class Inert:
-    def __init__(self, *args, **kwargs): pass
-    def __call__(self, *args, **kwargs): return Inert()
-    def __setstate__(self, state): pass
 
 # What joblib files are made of: real, so that arrays are read and the stream goes on after them.
 REAL = {("joblib.numpy_pickle", "NumpyArrayWrapper"), ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-asked = []
 
 def find_class(self, module, name):
-    if self.proto < 3 and self.fix_imports:
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-    asked.append(f"{module}.{name}")
+    module, name = record(module, name, self.proto < 3 and self.fix_imports)
     if (module, name) in REAL:
         return pickle._Unpickler.find_class(self, module, name)
     return Inert
@@ -76,20 +62,12 @@ for line in sys.stdin:
 """
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
-
-
-def _objects(marker: Path) -> list[object]:
+def _objects() -> list[object]:
     return [
         {"a": np.arange(10.0), "b": np.arange(6, dtype=np.int32).reshape(2, 3), "s": "x"},
         {"o": np.array([1, "two", None], dtype=object), "f": np.asfortranarray(np.ones((3, 2)))},
-        [np.arange(4.0), np.zeros(3, dtype=">i4"), _Payload(marker)],
-        {"o": np.array([_Payload(marker), 2], dtype=object), "z": np.float64(1.5)},
+        [np.arange(4.0), np.zeros(3, dtype=">i4"), Payload()],
+        {"o": np.array([Payload(), 2], dtype=object), "z": np.float64(1.5)},
     ]
 
 
@@ -130,30 +108,9 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
-def _record(cases: list[tuple[Path, str]], cwd: Path) -> list[list[str] | None]:
-    """What joblib asked for, per case; None where the load ended the process (numpy crashes on
-    some dtype states it applies unchecked): the rest go to a fresh process."""
-    out: list[list[str] | None] = []
-    while len(out) < len(cases):
-        rest = cases[len(out) :]
-        proc = subprocess.run(
-            [sys.executable, "-c", _RECORDING_LOADER],
-            input="".join(f"{p}\t{mode}\n" for p, mode in rest),
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            timeout=600,
-        )
-        out.extend(json.loads(line) for line in proc.stdout.splitlines())
-        if len(out) < len(cases):
-            assert proc.returncode != 0, proc.stderr[-2000:]
-            out.append(None)
-    return out
-
-
 def test_what_joblib_asks_for_the_scan_saw_or_said_it_could_not(tmp_path: Path, marker: Path) -> None:
     rng = random.Random(20261123)
-    plain = [_dump(obj) for obj in _objects(marker)]
+    plain = [_dump(obj) for obj in _objects()]
     cases: list[tuple[Path, str]] = []
     for i in range(MUTANTS):
         mutant = _mutate(rng.choice(plain), rng)
@@ -163,7 +120,10 @@ def test_what_joblib_asks_for_the_scan_saw_or_said_it_could_not(tmp_path: Path, 
         cases.append((path, "-"))
         if compression == "none":
             cases.append((path, "r"))  # joblib.load(mmap_mode="r") reads arrays another way
-    asked_per_case = _record(cases, marker.parent)
+    # A load that crashes numpy (dtype states it applies unchecked) ends its process: None.
+    asked_per_case = record_loads(
+        _LOAD_WITH_JOBLIB, [f"{p}\t{mode}" for p, mode in cases], marker.parent, crashes=True
+    )
     policy = load_policy("default")
     reports = {}
     reached = 0

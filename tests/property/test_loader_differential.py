@@ -11,15 +11,12 @@ second central directory): both are fixed, and this test fails on the first.
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import safeload
+from tests.property.recording import assert_the_scan_saw, record_loads
 from tests.unit.formats.torchfiles import save_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -27,28 +24,15 @@ pytestmark = pytest.mark.slow
 MUTANTS = 400
 
 # Reads paths from stdin; prints, per path, the globals torch's unpickler asked for.
-_RECORDING_LOADER = r"""
-import _compat_pickle, json, pickle, sys, warnings
-warnings.filterwarnings("ignore")
+_LOAD_WITH_TORCH = r"""
 import torch
-
-class Inert:
-    def __init__(self, *args, **kwargs): pass
-    def __call__(self, *args, **kwargs): return Inert()
-    def __setstate__(self, state): pass
 
 REAL = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
         ("torch._utils", "_rebuild_parameter")}
-asked = []
 
 class Recording(pickle.Unpickler):
     def find_class(self, module, name):
-        # What pickle's own find_class does for protocol 2 (torch.save's) before importing.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        asked.append(f"{module}.{name}")
+        module, name = record(module, name)
         if (module, name) in REAL:
             return super().find_class(module, name)
         return Inert
@@ -134,25 +118,6 @@ def test_what_torch_asks_for_the_scan_saw(archives: list[bytes], tmp_path: Path,
         path = tmp_path / f"mutant{i}.pt"
         path.write_bytes(mutate(archives[i % len(archives)], rng))
         paths.append(path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _RECORDING_LOADER],
-        input="".join(f"{p}\n" for p in paths),
-        capture_output=True,
-        text=True,
-        cwd=marker.parent,
-        timeout=600,
-    )
-    asked_per_file = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(asked_per_file) == MUTANTS, proc.stderr[-2000:]
-    loaded_something = 0
-    for path, asked in zip(paths, asked_per_file, strict=True):
-        report = safeload.scan(path)
-        # Only a limit may stop the scan short of what torch reads (a huge memo index, say).
-        limited = any(f.code == "SL203" for f in report.findings)
-        missed = set(asked) - set(report.globals)
-        loaded_something += bool(asked)
-        assert limited or not missed, f"{path.name}: torch asked for {sorted(missed)}, the scan saw {report.globals}"
-        if report.verdict.value == "SAFE":
-            assert not missed and "builtins.exec" not in asked, path.name
-    # The mutants must reach torch's unpickler often enough for the comparison to mean anything.
-    assert loaded_something > MUTANTS // 4
+    asked_per_file = record_loads(_LOAD_WITH_TORCH, [str(p) for p in paths], marker.parent)
+    # Only a limit may stop the scan short of what torch reads (a huge memo index, say).
+    assert assert_the_scan_saw(paths, asked_per_file, "torch") > MUTANTS // 4
