@@ -479,10 +479,33 @@ def _many(tmp_path: Path, n: int) -> Path:
 
 
 def test_a_killed_worker_costs_no_file_its_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker is killed while batches are still waiting in the pool, as the OOM killer would.
+    Every file still gets its own verdict: what the dead pool left is scanned one file at a time."""
     import multiprocessing
     import signal
+    import time
 
     folder = _many(tmp_path, 120)
+    gate = tmp_path / "gate"
+    real_batch = audit_workers.Scanner.batch
+
+    def held_batch(
+        self: audit_workers.Scanner, tasks: list[audit_workers.Task]
+    ) -> list[audit_workers.Result]:
+        # Only the batch holding s0.pkl runs at once; the others wait until a worker has been
+        # killed, so the kill always finds batches pending, however fast the machine.
+        deadline = time.monotonic() + 60
+        while (
+            not any(t.endswith("/s0.pkl") for t in tasks)
+            and not gate.exists()
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+        return real_batch(self, tasks)
+
+    # Forked workers inherit the patched method (a forkserver or spawn worker would not).
+    monkeypatch.setattr(audit_workers, "_pool_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(audit_workers.Scanner, "batch", held_batch)
     isolated: list[int] = []
     real_isolated = audit_workers._run_isolated
 
@@ -500,12 +523,14 @@ def test_a_killed_worker_costs_no_file_its_verdict(tmp_path: Path, monkeypatch: 
                     os.kill(child.pid, signal.SIGKILL)
                     killed.append(child.pid)
                     break
+            gate.touch()
 
     run = audit([str(folder)], AuditOptions(jobs=2), progress=kill_a_worker)
     assert killed
     assert len(run.reports) == 120 and all(r.verdict is Verdict.SAFE for r in run.reports)
     assert run.exit_code == 0
-    assert isolated and isolated[0] > 0  # what the dead pool left was scanned one by one
+    # The batches held at the gate were pending when the worker died: more than the first one's.
+    assert isolated and isolated[0] > 7
 
 
 def test_workers_that_always_die_fail_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
