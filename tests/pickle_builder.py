@@ -116,7 +116,8 @@ def real_load_in_subprocess(data: bytes, workdir: Path, mode: str = "loads", tim
     ``mode``: "loads" (pickle.loads), "file" (pickle.load of open()), "bytesio" (pickle.load of
     io.BytesIO), "all" (pickle.load of open() until the file ends, as a multi-pickle reader does),
     "joblib" (joblib.load, which unpickles any file with pickle.py's pure-Python unpickler), "gzip"
-    and "xz" (pickle.load of gzip.open or lzma.open, as pandas.read_pickle reads a compressed file).
+    and "xz" (pickle.load of gzip.open or lzma.open, as pandas.read_pickle reads a compressed file),
+    "zstd" (pickle.load of zstandard.open).
     Only for fixtures whose payload is harmless (it creates a marker under ``workdir``).
     """
     import subprocess
@@ -132,6 +133,7 @@ def real_load_in_subprocess(data: bytes, workdir: Path, mode: str = "loads", tim
         "joblib": "import joblib\njoblib.load(p)",
         "gzip": "import gzip\npickle.load(gzip.open(p))",
         "xz": "import lzma\npickle.load(lzma.open(p))",
+        "zstd": "import zstandard\npickle.load(zstandard.open(p))",
     }[mode]
     code = f"import io, pickle, sys\np = sys.argv[1]\n{script}\n"
     return subprocess.run(

@@ -215,6 +215,7 @@ class _ZstdDecoder:
         self._stage = "header"  # header -> block* -> checksum -> done
         self._checksum = False
         self._done = False
+        self._error: Exception | None = None  # raised at the call after the output before it
 
     @property
     def eof(self) -> bool:
@@ -222,7 +223,8 @@ class _ZstdDecoder:
 
     @property
     def needs_input(self) -> bool:
-        return not self._ready and not self._done and self._unit() is None
+        # Not once an error waits: the next call raises it, whatever input is left.
+        return not self._ready and not self._done and self._error is None and self._unit() is None
 
     @property
     def unused_data(self) -> bytes:
@@ -264,6 +266,8 @@ class _ZstdDecoder:
             self._stage = "done"
 
     def decompress(self, data: bytes, max_length: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
         self._pending += data
         while not self._done and (max_length < 0 or len(self._ready) < max_length):
             size = self._unit()
@@ -271,11 +275,19 @@ class _ZstdDecoder:
                 break
             unit = bytes(self._pending[:size])
             del self._pending[:size]
-            self._ready += self._d.decompress(unit)
-            self._advance(unit)
-            if self._stage == "done":
-                if not self._d.eof:
+            try:
+                self._ready += self._d.decompress(unit)
+                self._advance(unit)
+                if self._stage == "done" and not self._d.eof:
                     raise ValueError("zstd frame ended where the decoder did not")
+            except Exception as exc:  # noqa: BLE001 - zstandard raises ZstdError; the walk ValueError
+                if not self._ready:
+                    raise
+                # zstandard's reader hands over the blocks it decoded before it checks the next
+                # one or the frame's checksum: a loader unpickles them before the error.
+                self._error = exc
+                break
+            if self._stage == "done":
                 self._done = True
         cut = len(self._ready) if max_length < 0 else max_length
         out = bytes(self._ready[:cut])
@@ -507,7 +519,7 @@ def inflate(
                     base + start,
                 )
             )
-            stopped = _salvage(codec, src[start:pos], start, kept, meter, out)
+            stopped = _salvage(codec, src[start:pos], start, kept, meter, out, base)
             if stopped is not None:
                 result.findings.append(stopped)
             result.consumed = pos
@@ -547,46 +559,90 @@ def inflate(
             return result
 
 
-# What Python's file readers (gzip.open, bz2.open, lzma.open) ask a decoder for at a time: the
-# 8 KiB of the BufferedReader in front of them.
+# How much of its file Python's file readers (gzip.open, bz2.open, lzma.open) feed their decoder at
+# a time, and the least output they ask of it: the 8 KiB of io.DEFAULT_BUFFER_SIZE.
 READER_STEP = 8 << 10
 
 
 def _salvage(
-    codec: Codec, stream: memoryview, start: int, kept: int, meter: Meter, out: Spool
+    codec: Codec, stream: memoryview, start: int, kept: int, meter: Meter, out: Spool, grid: int
 ) -> Finding | None:
-    """Decode a stream that failed again from its start, READER_STEP bytes of output at a time, and
-    keep what comes out after the ``kept`` bytes already written, up to the error. ``start``: where
-    the stream starts in the wrapper's input (the ratio limit counts input from there).
+    """Decode a stream that failed again from its start and keep what comes out after the ``kept``
+    bytes already written, up to the error. ``start``: where the stream starts in the wrapper's
+    input (the ratio limit counts input from there). Returns the finding that stopped it, if a limit
+    did.
 
     A decoder call that raises returns nothing, though it may have decoded much (a block whose
-    check fails at its end, a deflate error deep into the input it was given). A file reader asks
-    for a little at a time and hands the loader all of that before the error: a payload there is
-    unpickled, so it must be scanned. Returns the finding that stopped it, if a limit did."""
-    dec = codec.new()
-    pos = 0
-    produced = 0
+    check fails at its end, a deflate error deep into the input it was given). Python's file
+    readers (gzip.open, bz2.open, lzma.open, lz4.frame.open) feed their decoder the file 8 KiB at a
+    time, at multiples of 8 KiB in the file, and ask for at least 8 KiB of output a call; all they
+    get before the error reaches the loader, which unpickles a payload there. So the stream is
+    decoded again with its input cut where theirs is (``grid``: where the wrapper's input sits in
+    its file, 0 for a compressed file itself): READER_STEP bytes of output a call, to find the step the
+    error falls in; then once more, that step one byte a call, so that no reader, however it asks,
+    gets further. Each pass is bounded by the stream's input, the byte calls by READER_STEP.
+    """
     try:
-        while not dec.eof:
-            if dec.needs_input:
-                if pos >= len(stream):
-                    return None
-                chunk = bytes(stream[pos : pos + IN_CHUNK])
-                pos += len(chunk)
-            else:
-                chunk = b""
-            piece = dec.decompress(chunk, READER_STEP)
-            new = piece[max(0, kept - produced) :]
-            produced += len(piece)
-            if new:
-                if not meter.charge(len(new), start + pos):
-                    return meter.finding
-                out.write(new)
+        coarse = _Redecode(codec, stream, start, meter, out, grid)
+        coarse.run(kept, fine_from=None)
+        if coarse.stopped is not None or coarse.failed_at is None:
+            return coarse.stopped
+        fine = _Redecode(codec, stream, start, meter, out, grid)
+        fine.run(coarse.failed_at, fine_from=coarse.failed_at)
+        return fine.stopped
     except SpoolError as exc:
         return make_finding("SL203", f"{meter.what}: {exc}", member=meter.ctx.member)
-    except Exception:  # noqa: BLE001 - the error already reported: what came before it is kept
-        return None
-    return None
+
+
+class _Redecode:
+    """One decoding of a failed stream from its start, writing the output past ``kept`` up to the
+    call that raises: READER_STEP bytes a call, then one byte a call from output ``fine_from`` on."""
+
+    def __init__(
+        self, codec: Codec, stream: memoryview, start: int, meter: Meter, out: Spool, grid: int
+    ) -> None:
+        self.codec, self.stream, self.start, self.meter, self.out = codec, stream, start, meter, out
+        self.grid = grid + start  # the file offset of the stream's first byte
+        self.failed_at: int | None = None  # output before the call that raised
+        self.stopped: Finding | None = None  # a limit's finding
+
+    def run(self, kept: int, fine_from: int | None) -> None:
+        dec = self.codec.new()
+        pos = produced = 0
+        held = bytearray()  # the byte calls' output, written once
+        try:
+            while not dec.eof:
+                if dec.needs_input:
+                    if pos >= len(self.stream):
+                        return
+                    # Up to the next multiple of READER_STEP in the file, as a file reader reads.
+                    end = pos + READER_STEP - (self.grid + pos) % READER_STEP
+                    chunk = bytes(self.stream[pos:end])
+                    pos += len(chunk)
+                else:
+                    chunk = b""
+                if fine_from is None or produced + READER_STEP <= fine_from:
+                    size = READER_STEP
+                else:
+                    size = max(1, fine_from - produced)  # coarse up to where the byte calls start
+                try:
+                    piece = dec.decompress(chunk, size)
+                except Exception:  # noqa: BLE001 - the error is reported: what came before it is kept
+                    self.failed_at = produced
+                    return
+                new = piece[max(0, kept - produced) :]
+                produced += len(piece)
+                if new:
+                    if not self.meter.charge(len(new), self.start + pos):
+                        self.stopped = self.meter.finding
+                        return
+                    held += new
+                    if fine_from is None:
+                        self.out.write(bytes(held))
+                        held.clear()
+        finally:
+            if held:
+                self.out.write(bytes(held))
 
 
 def _unreadable(ctx: ReadContext, message: str, offset: int) -> Finding:

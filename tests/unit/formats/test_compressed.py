@@ -22,7 +22,15 @@ from joblib.numpy_pickle_compat import write_zfile
 
 from safeload.formats import compressed
 from safeload.limits import Limits
-from tests.pickle_builder import exec_payload, real_load_in_subprocess
+from tests.pickle_builder import (
+    call,
+    exec_payload,
+    marker_code,
+    real_load_in_subprocess,
+    stack_global,
+    unicode,
+    wrap,
+)
 from tests.unit.formats._samples import codes, foreign_samples, imports, make_ctx
 
 BENIGN = pickle.dumps({"weights": list(range(200)), "name": "model"}, protocol=4)
@@ -248,6 +256,70 @@ def test_output_before_a_failing_check_is_scanned(marker: Path, tmp_path: Path) 
     out = bytes(result.children[0].data)
     assert out.startswith(exec_payload(marker)) and len(out) > 30_000
     assert imports(out) == ["builtins.exec"]
+
+
+def _binary_exec(marker: Path, before: bytes = b"") -> bytes:
+    """exec(...) in binary opcodes only (zstandard's reader has no readline: no text opcode loads
+    through it), after ``before`` pushed and popped."""
+    return wrap(
+        before
+        + (pickle.POP if before else b"")
+        + call(stack_global("builtins", "exec"), unicode(marker_code(marker))),
+        4,
+    )
+
+
+def _split_across_an_8k_read(marker: Path) -> bytes:
+    """A pickle in two xz streams, the second's footer damaged and just past the file's 8 KiB mark.
+    lzma.open reads 8 KiB of file at a time: its first read holds all the second stream's data,
+    which it hands over; the footer's error comes at the next read, after the loader has the
+    whole pickle. Decoded with more input at once, the data and the error come in one call."""
+    tail = b""
+    for size in range(7900, 8200):
+        blob = random.Random(size).randbytes(size)
+        before = pickle.BINBYTES + len(blob).to_bytes(4, "little") + blob
+        data = _binary_exec(marker, before)
+        cut = len(pickle.PROTO + b"\x04" + before + pickle.POP)
+        first, second = lzma.compress(data[:cut]), bytearray(lzma.compress(data[cut:]))
+        if len(first) + len(second) - _XZ_FOOTER == 8192:
+            second[-10] ^= 0x01  # inside the footer's CRC-32
+            return first + bytes(second)
+        tail = bytes(second)
+    raise AssertionError(f"no size puts the footer at the mark ({len(tail)} bytes in the second stream)")
+
+
+_XZ_FOOTER = 12
+
+
+def test_a_stream_that_fails_after_a_read_boundary_is_scanned_to_its_error(
+    marker: Path, tmp_path: Path
+) -> None:
+    """Which output a reader hands over before an error depends on where its reads fall; the
+    scan keeps all a decoder yields before the error, read as finely as any reader could."""
+    _live(_split_across_an_8k_read, tmp_path, "xz")
+    data = _split_across_an_8k_read(marker)
+    result = compressed.read(memoryview(data), make_ctx())
+    assert codes(result) == ["SL205"]
+    assert "corrupt in stream 2" in result.findings[0].message
+    assert imports(result.children[0].data) == ["builtins.exec"]
+
+
+def test_a_zstd_frame_with_a_bad_checksum_is_scanned(marker: Path, tmp_path: Path) -> None:
+    """zstandard's reader hands over a frame's data before it checks the frame's checksum."""
+
+    def build(m: Path) -> bytes:
+        frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(_binary_exec(m)))
+        frame[-1] ^= 0x01
+        return bytes(frame)
+
+    _live(build, tmp_path, "zstd")
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(build(marker))
+    result = compressed.read(memoryview(build(marker)), make_ctx())
+    assert codes(result) == ["SL205"]
+    assert "checksum" in result.findings[0].message
+    assert bytes(result.children[0].data) == _binary_exec(marker)
+    assert imports(result.children[0].data) == ["builtins.exec"]
 
 
 def _gzip_bomb(total: int, member: int = 16 << 20) -> bytes:
