@@ -24,6 +24,7 @@ from safeload.errors import (
     UnsupportedFormatError,
 )
 from safeload.explain import explain
+from safeload.formats import raw
 from safeload.formats.base import Container, PickleStream, StreamRole
 from safeload.formats.detect import open_container
 from safeload.formats.joblib_fmt import plain_reading
@@ -130,6 +131,10 @@ def analyse(
                 # fickling decompiles the bytes, not a reading of them: one explanation for all.
                 explain_this = explain_streams and not explained
                 analysed, stream_findings, report = _analyse_stream(one, policy, explain_this, walk_result)
+                if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
+                    findings.append(no_pickle)
+                    _forget(container, one)
+                    continue
                 explained = explained or report.explanation is not None
                 if one.secondary:
                     # Up to the first array both readings agree: say only what this one adds.
@@ -202,6 +207,44 @@ def _analyse_stream(
         secondary=stream.secondary,
     )
     return StreamAnalysis(stream=stream, walk=result, globals=globals_), findings, report
+
+
+def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
+    """SL204 for bytes read as a pickle only because they start with an opcode byte (a text file
+    starting with ``M``, an HDF5 or GGUF header) when no unpickler could act on them: they break
+    before any import or call, CPython's unpickler replayed over them agrees, and they have no
+    pickle's structure either (raw.sniff). A broken real pickle (a PROTO header) stays
+    SL200. None otherwise."""
+    if (
+        not stream.guessed
+        or walked.pickles
+        or walked.imports
+        # A persistent id as the very first opcode ("Permission ..." read as PERSID) reaches no
+        # loader's persistent_load with anything it accepts: pickle.load has none, torch's and
+        # joblib's refuse a string. Anywhere else it could follow what built its argument.
+        or any(p.offset != 0 for p in walked.persistent_ids)
+        or not walked.anomalies
+        or any(a.code != "SL200" for a in walked.anomalies)
+        or raw.sniff(stream.data)
+    ):
+        return None
+    broke = walked.anomalies[0]
+    return make_finding(
+        "SL204",
+        f"no pickle-bearing format recognized: read as a pickle, the bytes break at offset "
+        f"{broke.offset} ({broke.message}) before anything is imported or called, so no unpickler "
+        "runs anything from them",
+        member=stream.member,
+        offset=broke.offset,
+        file_offset=stream.file_offset,
+    )
+
+
+def _forget(container: Container, stream: PickleStream) -> None:
+    """Drop a stream found to be no pickle, and the pickle format where it was its only stream."""
+    container.streams = [s for s in container.streams if s is not stream]
+    if not any(s.role is StreamRole.RAW for s in container.streams) and "pickle" in container.formats:
+        container.formats.remove("pickle")
 
 
 # What a secondary reading may do without making the file unscannable: break part way (SL200),

@@ -60,6 +60,7 @@ class Progress:
     path: str | None = None
     verdict: Verdict | None = None
     cached: bool = False
+    skipped: bool = False  # no model format, met by a directory walk: not in the report's files
 
 
 ProgressFn = Callable[[Progress], None]
@@ -100,7 +101,12 @@ def audit(
         nonlocal done
         group.report, group.cached, done = report, cached, done + 1
         shown = group.reported_paths() or group.paths
-        notify(Progress(done=done, total=total, path=shown[0], verdict=report.verdict, cached=cached))
+        skipped = not group.named and _no_model_format(report)
+        notify(
+            Progress(
+                done=done, total=total, path=shown[0], verdict=report.verdict, cached=cached, skipped=skipped
+            )
+        )
 
     hashes = cache.load_hashes() if cache is not None else {}
     hash_hits = _resolve_from_cache(groups, policy, cache, {} if options.rehash else hashes, finish)

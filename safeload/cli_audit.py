@@ -218,7 +218,8 @@ class _ProgressDisplay:
         if event.path is not None:
             cached = " (cached)" if event.cached else ""
             print(
-                f"[{event.done}/{event.total}] {event.verdict.value:<11} {escape(event.path)}{cached}",
+                f"[{event.done}/{event.total}] {'skipped' if event.skipped else event.verdict.value:<11} "
+                f"{escape(event.path)}{cached}",
                 file=sys.stderr,
             )
 

@@ -69,6 +69,9 @@ class PickleStream:
     # Read by TorchScript's own unpickler (torch.jit.load, in C++): it imports no Python and resolves
     # a fixed set of names itself, and the classes of the archive's program (``__torch__.*``).
     torchscript: bool = False
+    # Read as a pickle only because the input starts with an opcode byte and fits no format: the
+    # scan calls it no pickle (SL204) when no unpickler could act on it (api._not_a_pickle).
+    guessed: bool = False
     # The walker's result for exactly ``data`` under these settings, when a reader had to walk it
     # first (the legacy format's boundaries and storage ids): the scan does not walk it again.
     walked: WalkResult | None = field(default=None, compare=False, repr=False)

@@ -172,7 +172,7 @@ def _read(buf: memoryview, ctx: ReadContext, state: _State, *, whole: bool) -> i
         if whole and len(buf) and raw.is_opcode(buf[0]):
             # Starts like a pickle but fits no format: a loader would try to unpickle it, so the
             # walker decides (a clean parse is needed for SAFE; garbage becomes SL200).
-            views.append(_View("pickle", raw.read(buf, ctx), ctx.depth, ctx.member, whole))
+            views.append(_View("pickle", raw.read(buf, ctx, guessed=True), ctx.depth, ctx.member, whole))
         elif whole:
             state.findings.append(
                 make_finding(

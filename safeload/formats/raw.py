@@ -257,7 +257,7 @@ def sniff(buf: memoryview) -> bool:
     return scan.error is None or scan.acting
 
 
-def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
+def read(buf: memoryview, ctx: ReadContext, *, guessed: bool = False) -> ReadResult:
     stream = PickleStream(
         member=ctx.member,
         data=buf,
@@ -266,5 +266,6 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
         multi=True,
         loadable=True,
         encoding=ctx.encoding,
+        guessed=guessed,
     )
     return ReadResult(format=NAME, streams=[stream])

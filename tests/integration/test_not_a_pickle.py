@@ -1,0 +1,149 @@
+"""Files that start with a pickle opcode byte and hold no pickle: text, HDF5, GGUF.
+
+A model registry keeps them beside its checkpoints (LICENSE, NOTICE, Keras .h5, llama.cpp .gguf).
+Read as a pickle they break before anything is imported or called, so no loader runs anything from
+them: they are SL204, no model format, which a directory walk skips, not SL200, a malformed pickle
+that makes the whole audit UNSCANNABLE. A real pickle that breaks stays SL200, and one that imports
+before it breaks stays what its imports make it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import safeload
+from safeload.audit import AuditOptions, audit
+from safeload.cli import main
+from safeload.formats import raw
+from safeload.model import Verdict
+from tests.pickle_builder import exec_payload
+
+MIT = b"MIT License\n\nCopyright (c) 2024 The Authors\n\nPermission is hereby granted, free of charge\n"
+
+
+def _hdf5(path: Path) -> None:
+    with h5py.File(path, "w") as f:  # what Keras writes its weights into
+        f.create_dataset("dense/kernel", data=np.ones((3, 3), dtype=np.float32))
+
+
+def _gguf(path: Path) -> None:
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _text(content: bytes) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(content)
+
+
+NOT_PICKLES: dict[str, Callable[[Path], None]] = {
+    "LICENSE": _text(MIT),  # BININT2, then a space: no opcode
+    "NOTICE": _text(b"Copyright 2024 The Authors. Licensed under the Apache License, Version 2.0.\n" * 3),
+    "notes.txt": _text(b"Some notes on training\n"),  # STRING without quotes
+    "PERMISSION": _text(b"Permission is hereby granted, free of charge, to any person\nobtaining a copy\n"),
+    "model.h5": _hdf5,
+    "model.gguf": _gguf,
+}
+
+
+class _Recording(pickle.Unpickler):
+    """CPython's unpickler that records instead of importing or resolving anything."""
+
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.asked: list[str] = []
+
+    def find_class(self, module: str, name: str) -> object:
+        self.asked.append(f"{module}.{name}")
+        raise pickle.UnpicklingError("not here")
+
+
+@pytest.mark.parametrize("name", sorted(NOT_PICKLES))
+def test_bytes_that_start_like_a_pickle_and_are_none_are_no_model_format(name: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    NOT_PICKLES[name](path)
+    data = path.read_bytes()
+    assert raw.is_opcode(data[0])  # the case at hand: a loader would try to unpickle it
+    unpickler = _Recording(data)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever CPython says, it says it before acting
+        unpickler.load()
+    assert unpickler.asked == []
+    report = safeload.scan(path)
+    assert [f.code for f in report.findings] == ["SL204"]
+    assert report.formats == () and report.streams == ()
+    assert report.verdict is Verdict.UNSCANNABLE  # named, an unknown format is still no verdict
+    assert "before anything is imported or called" in report.findings[0].message
+    with pytest.raises(safeload.errors.UnsupportedFormatError):
+        safeload.load(path)
+
+
+def test_a_registry_with_them_is_audited_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = tmp_path / "registry"
+    tree.mkdir()
+    for name, build in NOT_PICKLES.items():
+        build(tree / name)
+    torch.save({"w": torch.ones(3)}, tree / "pytorch_model.bin")
+    (tree / "LICENSE.gz").write_bytes(gzip.compress(MIT))
+
+    run = audit([str(tree)], AuditOptions())
+    assert [Path(r.path).name for r in run.reports] == ["pytorch_model.bin"]
+    assert sorted(Path(p).name for p in run.skipped) == sorted([*NOT_PICKLES, "LICENSE.gz"])
+    assert run.exit_code == 0
+
+    assert main(["scan", str(tree)]) == 0
+    assert main(["audit", str(tree)]) == 0
+    progress = capsys.readouterr().err
+    assert f"skipped     {tree / 'LICENSE'}" in progress and "UNSCANNABLE" not in progress
+
+
+def test_compressed_text_is_no_model_format_either(tmp_path: Path) -> None:
+    path = tmp_path / "LICENSE.gz"
+    path.write_bytes(gzip.compress(MIT))
+    report = safeload.scan(path)
+    assert report.formats == ("gzip",)
+    assert [f.code for f in report.findings] == ["SL204"]
+
+
+def test_a_broken_real_pickle_stays_malformed(tmp_path: Path) -> None:
+    """A PROTO header is a pickle's structure: cut short, it is a malformed pickle, reported."""
+    path = tmp_path / "truncated.pkl"
+    path.write_bytes(pickle.dumps({"weights": list(range(100))}, protocol=4)[:12])
+    report = safeload.scan(path)
+    assert report.formats == ("pickle",)
+    assert "SL200" in {f.code for f in report.findings} and "SL204" not in {f.code for f in report.findings}
+
+
+def test_a_long_run_of_opcodes_is_a_pickle_though_it_breaks(tmp_path: Path) -> None:
+    path = tmp_path / "proto0.pkl"
+    path.write_bytes(pickle.dumps(list(range(100)), protocol=0)[:-20])  # no PROTO: protocol 0
+    report = safeload.scan(path)
+    assert [f.code for f in report.findings] == ["SL200"]
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_bytes_that_import_before_they_break_are_judged_by_what_they_import(
+    protocol: int, tmp_path: Path, marker: Path
+) -> None:
+    """The payload of a broken pickle runs before the unpickler fails (nullifAI): never no format."""
+    path = tmp_path / "broken.pkl"
+    path.write_bytes(exec_payload(marker, protocol=protocol)[:-1] + b"\xff garbage")
+    report = safeload.scan(path)
+    assert report.verdict is Verdict.UNSAFE
+    assert "builtins.exec" in report.globals
+    assert "SL204" not in {f.code for f in report.findings}
+    assert not marker.exists()
