@@ -192,27 +192,10 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _no_model_format(report: ScanReport) -> bool:
-    """True for a walked file that is no model: no known format, or text that merely starts with a
-    byte that is also a pickle opcode (a git ref, a hex digest) and breaks before any import.
-
-    Such a file cannot run code under any unpickler: a call needs a callable, and callables only
-    come from imports (a differential would have been reported as UNSAFE).
-    """
-    from safeload.codes import Effect
-    from safeload.model import Verdict
-
-    findings = report.findings
-    if not findings:
-        return False
-    if all(f.code == "SL204" for f in findings):
-        return True
-    broken_without_imports = (
-        report.verdict is Verdict.UNSCANNABLE
-        and report.formats == ("pickle",)
-        and not any(s.globals for s in report.streams)
-        and all(f.code in ("SL200", "SL201") for f in findings if f.effect is not Effect.NONE)
-    )
-    return broken_without_imports
+    """A walked file that is no model: no known format (SL204 alone), text or an HDF5/GGUF header
+    included, whose bytes break as a pickle before anything acts (see api._not_a_pickle). The same
+    test as the audit's."""
+    return bool(report.findings) and all(f.code == "SL204" for f in report.findings)
 
 
 def _emit(text: str, output: str | None) -> None:

@@ -147,3 +147,16 @@ def test_bytes_that_import_before_they_break_are_judged_by_what_they_import(
     assert "builtins.exec" in report.globals
     assert "SL204" not in {f.code for f in report.findings}
     assert not marker.exists()
+
+
+def test_a_walk_reports_a_broken_real_pickle_as_both_commands_do(tmp_path: Path) -> None:
+    """`scan DIR` and `audit DIR` skip the same files: a pickle cut short is no such file."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "LICENSE").write_bytes(MIT)
+    (tree / "partial.pkl").write_bytes(pickle.dumps({"weights": list(range(100))}, protocol=2)[:12])
+    assert main(["scan", str(tree)]) == 2
+    run = audit([str(tree)], AuditOptions())
+    assert [Path(r.path).name for r in run.reports] == ["partial.pkl"]
+    assert [Path(p).name for p in run.skipped] == ["LICENSE"]
+    assert run.exit_code == 2
