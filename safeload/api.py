@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -212,23 +213,24 @@ def _analyse_stream(
 def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
     """SL204 for bytes read as a pickle only because they start with an opcode byte (a text file
     starting with ``M``, an HDF5 or GGUF header) when no unpickler could act on them: they break
-    before any import or call, CPython's unpickler replayed over them agrees, and they have no
-    pickle's structure either (raw.sniff). A broken real pickle (a PROTO header) stays
+    before any import, call or persistent id, CPython's unpickler replayed over them agrees, and
+    they have no pickle's structure either (raw.sniff). A broken real pickle (a PROTO header) stays
     SL200. None otherwise."""
     if (
         not stream.guessed
         or walked.pickles
         or walked.imports
-        # A persistent id as the very first opcode ("Permission ..." read as PERSID) reaches no
-        # loader's persistent_load with anything it accepts: pickle.load has none, torch's and
-        # joblib's refuse a string. Anywhere else it could follow what built its argument.
-        or any(p.offset != 0 for p in walked.persistent_ids)
+        # A persistent id is a call into the loader (its persistent_load), whatever it holds.
+        or walked.persistent_ids
         or not walked.anomalies
         or any(a.code != "SL200" for a in walked.anomalies)
         or raw.sniff(stream.data)
     ):
         return None
     broke = walked.anomalies[0]
+    if stream.data[broke.offset : broke.offset + 1] == pickle.PERSID:
+        # pickle.py (joblib.load) hands even a last line without its newline to persistent_load.
+        return None
     return make_finding(
         "SL204",
         f"no pickle-bearing format recognized: read as a pickle, the bytes break at offset "

@@ -53,7 +53,6 @@ NOT_PICKLES: dict[str, Callable[[Path], None]] = {
     "LICENSE": _text(MIT),  # BININT2, then a space: no opcode
     "NOTICE": _text(b"Copyright 2024 The Authors. Licensed under the Apache License, Version 2.0.\n" * 3),
     "notes.txt": _text(b"Some notes on training\n"),  # STRING without quotes
-    "PERMISSION": _text(b"Permission is hereby granted, free of charge, to any person\nobtaining a copy\n"),
     "model.h5": _hdf5,
     "model.gguf": _gguf,
 }
@@ -109,6 +108,21 @@ def test_a_registry_with_them_is_audited_clean(tmp_path: Path, capsys: pytest.Ca
     assert main(["audit", str(tree)]) == 0
     progress = capsys.readouterr().err
     assert f"skipped     {tree / 'LICENSE'}" in progress and "UNSCANNABLE" not in progress
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"Permission is hereby granted\nobtaining a copy\n", b")Permission is hereby granted"],
+    ids=["persid", "unterminated-persid"],
+)
+def test_text_that_reads_as_a_persistent_id_stays_a_broken_pickle(text: bytes, tmp_path: Path) -> None:
+    """A persistent id is a call into the loader's persistent_load (pickle.py makes it even for a
+    last line without its newline): such bytes are never called inert."""
+    path = tmp_path / "PERMISSION"
+    path.write_bytes(text)
+    report = safeload.scan(path)
+    assert "SL204" not in {f.code for f in report.findings}
+    assert report.verdict is not Verdict.SAFE
 
 
 def test_compressed_text_is_no_model_format_either(tmp_path: Path) -> None:
