@@ -93,7 +93,7 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
         key = (st.st_dev, st.st_ino)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = FileGroup(first=path, st=st, inert=not named and _is_ref(path, st))
+            group = groups[key] = FileGroup(first=path, st=st, inert=not named and is_ref(path, st))
         if path not in group.paths:
             group.paths.append(path)
             if is_link:
@@ -107,7 +107,7 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
             for path, is_link, st in _walk(given, groups, skip_dirs, skip_files):
                 if st is not None and S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in groups:
                     # The usual case without add()'s checks: a regular file the walk meets first.
-                    group = groups[st.st_dev, st.st_ino] = FileGroup(path, st, paths=[path], inert=_is_ref(path, st))
+                    group = groups[st.st_dev, st.st_ino] = FileGroup(path, st, paths=[path], inert=is_ref(path, st))
                     if is_link:
                         group.links.append(path)
                 else:
@@ -124,7 +124,7 @@ _REF = re.compile(rb"[0-9a-f]{40}\n?")
 _READ_REF = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
-def _is_ref(path: str, st: os.stat_result) -> bool:
+def is_ref(path: str, st: os.stat_result) -> bool:
     if st.st_size not in (40, 41):
         return False
     try:

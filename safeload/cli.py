@@ -180,6 +180,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     skipped = []
     with FrozenHeap():  # what the imports made lives as long as the command: no collection examines it
         for path, named in iter_inputs(args.paths):
+            if not named and _is_ref(path):
+                skipped.append(path)  # as the audit lists a Hugging Face cache's refs/main
+                continue
             report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
             if not named and _no_model_format(report):
                 skipped.append(path)
@@ -189,6 +192,15 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     run = ScanRun(version=__version__, policy=policy.name, reports=tuple(reports), skipped=tuple(skipped), exit_code=code)
     _emit(render(run, args.format, verbose=args.verbose), args.output)
     return code
+
+
+def _is_ref(path: str) -> bool:
+    from safeload.audit_walk import is_ref
+
+    try:
+        return is_ref(path, os.stat(path))
+    except OSError:
+        return False  # the scan reports why it cannot read it
 
 
 def _no_model_format(report: ScanReport) -> bool:

@@ -718,11 +718,11 @@ def test_the_ref_check_never_waits_on_a_fifo(tmp_path: Path) -> None:
     seen = os.stat(ref)  # what the walk's listing said: a regular file of 41 bytes
     assert seen.st_size == 41 and stat.S_ISREG(seen.st_mode)
     out: list[bool] = []
-    worker = threading.Thread(target=lambda: out.append(audit_walk._is_ref(str(fifo), seen)), daemon=True)
+    worker = threading.Thread(target=lambda: out.append(audit_walk.is_ref(str(fifo), seen)), daemon=True)
     worker.start()
     worker.join(30)
     assert out == [False]
-    assert audit_walk._is_ref(str(ref), seen) is True
+    assert audit_walk.is_ref(str(ref), seen) is True
 
 
 def test_the_objects_forked_workers_share_are_frozen_while_they_run(tmp_path: Path) -> None:

@@ -174,3 +174,17 @@ def test_a_walk_reports_a_broken_real_pickle_as_both_commands_do(tmp_path: Path)
     assert [Path(r.path).name for r in run.reports] == ["partial.pkl"]
     assert [Path(p).name for p in run.skipped] == ["LICENSE"]
     assert run.exit_code == 2
+
+
+def test_a_hugging_face_ref_is_skipped_by_both_walks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """refs/main holds a commit id: 40 hex digits, which pickle.py reads as GLOBAL of a module no
+    one can import. The audit lists it as skipped; `scan DIR` does too. Named, it is scanned."""
+    ref = tmp_path / "models--org--m" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_bytes(b"c0d1e2b3c4d5e6f708192a3b4c5d6e7f8093f2a9\n")
+    assert main(["scan", str(tmp_path)]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+    assert [Path(p).name for p in audit([str(tmp_path)], AuditOptions()).skipped] == ["main"]
+    assert main(["scan", str(ref)]) != 0
