@@ -212,24 +212,37 @@ def _analyse_stream(
 
 def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
     """SL204 for bytes read as a pickle only because they start with an opcode byte (a text file
-    starting with ``M``, an HDF5 or GGUF header) when no unpickler could act on them: they break
-    before any import, call or persistent id, CPython's unpickler replayed over them agrees, and
-    they have no pickle's structure either (raw.sniff). A broken real pickle (a PROTO header) stays
-    SL200. None otherwise."""
+    starting with ``M``, an HDF5 or GGUF header, a Flax msgpack) when no unpickler could act on
+    them: they break before any import, call or persistent id, CPython's unpickler replayed over
+    them agrees, and they have no pickle's structure either (raw.structured). A broken real pickle
+    (a PROTO header) stays SL200. None otherwise.
+
+    Without an import there is no callable: REDUCE, BUILD or OBJ on what the bytes built fail. The
+    one lookup allowed is an extension code (EXT1/2/4: a msgpack map of 2 to 4 keys starts with
+    one) whose very next opcode breaks: whatever name the process registered for it, if any, is
+    looked up and never used."""
     if (
         not stream.guessed
         or walked.pickles
         or walked.imports
         # A persistent id is a call into the loader (its persistent_load), whatever it holds.
         or walked.persistent_ids
-        or not walked.anomalies
-        or any(a.code != "SL200" for a in walked.anomalies)
-        or raw.sniff(stream.data)
+        or not any(a.code == "SL200" for a in walked.anomalies)
+        or any(a.code not in ("SL200", "SL103") for a in walked.anomalies)
+        or raw.structured(stream.data)
     ):
         return None
-    broke = walked.anomalies[0]
-    if stream.data[broke.offset : broke.offset + 1] == pickle.PERSID:
+    data = stream.data
+    broke = next(a for a in walked.anomalies if a.code == "SL200")
+    if data[broke.offset : broke.offset + 1] == pickle.PERSID:
         # pickle.py (joblib.load) hands even a last line without its newline to persistent_load.
+        return None
+    lookups = [a.offset for a in walked.anomalies if a.code == "SL103"]
+    if lookups and (
+        len(lookups) > 1
+        or data[lookups[0]] not in raw.EXT_ARGUMENT
+        or not _only_memo_stores(data, lookups[0] + 1 + raw.EXT_ARGUMENT[data[lookups[0]]], broke.offset)
+    ):
         return None
     return make_finding(
         "SL204",
@@ -240,6 +253,28 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
         offset=broke.offset,
         file_offset=stream.file_offset,
     )
+
+
+# Opcodes that copy the top of the stack into the memo and leave it there: no use of it.
+_MEMO_STORES = {pickle.BINPUT[0]: 1, pickle.LONG_BINPUT[0]: 4, pickle.MEMOIZE[0]: 0}
+
+
+def _only_memo_stores(data: memoryview, start: int, stop: int) -> bool:
+    """Whether the opcodes from ``start`` up to ``stop`` (where the walk broke) only store the top
+    of the stack in the memo (a msgpack key such as "query" reads as BINPUT)."""
+    pos = start
+    while pos < stop:
+        code = data[pos]
+        if code == pickle.PUT[0]:
+            end = bytes(data[pos:stop]).find(b"\n")
+            if end < 0:
+                return False
+            pos += end + 1
+        elif code in _MEMO_STORES:
+            pos += 1 + _MEMO_STORES[code]
+        else:
+            return False
+    return pos == stop
 
 
 def _forget(container: Container, stream: PickleStream) -> None:

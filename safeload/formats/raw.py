@@ -248,13 +248,27 @@ def sniff(buf: memoryview) -> bool:
     imports or calls (CPython would have acted before failing). Rejected: bytes CPython refuses
     before doing anything, so a text file that starts with ``c`` or ``(`` is not taken for a pickle.
     """
+    return _sniffed(buf, acting_counts=True)
+
+
+def structured(buf: memoryview) -> bool:
+    """As sniff, without the last reason: a PROTO header, a complete pickle or ``_SNIFF_OPS``
+    well-formed opcodes. What the bytes may do before they break is the walker's to say."""
+    return _sniffed(buf, acting_counts=False)
+
+
+def _sniffed(buf: memoryview, *, acting_counts: bool) -> bool:
     if len(buf) >= 2 and buf[0] == 0x80 and buf[1] <= _HIGHEST_PROTOCOL:
         return True
     if not buf or buf[0] not in OPCODES or OPCODES[buf[0]].name in _PERSISTENT:
         # A plain unpickler stops at a leading persistent id (a zip's "PK") before doing anything.
         return False
     scan = scan_pickle(buf, 0, max_ops=_SNIFF_OPS, strict=True, line_limit=4096)
-    return scan.error is None or scan.acting
+    return scan.error is None or (acting_counts and scan.acting)
+
+
+# EXT1, EXT2, EXT4: the size of the extension code each takes.
+EXT_ARGUMENT = {0x82: 1, 0x83: 2, 0x84: 4}
 
 
 def read(buf: memoryview, ctx: ReadContext, *, guessed: bool = False) -> ReadResult:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gguf
 import h5py
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -45,6 +46,17 @@ def _gguf(path: Path) -> None:
     writer.close()
 
 
+def _flax(*modules: str) -> Callable[[Path], None]:
+    """A state dict as flax.serialization.to_bytes writes it: msgpack, arrays as extension types.
+    A map of 2 to 4 keys starts with the byte of EXT1, EXT2 or EXT4."""
+
+    def array(a: np.ndarray) -> msgpack.ExtType:
+        return msgpack.ExtType(1, msgpack.packb((a.shape, a.dtype.name, a.tobytes())))
+
+    state = {m: {"kernel": array(np.ones((2, 2), np.float32))} for m in modules}
+    return lambda path: path.write_bytes(msgpack.packb(state))
+
+
 def _text(content: bytes) -> Callable[[Path], None]:
     return lambda path: path.write_bytes(content)
 
@@ -55,6 +67,11 @@ NOT_PICKLES: dict[str, Callable[[Path], None]] = {
     "notes.txt": _text(b"Some notes on training\n"),  # STRING without quotes
     "model.h5": _hdf5,
     "model.gguf": _gguf,
+    "flax_model.msgpack": _flax("params"),
+    "flax-bert.msgpack": _flax("bert", "cls"),  # EXT1, then BUILD on too short a stack
+    "flax-3.msgpack": _flax("bert", "cls", "pooler"),  # EXT2
+    "flax-4.msgpack": _flax("a", "b", "c", "d"),  # EXT4
+    "flax-query.msgpack": _flax("query", "key"),  # EXT1, then BINPUT: a memo store, no use
 }
 
 
@@ -123,6 +140,20 @@ def test_text_that_reads_as_a_persistent_id_stays_a_broken_pickle(text: bytes, t
     report = safeload.scan(path)
     assert "SL204" not in {f.code for f in report.findings}
     assert report.verdict is not Verdict.SAFE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x82\x01)R", b"\x82\x01q\x00h\x00)R", b"\x82\x01\x82\x02\xff"],
+    ids=["called", "stored-then-called", "two-lookups"],
+)
+def test_an_extension_lookup_whose_object_may_be_used_is_never_inert(data: bytes, tmp_path: Path) -> None:
+    """The one lookup an inert file may make is an EXT whose object nothing after it touches."""
+    path = tmp_path / "ext.bin"
+    path.write_bytes(data)
+    report = safeload.scan(path)
+    assert "SL103" in {f.code for f in report.findings}
+    assert report.verdict is Verdict.UNSAFE
 
 
 def test_compressed_text_is_no_model_format_either(tmp_path: Path) -> None:
