@@ -74,6 +74,13 @@ class WalkResult:
     # exactly these regions instead of copying them.
     payloads: list[tuple[int, int]] = field(default_factory=list)
 
+    def up_to_stop(self) -> WalkResult:
+        """This walk of some bytes, reaching its first pickle's STOP, as the walk of exactly that
+        pickle: the same but for the note about the bytes after it (read as what they are)."""
+        anomalies = [a for a in self.anomalies if not (a.code == "SL201" and a.offset == self.end)]
+        complete = not any(a.code in ("SL200", "SL203", "SL207") for a in anomalies)
+        return self.replaced(anomalies=anomalies, complete=complete, values=[])
+
     def with_own_anomalies(self) -> WalkResult:
         """A shallow copy whose anomaly list can grow without changing this one's."""
         return self.replaced(anomalies=list(self.anomalies))

@@ -130,14 +130,6 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
 # -- values from the walker ------------------------------------------------------------------------
 
 
-def _exact(walked: WalkResult) -> WalkResult:
-    """A walk of ``buf[pos:]`` that reached its pickle's STOP, as the walk of exactly that pickle:
-    the same but for the note about the bytes after it (the next pickles of the sequence)."""
-    anomalies = [a for a in walked.anomalies if not (a.code == "SL201" and a.offset == walked.end)]
-    complete = not any(a.code in ("SL200", "SL203", "SL207") for a in anomalies)
-    return walked.replaced(anomalies=anomalies, complete=complete, values=[])
-
-
 def _qualname(value: object) -> str | None:
     """The qualified name of a global as the walker folds it (an ImportSite), else None."""
     return value.qualname if isinstance(value, ImportSite) else None
@@ -222,7 +214,7 @@ class _Sequence(_Base):
                 self.stream(pos, len(buf), role, multi=True, loadable=is_object, scheme=scheme)
                 self.note("SL205", f"legacy torch sequence breaks in its {role.value} pickle", pos)
                 return self.result
-            self.stream(pos, end, role, loadable=is_object, scheme=scheme, walked=_exact(walked))
+            self.stream(pos, end, role, loadable=is_object, scheme=scheme, walked=walked.up_to_stop())
             spans[role] = (pos, end)
             pos = end
         self._index_storages(spans, walks, pos)
@@ -379,7 +371,7 @@ class _Tar(_Base):
                 member,
             )
             return None
-        self.stream(pos, end, StreamRole.LEGACY_TAR, member=member, base=base, walked=_exact(walked))
+        self.stream(pos, end, StreamRole.LEGACY_TAR, member=member, base=base, walked=walked.up_to_stop())
         return end, walked.values[0] if walked.values else None
 
     def _rest(self, data: memoryview, pos: int, base: int, member: str, why: str) -> None:

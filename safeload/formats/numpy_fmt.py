@@ -48,9 +48,10 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from safeload.formats import zipfile_view, zipread
+from safeload.analysis.walker import walk
+from safeload.formats import raw, zipfile_view, zipread
 from safeload.formats.base import Child, PickleStream, ReadContext, ReadResult, StorageEntry, StreamRole
-from safeload.model import make_finding
+from safeload.model import Finding, make_finding
 
 if TYPE_CHECKING:
     import numpy as np
@@ -165,15 +166,21 @@ def read_npy(
     member: str | None,
     file_offset: int | None,
     encoding: tuple[str, ...],
-) -> bool:
-    """Read one .npy's bytes into `result` (stream or storage, meta, findings); False if refused."""
+    more: bool = False,
+) -> int | None:
+    """Read one .npy's bytes into `result` (stream or storage, meta, findings). Returns where the
+    array ends in `data`, None if refused.
+
+    more: bytes may follow the array (a file np.save wrote to more than once: np.load reads it, a
+    second np.load on the same handle what follows). Without it (an npz member) they are refused.
+    """
     try:
         h = parse_header(data)
     except NpyError as exc:
         result.findings.append(
             make_finding(exc.code, exc.message, member=member, file_offset=_abs(file_offset, exc.offset))
         )
-        return False
+        return None
     info: dict[str, object] = {
         "member": member,
         "version": h.version,
@@ -189,21 +196,31 @@ def read_npy(
     arrays = result.meta.setdefault("npy_arrays", {})
     assert isinstance(arrays, dict)
     if h.has_object:
+        pickled = data[h.data_offset :]
+        end, walked = len(data), None
+        if more:
+            # np.load unpickles one pickle and leaves the handle after its STOP: the walker finds
+            # it (the scan does not walk it again).
+            walked = walk(pickled, limits=ctx.limits, multi=False, fold_values=False)
+            if walked.pickles:
+                end = h.data_offset + walked.end
+                pickled, walked = data[h.data_offset : end], walked.up_to_stop()
         result.streams.append(
             PickleStream(
                 member=member,
-                data=data[h.data_offset :],
+                data=pickled,
                 file_offset=_abs(file_offset, h.data_offset),
                 role=StreamRole.NPY_OBJECT,
                 multi=False,
                 loadable=True,
                 encoding=encoding,
+                walked=walked,
             )
         )
         arrays[key] = info
-        return True
+        return end
     remaining = len(data) - h.data_offset
-    if remaining != h.nbytes:
+    if remaining < h.nbytes or (remaining > h.nbytes and not more):
         what = "is truncated" if remaining < h.nbytes else "has extra bytes after the array"
         result.findings.append(
             make_finding(
@@ -213,14 +230,94 @@ def read_npy(
                 file_offset=_abs(file_offset, h.data_offset),
             )
         )
-        return False
+        return None
     end = h.data_offset + h.nbytes
     result.storages[key] = StorageEntry(
         key=key, data=data[h.data_offset : end], file_offset=_abs(file_offset, h.data_offset)
     )
     info.update(data_length=h.nbytes, storage=key)
     arrays[key] = info
-    return True
+    return end
+
+
+def _read_sequence(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    """A .npy, and what np.load on the same handle would read after it: more arrays (np.save
+    called again on the file), or a pickle (np.load unpickles a file that is no .npy when
+    allow_pickle is set). Only the first array is what safeload.load returns, as np.load does."""
+    result = ReadResult(format="npy")
+    pos, count = 0, 0
+    while True:
+        count += 1
+        first = count == 1
+        # Later arrays are read into a result of their own: scanned, never loaded.
+        into = result if first else ReadResult(format="npy")
+        member = ctx.member if first else ctx.child_member(f"<array {count}>")
+        end = read_npy(
+            buf[pos:],
+            into,
+            ctx,
+            key="npy",
+            member=member,
+            file_offset=_abs(ctx.file_offset, pos),
+            encoding=ctx.encoding,
+            more=True,
+        )
+        if not first:
+            result.findings.extend(into.findings)
+            result.streams.extend(dataclasses.replace(s, loadable=False) for s in into.streams)
+        if end is None or pos + end >= len(buf):
+            break
+        pos += end
+        rest = buf[pos:]
+        if bytes(rest[:6]) == MAGIC:
+            if count >= ctx.limits.max_streams:
+                result.findings.append(
+                    make_finding(
+                        "SL203",
+                        f"more than max_streams ({ctx.limits.max_streams}) arrays; the rest were not read",
+                        member=ctx.member,
+                        file_offset=_abs(ctx.file_offset, pos),
+                    )
+                )
+                break
+            if count == 1:
+                result.findings.append(_more_follows("another npy array", ctx, pos))
+            continue
+        if raw.sniff(rest):
+            result.findings.append(_more_follows("a pickle", ctx, pos))
+            result.streams.append(
+                PickleStream(
+                    member=ctx.child_member("<appended>"),
+                    data=rest,
+                    file_offset=_abs(ctx.file_offset, pos),
+                    role=StreamRole.RAW,
+                    multi=True,
+                    encoding=ctx.encoding,
+                )
+            )
+        else:
+            result.findings.append(
+                make_finding(
+                    "SL201",
+                    f"{len(rest)} bytes after the npy array are no npy array and no pickle "
+                    "(np.load reads neither)",
+                    member=ctx.member,
+                    file_offset=_abs(ctx.file_offset, pos),
+                )
+            )
+        break
+    return result
+
+
+def _more_follows(what: str, ctx: ReadContext, pos: int) -> Finding:
+    return make_finding(
+        "SL202",
+        f"{what} follows the npy array: np.load reads the array, and a further np.load on the same "
+        "handle what follows (np.save wrote to the file again; with allow_pickle, np.load unpickles "
+        "what is no array); each was scanned",
+        member=ctx.member,
+        file_offset=_abs(ctx.file_offset, pos),
+    )
 
 
 # -- npz --------------------------------------------------------------------------------------------
@@ -244,11 +341,8 @@ def sniff(buf: memoryview) -> bool:
 
 def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
     if bytes(buf[:6]) == MAGIC:
-        result = ReadResult(format="npy")
-        ok = read_npy(
-            buf, result, ctx, key="npy", member=ctx.member, file_offset=ctx.file_offset, encoding=ctx.encoding
-        )
-        if ok and not result.streams:
+        result = _read_sequence(buf, ctx)
+        if "npy" in result.meta.get("npy_arrays", {}) and not result.streams:
             result.findings.append(
                 make_finding("SL400", "npy array without objects: no pickle", member=ctx.member)
             )
@@ -311,14 +405,17 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
             npy_count += 1
             if got.complete and not _plain_array(got.data):
                 result.findings.extend(zipread.crc_findings(got.data, entry, ctx))
-            if read_npy(
-                got.data,
-                result,
-                ctx,
-                key=entry.name,
-                member=member,
-                file_offset=got.file_offset,
-                encoding=encoding,
+            if (
+                read_npy(
+                    got.data,
+                    result,
+                    ctx,
+                    key=entry.name,
+                    member=member,
+                    file_offset=got.file_offset,
+                    encoding=encoding,
+                )
+                is not None
             ):
                 _note_crc(result, entry, got)
         else:
