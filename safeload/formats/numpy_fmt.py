@@ -283,7 +283,8 @@ def _read_sequence(buf: memoryview, ctx: ReadContext) -> ReadResult:
             if count == 1:
                 result.findings.append(_more_follows("another npy array", ctx, pos))
             continue
-        if raw.sniff(rest):
+        if raw.is_opcode(rest[0]):
+            # np.load unpickles anything that is no array: the walker reads it whatever it holds.
             result.findings.append(_more_follows("a pickle", ctx, pos))
             result.streams.append(
                 PickleStream(

@@ -103,7 +103,12 @@ _FLOATLIKE = re.compile(
 
 
 class _Stop(Exception):
-    """The scan cannot go on: the bytes are not what CPython's unpickler would accept here."""
+    """The scan cannot go on: the bytes are not what CPython's unpickler would accept here.
+    ``acted``: the unpickler would already have imported a module on its way to refusing them."""
+
+    def __init__(self, message: str, *, acted: bool = False) -> None:
+        super().__init__(message)
+        self.acted = acted
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,12 @@ def _check_line(op: _Op, line: bytes, second: bytes | None) -> None:
     """Text arguments the way CPython's unpickler would reject them (strict sniffing only)."""
     name = op.name
     if op.kind == _LINE_PAIR:
-        if not _DOTTED.match(line) or second is None or not _DOTTED.match(second):
-            raise _Stop(f"{name} names no importable global")
+        if not _DOTTED.match(line):
+            raise _Stop(f"{name} names no importable module")
+        if second is None or not _DOTTED.match(second):
+            # find_class imports the module before it looks the name up (and fails): that import
+            # runs the module's code (``antigravity`` opens a browser).
+            raise _Stop(f"{name} names no global in module {line.decode()}", acted=True)
     elif name in {"INT", "LONG", "GET", "PUT"}:
         if not _INTLIKE.match(line.strip()):
             raise _Stop(f"{name} argument is not an integer")
@@ -234,7 +243,7 @@ def scan_pickle(
             if name == "STOP":
                 return OpScan(pos, ops, acting, None, protocol)
     except _Stop as stop:
-        return OpScan(None, ops, acting, str(stop), protocol)
+        return OpScan(None, ops, acting or stop.acted, str(stop), protocol)
 
 
 def is_opcode(byte: int) -> bool:

@@ -175,3 +175,46 @@ def test_pure_python_unpickler_imports_a_cut_global() -> None:
     assert replays.replays[0].imports[-1] == ("os", "system")
     assert differential(result, replays) == []
     assert walk(data, multi=False).imports == walk(stream, multi=False).imports  # C: nothing
+
+
+# -- a member that imports before it breaks -------------------------------------------------------
+
+
+@pytest.mark.parametrize("container", ["tar", "zip"])
+def test_an_archive_member_that_imports_a_module_for_a_name_it_lacks(
+    container: str, marker: Path, tmp_path: Path
+) -> None:
+    """GLOBAL of a module and a name no module has: find_class imports the module (running its
+    code) before the name fails. Detection took such a member for no pickle, so the archive was
+    SAFE; the whole file alone was UNSAFE."""
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+
+    member = b"cmarker_module\n!no such name\n."
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "marker_module.py").write_text(f"open({str(live / 'RAN')!r}, 'w').close()\n")
+    (live / "model.pkl").write_bytes(member)
+    subprocess.run(
+        [sys.executable, "-c", "import pickle; pickle.load(open('model.pkl', 'rb'))"],
+        cwd=live,
+        capture_output=True,
+        check=False,
+    )
+    assert (live / "RAN").exists()  # imported, then failed on the name
+
+    path = tmp_path / f"model.{container}"
+    if container == "tar":
+        with tarfile.open(path, "w") as t:
+            info = tarfile.TarInfo("model.pkl")
+            info.size = len(member)
+            t.addfile(info, io.BytesIO(member))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("model.pkl", member)
+    report = safeload.scan(path)
+    assert report.verdict is Verdict.UNSAFE
+    assert any(g.startswith("marker_module.") for g in report.globals)
+    assert not marker.exists()

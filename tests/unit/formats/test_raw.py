@@ -38,6 +38,11 @@ def test_payload_before_a_broken_tail_is_recognized() -> None:
     assert sniff(b"cos\nsystem\n(S'true'\ntR\xff\xfe")
 
 
+def test_a_global_whose_name_is_no_name_still_imports_its_module() -> None:
+    assert sniff(b"cantigravity\n!no such name\n.")
+    assert not sniff(b"cno module\n!no such name\n.")  # __import__ of no module name: nothing
+
+
 @pytest.mark.parametrize(
     "text",
     [
