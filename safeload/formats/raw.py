@@ -227,6 +227,8 @@ def scan_pickle(
                 if name == "POP" and marks and marks[-1] == depth:
                     marks.pop()  # CPython's POP discards a MARK on top of the stack
                     continue
+                if name == "INST":
+                    acting = True  # pickle.py (joblib.load) imports before it looks for the MARK
                 if op.pops_to_mark:
                     if not marks:
                         raise _Stop(f"{op.name} without MARK")

@@ -41,6 +41,7 @@ def test_payload_before_a_broken_tail_is_recognized() -> None:
 def test_a_global_whose_name_is_no_name_still_imports_its_module() -> None:
     assert sniff(b"cantigravity\n!no such name\n.")
     assert not sniff(b"cno module\n!no such name\n.")  # __import__ of no module name: nothing
+    assert sniff(b"iantigravity\nx\n.")  # INST without MARK: pickle.py imports before it looks
 
 
 @pytest.mark.parametrize(
