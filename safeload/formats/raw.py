@@ -138,6 +138,19 @@ def _line(buf: memoryview, pos: int, limit: int) -> tuple[bytes, int]:
         size *= 4
 
 
+def _imports_at_the_end(buf: memoryview, pos: int, line_limit: int) -> None:
+    """Raise an acting _Stop for a GLOBAL or INST whose lines the buffer ends inside, where
+    pickle.py (joblib.load) still imports: its readline hands over what is left without a
+    newline, and it cuts the last byte of a line. The C unpickler stops there, having done
+    nothing."""
+    rest = bytes(buf[pos : pos + line_limit])
+    if pos + line_limit < len(buf) or rest.count(b"\n") >= 2:
+        return  # both lines are whole (or the limit cut them): the usual checks apply
+    module = rest.split(b"\n", 1)[0] if b"\n" in rest else rest[:-1]
+    if _DOTTED.match(module):
+        raise _Stop(f"the data ends inside the lines of a global of module {module.decode()}", acted=True)
+
+
 def _check_line(op: _Op, line: bytes, second: bytes | None) -> None:
     """Text arguments the way CPython's unpickler would reject them (strict sniffing only)."""
     name = op.name
@@ -213,9 +226,12 @@ def scan_pickle(
                     raise _Stop(f"{op.name} data truncated")
                 pos += length
             elif kind in (_LINE, _LINE_PAIR):
+                pair = kind == _LINE_PAIR
+                if strict and pair:
+                    _imports_at_the_end(buf, pos, line_limit)
                 first, pos = _line(buf, pos, pos + line_limit)
                 second = None
-                if kind == _LINE_PAIR:
+                if pair:
                     second, pos = _line(buf, pos, pos + line_limit)
                 if strict:
                     _check_line(op, first, second)

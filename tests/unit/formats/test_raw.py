@@ -44,6 +44,25 @@ def test_a_global_whose_name_is_no_name_still_imports_its_module() -> None:
     assert sniff(b"iantigravity\nx\n.")  # INST without MARK: pickle.py imports before it looks
 
 
+@pytest.mark.parametrize("data", [b"cantigravity\n", b"iantigravity\n", b"N\x89cantigravity\nthi"])
+def test_a_global_the_data_ends_inside_still_imports_for_pickle_py(data: bytes) -> None:
+    """pickle.py's readline hands over what is left without a newline (and its [:-1] cuts a byte):
+    joblib.load of such bytes asks for the module; the C unpickler stops first."""
+    import io
+
+    asked: list[str] = []
+
+    class Recording(pickle._Unpickler):  # type: ignore[name-defined]
+        def find_class(self, module: str, name: str) -> object:
+            asked.append(module)
+            raise pickle.UnpicklingError("recorded")
+
+    with pytest.raises(pickle.UnpicklingError):
+        Recording(io.BytesIO(data)).load()
+    assert asked == ["antigravity"]
+    assert sniff(data)
+
+
 @pytest.mark.parametrize(
     "text",
     [
