@@ -40,6 +40,34 @@ def record(module, name, fix_imports=True):
 """
 
 
+# The lines of a recorder body that make numpy's own pickle.load calls (np.load of an object array,
+# or of a file that is no array) go through ``record``.
+NUMPY_RECORDING = r"""
+import numpy as np
+import numpy.lib._npyio_impl as npyio
+try:
+    import numpy.lib._format_impl as fmt
+except ImportError:  # numpy < 2
+    import numpy.lib.format as fmt
+
+class Recording(pickle.Unpickler):
+    def find_class(self, module, name):
+        record(module, name)
+        return Inert
+
+class Pickle:
+    UnpicklingError = pickle.UnpicklingError
+    HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
+    dumps = staticmethod(pickle.dumps)
+    dump = staticmethod(pickle.dump)
+    @staticmethod
+    def load(f, **kwargs):
+        return Recording(f).load()
+
+fmt.pickle = npyio.pickle = Pickle
+"""
+
+
 def record_loads(body: str, lines: list[str], cwd: Path, *, crashes: bool = False) -> list[list[str] | None]:
     """The globals asked for, per input line. With ``crashes``, a load that ends the process gets
     None and the lines after it go to a fresh process; otherwise that fails the test."""

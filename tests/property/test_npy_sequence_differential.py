@@ -21,36 +21,16 @@ import numpy as np
 import pytest
 
 from tests.pickle_builder import exec_payload
-from tests.property.recording import assert_the_scan_saw, record_loads
+from tests.property.recording import NUMPY_RECORDING, assert_the_scan_saw, record_loads
 from tests.unit.formats.torchfiles import Payload
 
 pytestmark = pytest.mark.slow
 
 MUTANTS = 400
 
-_LOAD_IN_A_LOOP = r"""
-import numpy as np
-import numpy.lib._npyio_impl as npyio
-try:
-    import numpy.lib._format_impl as fmt
-except ImportError:  # numpy < 2
-    import numpy.lib.format as fmt
-
-class Recording(pickle.Unpickler):
-    def find_class(self, module, name):
-        record(module, name)
-        return Inert
-
-class Pickle:
-    UnpicklingError = pickle.UnpicklingError
-    HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
-    dumps = staticmethod(pickle.dumps)
-    dump = staticmethod(pickle.dump)
-    @staticmethod
-    def load(f, **kwargs):
-        return Recording(f).load()
-
-fmt.pickle = npyio.pickle = Pickle
+_LOAD_IN_A_LOOP = (
+    NUMPY_RECORDING
+    + r"""
 for line in sys.stdin:
     asked.clear()
     try:
@@ -61,6 +41,7 @@ for line in sys.stdin:
         pass
     print(json.dumps(asked), flush=True)
 """
+)
 
 
 def _seed(rng: random.Random, marker: Path) -> bytes:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.property.recording import assert_the_scan_saw, record_loads
+from tests.property.recording import NUMPY_RECORDING, assert_the_scan_saw, record_loads
 from tests.property.test_loader_differential import mutate
 from tests.unit.formats.torchfiles import Payload
 
@@ -26,28 +26,9 @@ pytestmark = pytest.mark.slow
 MUTANTS = 400
 
 # Reads paths from stdin; prints, per path, the globals numpy's unpickler asked for.
-_LOAD_WITH_NUMPY = r"""
-import numpy as np
-try:
-    import numpy.lib._format_impl as fmt
-except ImportError:  # numpy < 2
-    import numpy.lib.format as fmt
-
-class Recording(pickle.Unpickler):
-    def find_class(self, module, name):
-        record(module, name)
-        return Inert
-
-class Pickle:
-    UnpicklingError = pickle.UnpicklingError
-    HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
-    dumps = staticmethod(pickle.dumps)
-    dump = staticmethod(pickle.dump)
-    @staticmethod
-    def load(f, **kwargs):
-        return Recording(f).load()
-
-fmt.pickle = Pickle
+_LOAD_WITH_NUMPY = (
+    NUMPY_RECORDING
+    + r"""
 for line in sys.stdin:
     asked.clear()
     try:
@@ -61,6 +42,7 @@ for line in sys.stdin:
         pass
     print(json.dumps(asked), flush=True)
 """
+)
 
 
 @pytest.fixture(scope="module")
