@@ -20,6 +20,7 @@ that walk so that the scan does not repeat it. Nothing here unpickles.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import struct
 import tarfile
@@ -29,7 +30,6 @@ from safeload.analysis.types import ImportSite, WalkResult
 from safeload.analysis.walker import walk
 from safeload.formats import raw
 from safeload.formats.base import (
-    Child,
     PersistentScheme,
     PickleStream,
     ReadContext,
@@ -123,8 +123,55 @@ def sniff(buf: memoryview) -> bool:
 
 def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
     if is_sequence(buf):
-        return _Sequence(buf, ctx).read()
+        return _read_sequences(buf, ctx)
     return _Tar(buf, ctx).read()
+
+
+def _read_sequences(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    """One checkpoint, and every one torch.save appended to the same file after it: torch.load
+    reads the first, each further torch.load on the same handle the next. The later ones are
+    scanned as siblings (members ``<appended 2>``, ...), never loaded: however many there are,
+    they nest no deeper."""
+    result = _Sequence(buf, ctx).read()
+    pos, count = result.meta.get("next"), 1
+    if isinstance(pos, int):
+        result.findings.append(
+            make_finding(
+                "SL202",
+                "another legacy checkpoint follows the last storage (torch.save called again on the "
+                "same file): torch.load reads the first, each further torch.load on the same handle "
+                "the next; each was scanned",
+                member=ctx.member,
+                offset=pos,
+                file_offset=None if ctx.file_offset is None else ctx.file_offset + pos,
+            )
+        )
+    while isinstance(pos, int):
+        count += 1
+        if count > ctx.limits.max_streams:
+            result.findings.append(
+                make_finding(
+                    "SL203",
+                    f"more than max_streams ({ctx.limits.max_streams}) checkpoints; the rest were not read",
+                    member=ctx.member,
+                    offset=pos,
+                )
+            )
+            break
+        sub = dataclasses.replace(
+            ctx,
+            member=ctx.child_member(f"<appended {count}>"),
+            file_offset=None if ctx.file_offset is None else ctx.file_offset + pos,
+            shared={},
+            release=None,
+            peek_file=None,
+        )
+        more = _Sequence(buf[pos:], sub).read()
+        result.findings.extend(more.findings)
+        result.streams.extend(dataclasses.replace(s, loadable=False) for s in more.streams)
+        step = more.meta.get("next")
+        pos = pos + step if isinstance(step, int) else None
+    return result
 
 
 # -- values from the walker ------------------------------------------------------------------------
@@ -182,7 +229,6 @@ class _Base:
         )
         self.result.streams.append(s)
         return s
-
 
 
 # -- the pickle sequence ---------------------------------------------------------------------------
@@ -280,19 +326,9 @@ class _Sequence(_Base):
         if not is_sequence(tail):
             self.note("SL201", f"{len(tail)} bytes after the last storage", pos)
             return
-        # torch.save called twice on one file handle: torch.load reads the first checkpoint, and a
-        # second torch.load on the same handle the next one. Read by content, as its own file.
-        self.note(
-            "SL202",
-            "another legacy checkpoint follows the last storage (torch.save called again on the same "
-            "file): torch.load reads the first, a second torch.load on the same handle the next; "
-            "each was scanned",
-            pos,
-        )
-        file_offset = None if self.ctx.file_offset is None else self.ctx.file_offset + pos
-        self.result.children.append(
-            Child(name="<appended>", data=tail, file_offset=file_offset, encoding=self.ctx.encoding)
-        )
+        # torch.save called again on the file handle: each further torch.load on it reads the next
+        # checkpoint (read() goes on from here).
+        self.result.meta["next"] = pos
 
 
 # -- the tar format --------------------------------------------------------------------------------

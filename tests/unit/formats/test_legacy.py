@@ -158,7 +158,7 @@ def test_a_second_checkpoint_after_the_storages_is_scanned_as_its_own(legacy: by
     c = scan(legacy + second)
     assert [(f.code, f.offset) for f in c.findings] == [("SL202", len(legacy))]
     assert [s.role for s in c.streams] == SEQUENCE + SEQUENCE
-    assert [s.member for s in c.streams[5:]] == ["<appended>"] * 5
+    assert [s.member for s in c.streams[5:]] == ["<appended 2>"] * 5
     assert [s.file_offset for s in c.streams[5:]] == [len(legacy) + e for e in [0, *pickle_ends(second, 4)]]
     assert sorted(bytes(e.data) for e in c.storages.values()) == _expected_storages()  # the first's
 
@@ -171,8 +171,25 @@ def test_a_payload_in_a_second_checkpoint_is_caught(
     report = safeload.scan_bytes(data)
     assert report.verdict is safeload.Verdict.UNSAFE
     assert {(f.global_name, f.member) for f in report.findings if f.code == "SL100"} == {
-        ("builtins.exec", "<appended>")
+        ("builtins.exec", "<appended 2>")
     }
+    assert not marker.exists()
+
+
+def test_checkpoints_appended_many_times_are_siblings(
+    legacy: bytes, tmp_path: Path, marker: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many times torch.save appended to the file, each checkpoint is read at the same
+    depth (no nesting limit is hit) and a payload in the last is named where it sits."""
+    monkeypatch.chdir(marker.parent)
+    data = legacy * 5 + save_checkpoint(tmp_path / "evil.pt", payload=True, legacy=True)
+    report = safeload.scan_bytes(data)
+    assert report.verdict is safeload.Verdict.UNSAFE
+    assert [f.code for f in report.findings if f.code != "SL100"] == ["SL202"]
+    assert {(f.global_name, f.member) for f in report.findings if f.code == "SL100"} == {
+        ("builtins.exec", "<appended 6>")
+    }
+    assert safeload.scan_bytes(legacy * 6).verdict is safeload.Verdict.SAFE
     assert not marker.exists()
 
 
