@@ -266,10 +266,10 @@ class _ZstdDecoder:
             self._stage = "done"
 
     def decompress(self, data: bytes, max_length: int = -1) -> bytes:
-        if self._error is not None:
-            raise self._error
+        if self._error is not None and not self._ready:
+            raise self._error  # only once all output before it was handed over
         self._pending += data
-        while not self._done and (max_length < 0 or len(self._ready) < max_length):
+        while self._error is None and not self._done and (max_length < 0 or len(self._ready) < max_length):
             size = self._unit()
             if size is None:
                 break

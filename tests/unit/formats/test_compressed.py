@@ -322,6 +322,19 @@ def test_a_zstd_frame_with_a_bad_checksum_is_scanned(marker: Path, tmp_path: Pat
     assert imports(result.children[0].data) == ["builtins.exec"]
 
 
+def test_a_zstd_error_waits_until_every_byte_before_it_was_handed_over() -> None:
+    """Asked for a little at a time, the decoder hands over all a failing frame decoded, then raises."""
+    content = random.Random(3).randbytes(300_000)  # three blocks
+    frame = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(content))
+    frame[-1] ^= 0x01
+    decoder = compressed.ZSTD.new()
+    out = bytearray(decoder.decompress(bytes(frame), 1000))
+    with pytest.raises(zstandard.ZstdError):
+        while True:
+            out += decoder.decompress(b"", 1000)
+    assert bytes(out) == content
+
+
 def _gzip_bomb(total: int, member: int = 16 << 20) -> bytes:
     """`total` bytes of zeros as a multi-member gzip, built without ever holding them."""
     one = gzip.compress(bytes(member), compresslevel=9)
