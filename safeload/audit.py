@@ -101,7 +101,7 @@ def audit(
         nonlocal done
         group.report, group.cached, done = report, cached, done + 1
         shown = group.reported_paths() or group.paths
-        skipped = not group.named and _no_model_format(report)
+        skipped = not group.named and report.no_model_format
         notify(
             Progress(
                 done=done, total=total, path=shown[0], verdict=report.verdict, cached=cached, skipped=skipped
@@ -248,7 +248,7 @@ def _expand(groups: list[FileGroup]) -> tuple[list[ScanReport], list[str]]:
         if group.report is None:
             continue
         for path in group.reported_paths():
-            if path not in group.named and _no_model_format(group.report):
+            if path not in group.named and group.report.no_model_format:
                 skipped.append(path)
                 continue
             reports.append(
@@ -257,10 +257,6 @@ def _expand(groups: list[FileGroup]) -> tuple[list[ScanReport], list[str]]:
     reports.sort(key=lambda r: r.path)
     skipped.sort()
     return reports, skipped
-
-
-def _no_model_format(report: ScanReport) -> bool:
-    return bool(report.findings) and all(f.code == "SL204" for f in report.findings)
 
 
 def _names(report: ScanReport) -> set[str]:

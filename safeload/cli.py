@@ -17,7 +17,6 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a repla
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from safeload.model import ScanReport
 
 EXIT_CLEAN = 0
 EXIT_UNSAFE = 1
@@ -184,7 +183,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
                 skipped.append(path)  # as the audit lists a Hugging Face cache's refs/main
                 continue
             report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
-            if not named and _no_model_format(report):
+            if not named and report.no_model_format:
                 skipped.append(path)
                 continue
             reports.append(report)
@@ -201,13 +200,6 @@ def _is_ref(path: str) -> bool:
         return is_ref(path, os.stat(path))
     except OSError:
         return False  # the scan reports why it cannot read it
-
-
-def _no_model_format(report: ScanReport) -> bool:
-    """A walked file that is no model: no known format (SL204 alone), text or an HDF5/GGUF header
-    included, whose bytes break as a pickle before anything acts (see api._not_a_pickle). The same
-    test as the audit's."""
-    return bool(report.findings) and all(f.code == "SL204" for f in report.findings)
 
 
 def _emit(text: str, output: str | None) -> None:

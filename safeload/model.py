@@ -129,6 +129,12 @@ class ScanReport(_Frozen):
     def globals(self) -> list[str]:
         return sorted({g.name for s in self.streams for g in s.globals})
 
+    @property
+    def no_model_format(self) -> bool:
+        """Nothing a loader reads as a model (SL204 alone): no known format, or bytes that merely
+        start with an opcode and break before anything acts. A directory walk skips such files."""
+        return bool(self.findings) and all(f.code == "SL204" for f in self.findings)
+
 
 def decide(findings: tuple[Finding, ...] | list[Finding]) -> Verdict:
     """UNSAFE wins over UNSCANNABLE wins over SAFE."""
