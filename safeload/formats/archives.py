@@ -237,6 +237,7 @@ def _tar_member(
             data=buf[start : start + available],
             file_offset=_abs(ctx, start),
             encoding=ctx.encoding,
+            offset=start,
         )
     )
 

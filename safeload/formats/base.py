@@ -156,6 +156,9 @@ class Child:
     encoding: tuple[str, ...] = ()
     # Integrity checks worth paying for only when the member holds a pickle (a zip member's CRC).
     verify_if_pickled: Callable[[], list[Finding]] | None = None
+    # Where ``data`` starts in the buffer it was handed on from, when it is a slice of it (a tar
+    # member's bytes): detection then knows an archive found in that buffer to be this member.
+    offset: int | None = None
 
 
 @dataclass
@@ -168,3 +171,5 @@ class ReadResult:
     findings: list[Finding] = field(default_factory=list)
     children: list[Child] = field(default_factory=list)
     meta: dict[str, object] = field(default_factory=dict)
+    # A zip reading: (where the archive's offsets count from, the end of its end record) in the buffer.
+    archive_span: tuple[int, int] | None = None

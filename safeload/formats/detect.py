@@ -168,6 +168,7 @@ def _read(buf: memoryview, ctx: ReadContext, state: _State, *, whole: bool) -> i
             views.append(_View(label, result, ctx.depth, ctx.member, whole))
     if len(views) > 1:
         views = _supersede(views, state)
+        views = _without_member_archives(views)
     if not views:
         if whole and len(buf) and raw.is_opcode(buf[0]):
             # Starts like a pickle but fits no format: a loader would try to unpickle it, so the
@@ -265,6 +266,37 @@ def _supersede(views: list[_View], state: _State) -> list[_View]:
         if v.result.format in replaced:
             # The more exact reading wins; what the other one noticed about the bytes still counts.
             state.findings.extend(f for f in v.result.findings if (f.code, f.member) not in seen)
+    return kept
+
+
+def _without_member_archives(views: list[_View]) -> list[_View]:
+    """Drop a zip reading whose archive is exactly the bytes of a member another reading of the same
+    buffer hands on: a checkpoint stored in a tar (a SageMaker model.tar.gz) ends the tar, so the
+    search for an end record from the buffer's end finds the checkpoint's, offsets counted from the
+    member's start. That archive is the member, read at the next level with every check there; read
+    here as well, the tar's headers before it would count as bytes put in front of a zip and its
+    padding after it as appended ones. Where the spans differ in any way (a directory beyond the
+    member, an end record in a later member) both readings stay, as every polyglot's do."""
+    members = [
+        (view, child.offset, child.offset + len(child.data))
+        for view in views
+        for child in view.result.children
+        if child.offset is not None
+    ]
+    if not members:
+        return views
+    kept = []
+    for view in views:
+        span = view.result.archive_span
+        if (
+            span is not None
+            and span[0] > 0
+            and any(
+                other is not view and start == span[0] and span[1] <= end for other, start, end in members
+            )
+        ):
+            continue
+        kept.append(view)
     return kept
 
 

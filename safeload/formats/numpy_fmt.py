@@ -373,6 +373,7 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
         return result
     # Layout anomalies (CRC, flags, name mismatch, duplicates, overlap, member limit) come from zipread.
     result.findings.extend(archive.findings)
+    result.archive_span = (archive.shift, archive.end)
     result.meta["npz_members"] = [e.name for e in archive.entries]
     others: dict[str, dict[str, object]] = {}
     result.meta["npz_other_members"] = others

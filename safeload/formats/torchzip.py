@@ -87,6 +87,7 @@ def read(buf: memoryview, ctx: ReadContext) -> ReadResult:
         result.findings.append(_package_finding(archive, prefix, package, ctx))
     _outside_records(buf, archive, ctx, result)
     _zipfile_only(buf, archive, ctx, result)
+    result.archive_span = (archive.shift, archive.end)
     return result
 
 

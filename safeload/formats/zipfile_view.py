@@ -118,7 +118,8 @@ _ZIP64_RECORD_SIZE = 56
 
 def _directory_size(buf: memoryview, eocd: int) -> int:
     """At least the central directory size zipfile takes: the ZIP64 record's right before the
-    locator, if there is one, else the end record's (the larger of the two, to bound its work)."""
+    locator, if there is one, else the end record's (the larger of the two, to bound its work; not
+    the end record's 0xFFFFFFFF, which only says that the ZIP64 record has the value)."""
     size = int.from_bytes(buf[eocd + _EOCD_SIZE_AT : eocd + _EOCD_SIZE_AT + 4], "little")
     locator = eocd - _LOCATOR_SIZE
     record = locator - _ZIP64_RECORD_SIZE
@@ -127,8 +128,10 @@ def _directory_size(buf: memoryview, eocd: int) -> int:
         and bytes(buf[locator : locator + 4]) == zipread.ZIP64_LOCATOR_SIG
         and bytes(buf[record : record + 4]) == zipread.ZIP64_EOCD_SIG
     ):
-        size = max(size, int.from_bytes(buf[record + 40 : record + 48], "little"))
-    return size
+        ours = int.from_bytes(buf[record + 40 : record + 48], "little")
+        size = ours if size == 0xFFFFFFFF else max(size, ours)
+    # Whatever a record says, zipfile reads no more directory than the file holds.
+    return min(size, len(buf))
 
 
 def _read(

@@ -214,7 +214,23 @@ def sniff(buf: memoryview) -> bool:
     _, _, _, _, total, cd_size, cd_offset, _ = _EOCD.unpack_from(buf, eocd)
     if total == 0:
         return False
-    return _directory_shift(buf, eocd, cd_offset, cd_size, total) is not None
+    if _directory_shift(buf, eocd, cd_offset, cd_size, total) is not None:
+        return True
+    # Past 4 GiB or 65,535 members the end record holds placeholders: the ZIP64 record has the
+    # values, the one the locator points to (miniz) or the one right before it (zipfile).
+    at = eocd - _LOCATOR.size
+    if at < 0 or bytes(buf[at : at + 4]) != ZIP64_LOCATOR_SIG:
+        return False
+    for offset in {_LOCATOR.unpack_from(buf, at)[2], at - _ZIP64_EOCD.size}:
+        if 0 <= offset <= len(buf) - _ZIP64_EOCD.size:
+            rec = _ZIP64_EOCD.unpack_from(buf, offset)
+            if (
+                rec[0] == ZIP64_EOCD_SIG
+                and rec[7]
+                and _directory_shift(buf, eocd, rec[9], rec[8], rec[7]) is not None
+            ):
+                return True
+    return False
 
 
 def _records_end(buf: memoryview, eocd: int) -> int:
@@ -294,6 +310,11 @@ class _Reader:
             # locator. When those differ the two readers may see different archives.
             z64_offset, expected = loc[2], eocd - _LOCATOR.size - _ZIP64_EOCD.size
             rec = self._zip64_record(z64_offset)
+            if z64_offset != expected and rec is None and self._displaced(eocd, z64_offset, expected):
+                # The whole archive sits further on (a checkpoint stored in a tar, a stub put in
+                # front): the locator's offset counts from the archive's start, as all its offsets
+                # do. Python's zipfile reads the record it means; torch opens no such archive.
+                rec, z64_offset = self._zip64_record(expected), expected
             if z64_offset != expected:
                 self.note(
                     "SL306",
@@ -352,6 +373,17 @@ class _Reader:
         archive = ZipArchive(entries, self.findings, eocd, end, cd_start, cd_size, shift, zip64, comment)
         self._check_layout(archive)
         return archive
+
+    def _displaced(self, eocd: int, z64_offset: int, expected: int) -> bool:
+        """The ZIP64 record right before the locator, and the directory it names, are where the
+        locator and that record say once every offset is moved by the same number of bytes, and the
+        directory is not where the offsets say unmoved (where miniz would find one)."""
+        rec = self._zip64_record(expected)
+        if rec is None:
+            return False
+        total, cd_size, cd_offset = rec[7], rec[8], rec[9]
+        move = expected - z64_offset
+        return move > 0 and _directory_shift(self.buf, eocd, cd_offset, cd_size, total) == move
 
     def _zip64_record(self, offset: int) -> tuple | None:
         rec = self.u(_ZIP64_EOCD, offset)

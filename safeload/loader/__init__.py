@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from safeload.errors import LoadError, SafeloadError, UnsafeModelError, UnsupportedFormatError
-from safeload.formats.base import PickleStream, StreamRole
+from safeload.formats.base import NEST_SEP, PickleStream, StreamRole
 from safeload.loader import numpy_formats, torch_backend
 from safeload.loader.numpy_backend import NumpyBackend
 from safeload.loader.resolve import Resolver
@@ -89,7 +89,11 @@ class _Load:
             "joblib": self._joblib,
             "pickle": self._raw,
         }
-        if fmt is None and {"npy", "npz"} & set(self.container.formats):
+        top = self._top_level_formats()
+        # numpy.load opens the file itself as npy, or any zip as an npz: not a tar holding them.
+        if fmt is None and (
+            {"npy", "npz"} & top or ("zip" in top and {"npy", "npz"} & set(self.container.formats))
+        ):
             return self._numpy_file()
         if fmt in handlers:
             return handlers[fmt]()
@@ -98,9 +102,37 @@ class _Load:
             why = "loading the legacy torch tar format is not supported (torch.load refuses it with weights_only=True too)"
         elif "safetensors" in self.container.formats:
             why = "a safetensors file holds no pickle: load it with the safetensors library"
+        elif members := self._archive_members():
+            # A model.tar.gz: torch.load cannot open it either; its members are files of their own.
+            shown = ", ".join(repr(m) for m in members[:3]) + (", ..." if len(members) > 3 else "")
+            raise UnsupportedFormatError(
+                f"cannot load: an archive ({formats}); its pickles are in its "
+                f"member{'s' if len(members) > 1 else ''} {shown}",
+                path=self.path,
+                remedy="extract the member you want and load that file",
+            )
         else:
             why = f"nothing in this file is an object safeload can load (formats: {formats})"
         raise UnsupportedFormatError(f"cannot load: {why}", path=self.path)
+
+    def _top_level_formats(self) -> set[str]:
+        """Formats of the file itself, not of members inside it (an npz in a tar is no npz file)."""
+        views = self.container.meta.get("views")
+        if not isinstance(views, list):
+            return set(self.container.formats)
+        return {v["format"] for v in views if isinstance(v, dict) and v.get("member") is None}
+
+    def _archive_members(self) -> list[str]:
+        """The archive members (tar, zip, 7z) that hold the file's pickles, outermost names only."""
+        if not {"tar", "zip", "7z"} & set(self.container.formats):
+            return []
+        members: dict[str, None] = {}
+        for stream in self.container.streams:
+            # Leading <gzip>-style parts are wrappers the member sits behind, not members.
+            parts = [p for p in (stream.member or "").split(NEST_SEP) if not p.startswith("<")]
+            if parts:
+                members[parts[0]] = None
+        return list(members)
 
     # -- helpers ----------------------------------------------------------------------------------
 
