@@ -76,10 +76,37 @@ class ReaderReplay:
     persistent_ids: int = 0
     skipped_bytes: int = 0  # payload bytes passed over without copying
     error: str | None = None  # why it stopped early (escaped); None when it read to the end
+    # Why safeload stopped it, not the stream (a bound on memory or time, a crash): what the
+    # reader would import after that point is unknown.
+    bounded: str | None = None
 
     @property
     def completed(self) -> bool:
         return self.error is None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "reader": self.reader,
+            "imports": [list(name) for name in self.imports],
+            "pickles": self.pickles,
+            "persistent_ids": self.persistent_ids,
+            "skipped_bytes": self.skipped_bytes,
+            "error": self.error,
+            "memory": self.error is not None and self.error.startswith("MemoryError"),
+        }
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> ReaderReplay:
+        error = item["error"]
+        return cls(
+            reader=str(item["reader"]),
+            imports=[(str(m), str(n)) for m, n in item["imports"]],
+            pickles=int(item["pickles"]),
+            persistent_ids=int(item["persistent_ids"]),
+            skipped_bytes=int(item["skipped_bytes"]),
+            error=error,
+            bounded="it needed more memory than safeload allows a replay" if item["memory"] else None,
+        )
 
 
 @dataclass
@@ -276,8 +303,8 @@ def replay_imports(
         if lying or _compare(_slots(walk), first) is not None:
             # Readers part ways only at a lying FRAME (see module docstring); without one in the
             # walk, and with the walker confirmed by one reader, the others read identically.
-            for reader in ("file", "bytesio"):
-                result.replays.append(_replay_one(reader, view, payloads, multi, max_pickles))
+            # Their readings were never walked, so none of the walker's checks bounds them.
+            result.replays.extend(_isolated(("file", "bytesio"), view, payloads, multi, max_pickles))
             result.replays.sort(key=lambda r: READERS.index(r.reader))
     finally:
         _purge_extension_cache()
@@ -311,6 +338,33 @@ def _replay_one(
         _purge_extension_cache()
         replay.skipped_bytes = payloads.skipped
     return replay
+
+
+# A replay in a child process may use this much memory beyond the parent's, plus a few times the
+# stream (the readers copy it), and this long plus a second per 4 MiB.
+_ISOLATED_MEMORY = 256 << 20
+_ISOLATED_SECONDS = 20.0
+
+
+def _isolated(
+    readers: tuple[str, ...], view: memoryview, spans: list[tuple[int, int]], multi: bool, max_pickles: int
+) -> list[ReaderReplay]:
+    """Replays through ``readers``, run in a child process with bounded memory and time (see
+    isolate.py). A replay that could not run to its end there says so in ``bounded``."""
+    from safeload.analysis.isolate import run_bounded
+
+    def step() -> list[dict[str, Any]]:
+        return [_replay_one(reader, view, spans, multi, max_pickles).as_json() for reader in readers]
+
+    done, why = run_bounded(
+        step,
+        memory_bytes=_ISOLATED_MEMORY + 3 * len(view),
+        seconds=_ISOLATED_SECONDS + len(view) / (4 << 20),
+    )
+    if why is not None or not isinstance(done, list) or len(done) != len(readers):
+        reason = why or "the replay process sent no result"
+        return [ReaderReplay(reader=r, error=escape(reason, 200), bounded=reason) for r in readers]
+    return [ReaderReplay.from_json(item) for item in done]
 
 
 def _purge_extension_cache() -> None:
@@ -382,11 +436,21 @@ def differential(walk: WalkResult, replays: ReplayResult) -> list[Anomaly]:
         return [Anomaly("SL203", 0, f"cross-check with CPython's unpickler skipped: {replays.skipped}")]
     slots = _slots(walk)
     found: dict[tuple[int, str], list[str]] = {}
+    stopped = [
+        Anomaly(
+            "SL203",
+            0,
+            f"cross-check through the {r.reader} reader not run to its end: {escape(r.bounded, 200)}; "
+            "what that reader imports past this point is not known",
+        )
+        for r in replays.replays
+        if r.bounded is not None
+    ]
     for replay in replays.replays:
         diff = _compare(slots, replay)
         if diff is not None:
             found.setdefault(diff, []).append(replay.reader)
-    return [
+    return stopped + [
         Anomaly("SL105", offset, f"{message} (reader: {', '.join(readers)})")
         for (offset, message), readers in found.items()
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import pickle
 import struct
 import subprocess
 import sys
@@ -75,6 +77,55 @@ def test_deep_tuple_key_cannot_crash_the_scanner() -> None:
     )
     assert done.returncode == 0, done.stderr[-500:]
     assert done.stdout.split() == [b"UNSCANNABLE", b"True"]
+
+
+def lying_frame_memo(index: int) -> bytes:
+    """Read whole (pickle.loads), an OrderedDict. Through io.BytesIO the string that crosses the
+    frame's end takes its bytes from after the frame, and what follows is a LONG_BINPUT of ``index``:
+    the C unpickler allocates and zeroes a memo of twice that many pointers before anything fails."""
+    body = b"\x8c\x05ab"  # SHORT_BINUNICODE of 5 bytes, 2 of them inside the frame
+    put = b"r" + struct.pack("<I", index)
+    after = b"cde" + b"C\x05" + put + b"00" + pb.stack_global("collections", "OrderedDict") + b")R."
+    return b"\x80\x04" + pb.frame(body, len(body)) + after
+
+
+def _python(code: str, data: bytes) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=data, capture_output=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-500:]
+    return done.stdout.decode().splitlines()
+
+
+def test_a_reading_behind_a_lying_frame_cannot_take_the_memory() -> None:
+    """The walker bounds the memo along its own reading; behind a lying FRAME the other readers'
+    readings were never walked. Their replays run in a child with bounded memory: the scan's own
+    process stays small, and the report says that reading was not followed to its end."""
+    data = lying_frame_memo(0x0800_0000)  # a 2 GiB memo
+    assert isinstance(pickle.loads(data), collections.OrderedDict)
+    # Live: through io.BytesIO the allocation really happens (capped here, so it fails instead).
+    capped = (
+        "import io, pickle, resource, sys\n"
+        "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (512 << 20), resource.RLIM_INFINITY))\n"
+        "try:\n    pickle.load(io.BytesIO(sys.stdin.buffer.read()))\n"
+        "except MemoryError:\n    print('MemoryError')\n"
+    )
+    assert _python(capped, data) == ["MemoryError"]
+
+    measure = (
+        "import re, sys, safeload\n"
+        "report = safeload.scan_bytes(sys.stdin.buffer.read())\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the process that forked this one.
+        "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "print(report.verdict.value, peak)\n"
+        "for f in report.findings: print(f.code, f.message)\n"
+    )
+    lines = _python(measure, data)
+    verdict, peak_kib = lines[0].split()
+    assert verdict == "UNSAFE" and int(peak_kib) < 400 * 1024
+    stopped = [line for line in lines[1:] if line.startswith("SL203") and "bytesio" in line]
+    assert stopped and "memory" in stopped[0]
 
 
 def test_colliding_hash_keys_are_not_replayed() -> None:
