@@ -54,12 +54,20 @@ def run_bounded(
     ``seconds`` of run time; its result must be JSON-serializable."""
     if not can_isolate():
         return None, "this platform cannot run it in a process with bounded memory"
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about fork() in a process with threads: the child runs only the step
-        # (no locks, no imports) and leaves with os._exit.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    try:
+        read_end, write_end = os.pipe()
+    except OSError as exc:
+        return None, f"no pipe to a replay process: {exc.strerror or exc}"
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork() in a process with threads: the child runs only the
+            # step (no locks, no imports) and leaves with os._exit.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return None, f"no replay process could be started: {exc.strerror or exc}"
     if pid == 0:  # pragma: no cover - runs in the child, measured by the tests through its result
         _child(step, read_end, write_end, memory_bytes, seconds)
     os.close(write_end)
@@ -125,7 +133,7 @@ def _collect(fd: int, pid: int, timeout: float) -> tuple[bytes, str | None]:
         left = deadline - time.monotonic()
         if left <= 0:
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            _reap(pid)
             return b"", f"it ran past safeload's time bound for a replay ({timeout:.0f} s)"
         ready, _, _ = select.select([fd], [], [], min(left, 1.0))
         if not ready:
@@ -134,8 +142,8 @@ def _collect(fd: int, pid: int, timeout: float) -> tuple[bytes, str | None]:
         if not chunk:
             break
         chunks.append(chunk)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
+    status = _reap(pid)
+    if status is not None and os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
             name = signal.Signals(sig).name
@@ -143,3 +151,11 @@ def _collect(fd: int, pid: int, timeout: float) -> tuple[bytes, str | None]:
             name = f"signal {sig}"
         return b"", f"the replay process died of {name} (a crash in the unpickler, or a bound it hit)"
     return b"".join(chunks), None
+
+
+def _reap(pid: int) -> int | None:
+    """The child's exit status; None when it was reaped already (SIGCHLD ignored by the host)."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return None

@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,29 @@ def test_the_child_leaves_no_process_behind() -> None:
     run_bounded(lambda: 1, memory_bytes=64 * MIB, seconds=10)
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_no_process_to_start_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse() -> int:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", refuse)
+    result, why = run_bounded(lambda: 1, memory_bytes=64 * MIB, seconds=10)
+    assert result is None and why is not None and "unavailable" in why
+
+
+def test_readers_that_cannot_be_bounded_are_reported_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no child with capped memory can run, the readings behind a lying FRAME are not
+    replayed at all, and the report says what is not known (fail closed)."""
+    import safeload
+    from safeload.analysis import isolate
+    from tests.regressions.test_parser_differentials import lying_frame_exec
+
+    monkeypatch.setattr(isolate, "can_isolate", lambda: False)
+    report = safeload.scan_bytes(lying_frame_exec(Path("never-created")))
+    stopped = [f for f in report.findings if f.code == "SL203"]
+    assert {"file", "bytesio"} == {
+        r for f in stopped for r in ("file", "bytesio") if f" {r} reader" in f.message
+    }
+    assert all("cannot run it in a process with bounded memory" in f.message for f in stopped)
+    assert "SL107" in {f.code for f in report.findings} and report.verdict.value == "UNSAFE"
