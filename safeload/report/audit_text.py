@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from safeload.audit_model import AuditRun
 from safeload.model import ScanRun
 from safeload.report.text import render_run
 from safeload.text import escape
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from safeload.audit_model import AuditRun
 
 MAX_GLOBALS = 50
 
 
 def render_text(run: ScanRun, *, verbose: bool = False) -> str:
     text = render_run(run, verbose=verbose)
-    if not isinstance(run, AuditRun):
+    # By its kind, not isinstance: a scan's text report then never imports the audit models.
+    if getattr(run, "kind", None) != "audit":
         return text
+    return text + _registry_views(run, verbose)  # type: ignore[arg-type]
+
+
+def _registry_views(run: AuditRun, verbose: bool) -> str:
     s = run.stats
     lines = [f"{s.paths} path(s), {s.files} distinct file(s)"]
     if run.baseline is not None:
@@ -40,4 +48,4 @@ def render_text(run: ScanRun, *, verbose: bool = False) -> str:
                 + (f" (+{len(b.paths) - 1} paths)" if len(b.paths) > 1 else "")
                 + f": {why}"
             )
-    return text + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"

@@ -15,7 +15,6 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from safeload.atomic import write_atomic
-from safeload.audit_model import AuditRun
 from safeload.model import SCHEMA_VERSION, ScanRun
 
 SCHEMA_FILE = Path("schema") / "scanrun.schema.json"
@@ -29,6 +28,9 @@ def render_json(run: ScanRun, *, verbose: bool = False) -> str:
 
 def json_schema() -> dict[str, Any]:
     """Schema of a report: a `scan` run or an `audit` run (which carries ``"kind": "audit"``)."""
+    # Here, not at the top: rendering a scan's report never needs the audit models.
+    from safeload.audit_model import AuditRun
+
     schema = TypeAdapter(ScanRun | AuditRun).json_schema(mode="serialization")
     return {
         "$schema": _DIALECT,

@@ -244,3 +244,23 @@ def test_help_is_wrapped_as_argparse_wraps_it(columns: str, monkeypatch: pytest.
         widest = max(len(line) for line in helps[0].splitlines())
         # the width is really taken from $COLUMNS (or, without a usable one, is 80)
         assert widest > 80 if columns == "132" else widest <= 80
+
+
+def test_a_scan_never_imports_the_audit_models(tmp_path: Path) -> None:
+    """Every `safeload scan` (a pre-commit hook runs one per batch of files) pays for what it
+    imports; the registry models are an audit's alone (checked in a fresh process)."""
+    path = tmp_path / "a.pkl"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    script = (
+        "import sys; from safeload.cli import main; code = main(sys.argv[1:]); "
+        "print(code, 'safeload.audit_model' in sys.modules, 'safeload.audit' in sys.modules)"
+    )
+    for fmt in ("text", "json", "sarif"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, "scan", str(path), "--format", fmt],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert done.stdout.splitlines()[-1] == "0 False False", (fmt, done.stdout[-300:])
