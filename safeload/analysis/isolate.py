@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MEMORY_BOUND = "it needed more memory than safeload allows a replay"
 
 
 def can_isolate() -> bool:
@@ -114,7 +115,7 @@ def _child(
         try:
             payload = {"result": step()}
         except MemoryError:
-            payload = {"error": "it needed more memory than safeload allows a replay"}
+            payload = {"error": MEMORY_BOUND}
         except Exception as exc:  # noqa: BLE001 - reported to the parent as the reason
             payload = {"error": f"{type(exc).__name__}: {exc}"}
         data = json.dumps(payload).encode()

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safeload.analysis import joblib_arrays as jl
+from safeload.analysis.isolate import MEMORY_BOUND, run_bounded
 from safeload.analysis.names import map_name
 from safeload.analysis.readers import Payloads, open_reader
 from safeload.analysis.stubs import Stub, StubMeta, is_stub, stub_class
@@ -105,7 +106,7 @@ class ReaderReplay:
             persistent_ids=int(item["persistent_ids"]),
             skipped_bytes=int(item["skipped_bytes"]),
             error=error,
-            bounded="it needed more memory than safeload allows a replay" if item["memory"] else None,
+            bounded=MEMORY_BOUND if item["memory"] else None,
         )
 
 
@@ -351,7 +352,6 @@ def _isolated(
 ) -> list[ReaderReplay]:
     """Replays through ``readers``, run in a child process with bounded memory and time (see
     isolate.py). A replay that could not run to its end there says so in ``bounded``."""
-    from safeload.analysis.isolate import run_bounded
 
     def step() -> list[dict[str, Any]]:
         return [_replay_one(reader, view, spans, multi, max_pickles).as_json() for reader in readers]
@@ -436,12 +436,14 @@ def differential(walk: WalkResult, replays: ReplayResult) -> list[Anomaly]:
         return [Anomaly("SL203", 0, f"cross-check with CPython's unpickler skipped: {replays.skipped}")]
     slots = _slots(walk)
     found: dict[tuple[int, str], list[str]] = {}
+    # Where the readers part ways: the first lying FRAME, when there is one.
+    parting = min((a.offset for a in walk.anomalies if a.code == "SL107"), default=0)
     stopped = [
         Anomaly(
             "SL203",
-            0,
+            parting,
             f"cross-check through the {r.reader} reader not run to its end: {escape(r.bounded, 200)}; "
-            "what that reader imports past this point is not known",
+            "what that reader imports past this offset is not known",
         )
         for r in replays.replays
         if r.bounded is not None
