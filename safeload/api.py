@@ -24,7 +24,7 @@ from safeload.errors import (
     UnsafeModelError,
     UnsupportedFormatError,
 )
-from safeload.explain import explain
+from safeload.explain import ExplainBudget, explain
 from safeload.formats import raw
 from safeload.formats.base import Container, PickleStream, StreamRole
 from safeload.formats.detect import open_container
@@ -98,6 +98,7 @@ def analyse(
     stream_analyses: list[StreamAnalysis] = []
     stream_reports: list[StreamReport] = []
     container = Container()
+    budget = ExplainBudget() if explain_streams else None
     try:
         # Pages of the file a reader is done with may go (compressed input); with pin_streams the
         # loader may still map storages from the file, so nothing is let go.
@@ -130,7 +131,7 @@ def analyse(
             explained = False
             for one, walk_result in pairs:
                 # fickling decompiles the bytes, not a reading of them: one explanation for all.
-                explain_this = explain_streams and not explained
+                explain_this = budget if not explained else None
                 analysed, stream_findings, report = _analyse_stream(one, policy, explain_this, walk_result)
                 if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
                     findings.append(no_pickle)
@@ -168,7 +169,10 @@ def analyse(
 
 
 def _analyse_stream(
-    stream: PickleStream, policy: Policy, explain_streams: bool, walked: WalkResult | None = None
+    stream: PickleStream,
+    policy: Policy,
+    explain_budget: ExplainBudget | None,
+    walked: WalkResult | None = None,
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
     result = walked if walked is not None else _walk(stream, policy)
     if stream.secondary:
@@ -195,8 +199,8 @@ def _analyse_stream(
     )
     explanation = None
     flagged = {f.global_name for f in findings if f.effect is Effect.UNSAFE and f.global_name}
-    if explain_streams and any(f.effect is Effect.UNSAFE for f in findings):
-        explanation = explain(stream.data, focus=flagged)
+    if explain_budget is not None and any(f.effect is Effect.UNSAFE for f in findings):
+        explanation = explain(stream.data, focus=flagged, budget=explain_budget)
     report = StreamReport(
         member=stream.member,
         file_offset=stream.file_offset,

@@ -12,19 +12,40 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 
-# fickling builds a full AST; keep hostile streams from making the explanation the expensive part.
-MAX_EXPLAIN_BYTES = 1 << 20
+# fickling builds a full AST and unparses it: about 10 us a byte on a hostile stream (a dict of
+# 150,000 one-byte items), against well under 0.1 us for the walk. Keep the explanation from
+# being the expensive part of a scan: one stream up to this size is decompiled ...
+MAX_EXPLAIN_BYTES = 256 << 10
+# ... and all the streams of one scan together up to this (an archive of many flagged pickles
+# would otherwise cost seconds for each).
+MAX_EXPLAIN_TOTAL = 512 << 10
 MAX_EXPLAIN_LINES = 40
 MAX_LINE_CHARS = 300
 
 
-def explain(data: bytes | memoryview, focus: Iterable[str] = ()) -> str | None:
+class ExplainBudget:
+    """The bytes one scan may still have decompiled."""
+
+    def __init__(self, total: int = MAX_EXPLAIN_TOTAL) -> None:
+        self.left = total
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+
+def explain(
+    data: bytes | memoryview, focus: Iterable[str] = (), budget: ExplainBudget | None = None
+) -> str | None:
     """Python source equivalent to what the unpickler would do, cut to the lines that touch `focus`.
 
     `focus` holds qualified names of flagged globals; a long stream is reduced to the lines that
-    import or use them so the dangerous part is what a reader sees.
+    import or use them so the dangerous part is what a reader sees. None for a stream over
+    MAX_EXPLAIN_BYTES, or past what ``budget`` (the scan's) has left.
     """
-    if len(data) > MAX_EXPLAIN_BYTES:
+    if len(data) > MAX_EXPLAIN_BYTES or (budget is not None and not budget.take(len(data))):
         return None
     try:
         from fickling.fickle import Pickled

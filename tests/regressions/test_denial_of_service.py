@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import struct
 import subprocess
 import sys
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import safeload
@@ -126,6 +128,37 @@ def test_a_reading_behind_a_lying_frame_cannot_take_the_memory() -> None:
     assert verdict == "UNSAFE" and int(peak_kib) < 400 * 1024
     stopped = [line for line in lines[1:] if line.startswith("SL203") and "bytesio" in line]
     assert stopped and "memory" in stopped[0]
+
+
+def _flagged_dict(size: int) -> bytes:
+    """A stream fickling is slowest on for its size (about 10 us a byte): os.system, then a dict of
+    one-byte items."""
+    items = (b"K\x01K\x02s") * (size // 5)
+    return b"\x80\x02cos\nsystem\n}" + items + b"0."
+
+
+def test_decompiling_flagged_streams_is_bounded_per_scan() -> None:
+    """The explanation is for a person; it must not make the scan of an archive full of flagged
+    pickles cost seconds for each of them. Every stream is still scanned and named."""
+    from safeload.explain import MAX_EXPLAIN_BYTES, MAX_EXPLAIN_TOTAL
+
+    stream = _flagged_dict(200 << 10)
+    assert len(stream) <= MAX_EXPLAIN_BYTES
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(12):
+            zf.writestr(f"part{i}.pkl", stream)
+    report = safeload.scan_bytes(buf.getvalue())
+    assert report.verdict is Verdict.UNSAFE
+    flagged = {f.member for f in report.findings if f.global_name == "os.system"}
+    assert flagged == {f"part{i}.pkl" for i in range(12)}
+    explained = [s for s in report.streams if s.explanation is not None]
+    assert 1 <= len(explained) <= MAX_EXPLAIN_TOTAL // len(stream)
+
+    # One stream over the per-stream bound is named, not decompiled.
+    alone = safeload.scan_bytes(_flagged_dict(MAX_EXPLAIN_BYTES + 10))
+    assert alone.verdict is Verdict.UNSAFE and alone.streams[0].explanation is None
+    assert any(f.global_name == "os.system" for f in alone.findings)
 
 
 def test_colliding_hash_keys_are_not_replayed() -> None:

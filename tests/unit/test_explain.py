@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from safeload.cli import main
-from safeload.explain import _quiet, explain
+from safeload.explain import ExplainBudget, _quiet, explain
 from tests.pickle_builder import system_payload
 
 
@@ -57,3 +57,13 @@ def test_only_the_explaining_thread_is_muted(capsys: pytest.CaptureFixture[str])
         other.join()
     assert sys.stdout is before
     assert capsys.readouterr().out == "kept: written by another thread\n"
+
+
+def test_a_budget_stops_decompiling_once_spent(marker: Path) -> None:
+    payload = system_payload(marker, protocol=4)
+    budget = ExplainBudget(total=2 * len(payload) + 1)
+    assert explain(payload, focus=["os.system"], budget=budget) is not None
+    assert explain(payload, focus=["os.system"], budget=budget) is not None
+    assert explain(payload, focus=["os.system"], budget=budget) is None  # 1 byte left
+    assert budget.left == 1
+    assert not marker.exists()
