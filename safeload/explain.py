@@ -17,8 +17,10 @@ from collections.abc import Iterable, Iterator
 # being the expensive part of a scan: one stream up to this size is decompiled ...
 MAX_EXPLAIN_BYTES = 256 << 10
 # ... and all the streams of one scan together up to this (an archive of many flagged pickles
-# would otherwise cost seconds for each).
+# would otherwise cost seconds for each), and no more than this many (each call costs about
+# 0.2 ms however small the stream; a report with thousands of explanations helps nobody).
 MAX_EXPLAIN_TOTAL = 512 << 10
+MAX_EXPLAINED_STREAMS = 32
 MAX_EXPLAIN_LINES = 40
 MAX_LINE_CHARS = 300
 
@@ -26,13 +28,15 @@ MAX_LINE_CHARS = 300
 class ExplainBudget:
     """The bytes one scan may still have decompiled."""
 
-    def __init__(self, total: int = MAX_EXPLAIN_TOTAL) -> None:
+    def __init__(self, total: int = MAX_EXPLAIN_TOTAL, streams: int = MAX_EXPLAINED_STREAMS) -> None:
         self.left = total
+        self.streams = streams
 
     def take(self, size: int) -> bool:
-        if size > self.left:
+        if size > self.left or self.streams <= 0:
             return False
         self.left -= size
+        self.streams -= 1
         return True
 
 

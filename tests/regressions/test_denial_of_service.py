@@ -155,6 +155,19 @@ def test_decompiling_flagged_streams_is_bounded_per_scan() -> None:
     explained = [s for s in report.streams if s.explanation is not None]
     assert 1 <= len(explained) <= MAX_EXPLAIN_TOTAL // len(stream)
 
+    # Many small ones: each is named, the first few explained.
+    from safeload.explain import MAX_EXPLAINED_STREAMS
+
+    small = _flagged_dict(100)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(MAX_EXPLAINED_STREAMS + 20):
+            zf.writestr(f"part{i}.pkl", small)
+    report = safeload.scan_bytes(buf.getvalue())
+    named = {f.member for f in report.findings if f.global_name == "os.system"}
+    assert len(named) == MAX_EXPLAINED_STREAMS + 20
+    assert sum(s.explanation is not None for s in report.streams) == MAX_EXPLAINED_STREAMS
+
     # One stream over the per-stream bound is named, not decompiled.
     alone = safeload.scan_bytes(_flagged_dict(MAX_EXPLAIN_BYTES + 10))
     assert alone.verdict is Verdict.UNSAFE and alone.streams[0].explanation is None
