@@ -211,7 +211,10 @@ class AuditCache:
         if report.sha256 is None or not cacheable(report):
             return
         key = result_key(report.sha256, report.policy_hash, version)
-        text = text if text is not None else report.model_dump_json()
+        if text is None:
+            from safeload.model import dump_json  # here: a replayed run never imports the models
+
+            text = dump_json(report)
         self._results.append((key, report.sha256, report.policy_hash, version, text))
         self._maybe_flush()
 

@@ -24,7 +24,7 @@ from safeload import __version__, build_id
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import AuditError, reapply_waivers
 from safeload.gcpause import FrozenHeap
-from safeload.model import ScanReport, decide, make_finding, unread_report
+from safeload.model import ScanReport, decide, dump_json, make_finding, unread_report
 
 if TYPE_CHECKING:
     from safeload.policy import Policy
@@ -130,7 +130,7 @@ class Scanner:
         out = []
         for path in tasks:
             o = self.safe_process(path)
-            out.append((o.report.model_dump_json(), o.cached, o.stat_key, o.reused))
+            out.append((dump_json(o.report), o.cached, o.stat_key, o.reused))
         return out
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticSerializationError
 
 from safeload.codes import Effect, Severity, rule
 from safeload.text import escape
@@ -173,3 +175,38 @@ class ScanRun(_Frozen):
     reports: tuple[ScanReport, ...] = ()
     skipped: tuple[str, ...] = Field(default=(), description="Files in walked directories that are no model format")
     exit_code: int = Field(description="0 clean, 1 unsafe, 2 incomplete, 3 usage or policy error")
+
+
+def dump_json(model: BaseModel, *, indent: int | None = None) -> str:
+    """``model.model_dump_json``, also for names no UTF-8 can carry. A path or tar member name
+    made of bytes that are not UTF-8 is decoded with surrogateescape, and JSON cannot hold those
+    characters: such a string is written with each of those bytes as ``\\xNN`` (any other lone
+    surrogate as ``\\uXXXX``) and its backslashes doubled."""
+    try:
+        return model.model_dump_json(indent=indent)
+    except PydanticSerializationError:
+        clean = type(model).model_validate(_json_safe(model.model_dump()))
+        return clean.model_dump_json(indent=indent)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        if not any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+            return value
+        return "".join(_json_char(ch) for ch in value)
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_json_safe(v) for v in value)
+    return value
+
+
+def _json_char(ch: str) -> str:
+    code = ord(ch)
+    if ch == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that surrogateescape carried
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return ch

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from safeload.atomic import write_atomic
-from safeload.model import SCHEMA_VERSION, ScanRun
+from safeload.model import SCHEMA_VERSION, ScanRun, dump_json
 
 SCHEMA_FILE = Path("schema") / "scanrun.schema.json"
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -23,7 +23,7 @@ _DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def render_json(run: ScanRun, *, verbose: bool = False) -> str:
     """The whole run, every field (verbose changes nothing: JSON is for machines)."""
-    return run.model_dump_json(indent=2) + "\n"
+    return dump_json(run, indent=2) + "\n"
 
 
 def json_schema() -> dict[str, Any]:
