@@ -99,6 +99,9 @@ def _child(
         gc.disable()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         faulthandler.disable()  # a crash here is reported by the parent, not as a traceback dump
+        # A crash or the CPU cap (SIGXCPU) would otherwise dump this process's memory to a core
+        # file in the working directory.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         size = _address_space() or 0
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = size + memory_bytes

@@ -98,3 +98,10 @@ def test_readers_that_cannot_be_bounded_are_reported_not_run(monkeypatch: pytest
     }
     assert all("cannot run it in a process with bounded memory" in f.message for f in stopped)
     assert "SL107" in {f.code for f in report.findings} and report.verdict.value == "UNSAFE"
+
+
+def test_the_child_leaves_no_core_file() -> None:
+    def core_limit() -> int:
+        return resource.getrlimit(resource.RLIMIT_CORE)[0]
+
+    assert run_bounded(core_limit, memory_bytes=64 * MIB, seconds=10) == (0, None)
