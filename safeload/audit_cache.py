@@ -220,8 +220,8 @@ class AuditCache:
 
     # -- whole reports ---------------------------------------------------------------------------
 
-    def get_run(self, key: str) -> tuple[str | None, str, int, str, bytes] | None:
-        """(valid_until, sources, exit_code, summary, report) stored under ``key``, if any."""
+    def get_run(self, key: str) -> tuple[str | None, str, int, str, int] | None:
+        """(valid_until, sources, exit_code, summary, length of the report) stored under ``key``."""
         db = self._connect()
         if db is None:
             return None
@@ -231,24 +231,38 @@ class AuditCache:
             ).fetchone()
         except sqlite3.Error:
             return None
-        if row is None:
-            return None
+        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+
+    def read_run(self, key: str, length: int) -> bytes | None:
+        """The report stored under ``key``, if it is whole (``length`` bytes)."""
         try:
             with open(self._run_file(key), "rb") as f:
-                report = f.read(row[4] + 1)
+                report = f.read(length + 1)
         except OSError:
             return None
-        return None if len(report) != row[4] else (row[0], row[1], row[2], row[3], report)
+        return report if len(report) == length else None
 
-    def touch_run(self, key: str) -> None:
+    def run_is_whole(self, key: str, length: int) -> bool:
+        """Whether the report stored under ``key`` is there and ``length`` bytes long, unread."""
+        try:
+            return os.stat(self._run_file(key)).st_size == length
+        except OSError:
+            return False
+
+    def touch_run(self, key: str, summary: str | None = None) -> None:
         """Mark a stored report as just used: the KEEP_RUNS kept are the most recently used, and a
-        miss is explained against the report the last audit gave."""
+        miss is explained against the report the last audit gave. ``summary``: a new one."""
         db = self._connect()
         if db is None:
             return
         try:
             with _transaction(db):
-                db.execute("UPDATE runs SET stored = ? WHERE key = ?", (time.time(), key))
+                if summary is None:
+                    db.execute("UPDATE runs SET stored = ? WHERE key = ?", (time.time(), key))
+                else:
+                    db.execute(
+                        "UPDATE runs SET stored = ?, summary = ? WHERE key = ?", (time.time(), summary, key)
+                    )
         except sqlite3.Error:
             pass  # a read-only cache still replays
 

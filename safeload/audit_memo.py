@@ -14,6 +14,9 @@ Stored beside the report and checked on replay: the sha256 of each policy file t
 were built from (as the loader read them), and the day the first unexpired waiver lapses (from then
 on the report would differ). Any difference is a miss, and the audit runs as usual.
 
+The report file (``-o``) is judged like the tree: where its status is that of the file the last
+run of the key wrote (or found holding the report), it is left unread and the stored report too.
+
 Only reports built from cacheable results are kept (no unreadable file, no finding about the run's
 circumstances), so that a replay never repeats a transient failure. ``--rehash`` never replays.
 
@@ -32,18 +35,19 @@ import marshal
 import os
 import time
 from collections.abc import Sequence
+from stat import S_ISREG
 
 from safeload import __version__, build_id
 from safeload import rules as rules_package
 from safeload.audit_cache import AuditCache, stat_key
-from safeload.audit_walk import FileGroup, collect
+from safeload.audit_walk import Entry, FileGroup, group, walk
 from safeload.text import escape
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     from datetime import date
 
-_KEY_FORMAT = 2
+_KEY_FORMAT = 3
 _NOT_YET = object()
 _MANIFEST_FORMAT = 1
 # Past this many walked paths a manifest keeps the key's parts only (a miss then says "files").
@@ -84,14 +88,19 @@ class RunSpec:
 
 
 class Replay:
-    __slots__ = ("report", "exit_code", "paths", "files", "skipped")
+    __slots__ = ("report", "exit_code", "paths", "files", "skipped", "summary")
 
-    def __init__(self, *, report: bytes, exit_code: int, paths: int, files: int, skipped: int) -> None:
-        self.report = report  # UTF-8, as the audit wrote it (written back as it is)
+    def __init__(
+        self, *, report: bytes | None, exit_code: int, paths: int, files: int, skipped: int, summary: dict
+    ) -> None:
+        # UTF-8, as the audit wrote it (written back as it is); None where the output file holds it
+        # already (see RunMemo.lookup)
+        self.report = report
         self.exit_code = exit_code
         self.paths = paths
         self.files = files
         self.skipped = skipped
+        self.summary = summary  # as stored
 
 
 class RunMemo:
@@ -100,20 +109,32 @@ class RunMemo:
     def __init__(self, cache: AuditCache, spec: RunSpec, exclude: Sequence[str], report: str | None) -> None:
         self.cache = cache
         self.spec = spec
-        self.groups: list[FileGroup] = collect(spec.paths, exclude, report)
+        self.entries = walk(spec.paths, exclude, report)
         self.parts = _parts(spec)
-        self.key = run_key(spec, self.groups, self.parts)
+        self.key = run_key(spec, self.entries, self.parts)
         # The same command in the same directory: what a miss compares with.
         self.command = hashlib.sha256(repr((os.getcwd(), spec.values())).encode()).hexdigest()[:32]
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
         self._path_states: object = _NOT_YET
+        self._groups: list[FileGroup] | None = None
 
-    def lookup(self) -> Replay | None:
+    @property
+    def groups(self) -> list[FileGroup]:
+        """The walk grouped by file, as the audit takes it: built only when there is no replay."""
+        if self._groups is None:
+            self._groups = group(self.entries)
+        return self._groups
+
+    def lookup(self, output: str | None = None) -> Replay | None:
+        """The stored report to replay, if any. ``output``: the file the report goes to. Where it
+        is the very file (by status, as the hash cache judges files) that a run of this key wrote
+        or found holding the report, it is not read again: the replay then has no report to write.
+        Call ``replayed`` once the report is written."""
         row = self.cache.get_run(self.key)
         if row is None:
             self.miss = self._what_changed()
             return None
-        valid_until, sources, exit_code, summary, report = row
+        valid_until, sources, exit_code, summary, length = row
         try:
             if valid_until is not None and _today() >= valid_until:
                 self.miss = f"a waiver in force at the last audit lapsed on {valid_until}"
@@ -124,17 +145,33 @@ class RunMemo:
                     return None
             counts = json.loads(summary)
             replay = Replay(
-                report=report,
+                report=None,
                 exit_code=int(exit_code),
                 paths=int(counts["paths"]),
                 files=int(counts["files"]),
                 skipped=int(counts["skipped"]),
+                summary=counts,
             )
+            length = int(length)
         except (ValueError, TypeError, KeyError, AttributeError):
             self.miss = "the stored report is damaged or missing"
             return None  # not what this module stores: audit as usual
-        self.cache.touch_run(self.key)
+        written = output is not None and counts.get("output") == _output_state(output)
+        if written and self.cache.run_is_whole(self.key, length):
+            return replay
+        replay.report = self.cache.read_run(self.key, length)
+        if replay.report is None:
+            self.miss = "the stored report is damaged or missing"
+            return None
         return replay
+
+    def replayed(self, replay: Replay, output: str | None) -> None:
+        """Mark the stored report as used, and remember the output file that now holds it."""
+        state = _output_state(output) if output is not None else None
+        if state is None or replay.summary.get("output") == state:
+            self.cache.touch_run(self.key)
+        else:
+            self.cache.touch_run(self.key, json.dumps({**replay.summary, "output": state}))
 
     def _what_changed(self) -> str:
         found = self.cache.get_manifest(self.command)
@@ -198,13 +235,19 @@ class RunMemo:
         skipped: int,
         sources: Sequence[tuple[str, str]],
         valid_until: date | None,
+        output: str | None = None,
     ) -> None:
+        """``output``: the file the report was just written to, if any."""
+        summary: dict[str, object] = {"paths": paths, "files": files, "skipped": skipped}
+        state = _output_state(output) if output is not None else None
+        if state is not None:
+            summary["output"] = state
         self.cache.put_run(
             self.key,
             valid_until=None if valid_until is None else valid_until.isoformat(),
             sources=json.dumps(list(sources)),
             exit_code=exit_code,
-            summary=json.dumps({"paths": paths, "files": files, "skipped": skipped}),
+            summary=json.dumps(summary),
             report=text.encode("utf-8"),
             manifest=(self.command, self.manifest()),
         )
@@ -250,7 +293,10 @@ def _tree_changes(before: dict[str, str], now: list[tuple[str, str]]) -> str:
     return f"{total} {noun} changed since the stored audit: {', '.join(shown)}{more}"
 
 
-def run_key(spec: RunSpec, groups: Sequence[FileGroup], parts: dict[str, str] | None = None) -> str:
+def run_key(spec: RunSpec, entries: Sequence[Entry], parts: dict[str, str] | None = None) -> str:
+    """The run's identity: the command, everything besides the files that decides the report, and
+    every walked path with the file it reached. The grouping by file is a function of these (and of
+    the content of files small enough to be refs, which their status covers), so it is left out."""
     parts = parts if parts is not None else _parts(spec)
     head = (
         ("safeload audit run", _KEY_FORMAT, parts["version"], parts["build"]),
@@ -261,24 +307,26 @@ def run_key(spec: RunSpec, groups: Sequence[FileGroup], parts: dict[str, str] | 
     )
     rows: list[object] = [head]
     add = rows.append
-    for g in groups:
-        st = g.st
-        add(
-            (
-                g.first,
-                g.paths,
-                g.links,
-                sorted(g.named) if g.named else None,
-                g.inert,
-                g.error,
-                None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
-            )
-        )
+    for path, named, is_link, st, error in entries:
+        if st is None:
+            add((path, named, is_link, error))
+        else:
+            add((path, named, is_link, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     # marshal is C and round-trips, so no two walks give the same bytes; format 0 writes no
     # back-references or interning flags, so the bytes depend on the values alone, not on which
     # objects hold them (text built in Python costs twice as much on a tree of thousands of files).
     # BLAKE2b: a key into a trusted cache, hashed at twice sha256's speed on CPUs without SHA-NI.
     return hashlib.blake2b(marshal.dumps(rows, 0), digest_size=32).hexdigest()
+
+
+def _output_state(path: str) -> list[str] | None:
+    """[absolute path, stat key] of a report file (JSON's shape of it), None where it is no regular
+    file (a link is never taken for the file it points to: the report is written in its place)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return [os.path.abspath(path), stat_key(st)] if S_ISREG(st.st_mode) else None
 
 
 def _today() -> str:

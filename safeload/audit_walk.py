@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from stat import S_ISREG
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
@@ -57,14 +57,24 @@ class FileGroup:
         return [p for p in self.paths if p in self.links or p in self.named]
 
 
+# One walked path: (path, named on the command line, reached through a link, its status, why it
+# cannot be audited). Exactly one of the last two is None. What a replayed audit looks at: the
+# groups are built from these only when there is no report to replay.
+Entry = tuple[str, bool, bool, "os.stat_result | None", "str | None"]
+
+
 def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | None = None) -> list[FileGroup]:
-    """Every file under the given paths, grouped by the file it reaches. Never raises for a bad path.
+    """Every file under the given paths, grouped by the file it reaches. Never raises for a bad path."""
+    return group(walk(paths, exclude, report))
+
+
+def walk(paths: Sequence[str], exclude: Sequence[str] = (), report: str | None = None) -> list[Entry]:
+    """Every file under the given paths, in walk order. Never raises for a bad path.
 
     Directories in `exclude` (the audit's own cache) are not walked. `report`, the file the audit
     writes, is not listed where a directory walk meets it (nor its temporary twins): each run
     replaces it, and it is no part of the registry. Named on the command line, it is audited.
     """
-    groups: dict[object, FileGroup] = {}
     skip_dirs = set()
     for path in exclude:
         try:
@@ -79,41 +89,51 @@ def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | Non
             skip_files.add((parent.st_dev, parent.st_ino, os.path.basename(report)))
         except OSError:
             pass
-
-    def add(path: str, named: bool, is_link: bool, st: os.stat_result | None = None) -> None:
-        try:
-            st = st or os.stat(path)
-        except OSError as exc:
-            _error_group(groups, path, f"cannot stat: {exc.strerror or exc}", named)
-            return
-        if not S_ISREG(st.st_mode):
-            # A FIFO or device would block or never end; it is no model file either way.
-            _error_group(groups, path, "not a regular file", named)
-            return
-        key = (st.st_dev, st.st_ino)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = FileGroup(first=path, st=st, inert=not named and is_ref(path, st))
-        if path not in group.paths:
-            group.paths.append(path)
-            if is_link:
-                group.links.append(path)
-        if named:
-            group.named.add(path)
-            group.inert = False  # a file the user names is always scanned and reported
-
+    entries: list[Entry] = []
     for given in paths:
         if os.path.isdir(given):
-            for path, is_link, st in _walk(given, groups, skip_dirs, skip_files):
-                if st is not None and S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in groups:
-                    # The usual case without add()'s checks: a regular file the walk meets first.
-                    group = groups[st.st_dev, st.st_ino] = FileGroup(path, st, paths=[path], inert=is_ref(path, st))
-                    if is_link:
-                        group.links.append(path)
-                else:
-                    add(path, False, is_link, st)
+            _walk(given, entries, skip_dirs, skip_files)
         else:
-            add(given, True, os.path.islink(given))
+            entries.append(_entry(given, True, os.path.islink(given), None))
+    return entries
+
+
+def _entry(path: str, named: bool, is_link: bool, st: os.stat_result | None) -> Entry:
+    try:
+        st = st or os.stat(path)
+    except OSError as exc:
+        return (path, named, is_link, None, f"cannot stat: {exc.strerror or exc}")
+    if not S_ISREG(st.st_mode):
+        # A FIFO or device would block or never end; it is no model file either way.
+        return (path, named, is_link, None, "not a regular file")
+    return (path, named, is_link, st, None)
+
+
+def group(entries: Sequence[Entry]) -> list[FileGroup]:
+    """The walked paths grouped by the file (device and inode) they reach, in walk order."""
+    groups: dict[object, FileGroup] = {}
+    for path, named, is_link, st, error in entries:
+        if st is None:
+            key = ("error", path)
+            if key not in groups:
+                groups[key] = FileGroup(
+                    first=path, error=error, paths=[path], named={path} if named else set()
+                )
+            continue
+        key = (st.st_dev, st.st_ino)
+        found = groups.get(key)
+        if found is None:
+            # A file the user names is always scanned and reported (never inert).
+            found = groups[key] = FileGroup(path, st, paths=[path], inert=not named and is_ref(path, st))
+            if is_link:
+                found.links.append(path)
+        elif path not in found.paths:
+            found.paths.append(path)
+            if is_link:
+                found.links.append(path)
+        if named:
+            found.named.add(path)
+            found.inert = False
     return list(groups.values())
 
 
@@ -121,7 +141,9 @@ _REF = re.compile(rb"[0-9a-f]{40}\n?")
 
 
 # Non-blocking: the walk saw a regular file, and a FIFO swapped in since must not make it wait.
-_READ_REF = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_READ_REF = (
+    os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)
 
 
 def is_ref(path: str, st: os.stat_result) -> bool:
@@ -141,15 +163,15 @@ def is_ref(path: str, st: os.stat_result) -> bool:
 
 def _walk(
     root: str,
-    groups: dict[object, FileGroup],
+    entries: list[Entry],
     skip_dirs: set[tuple[int, int]],
-    skip_files: set[tuple[int, int, str]] = frozenset(),  # type: ignore[assignment]
-) -> Iterator[tuple[str, bool, os.stat_result | None]]:
-    """(path, is a link, its stat when the listing had it) for files under root, depth first in
-    name order. Directory links are followed once each; a loop is cut. A directory that cannot be
-    listed is reported, not skipped."""
+    skip_files: set[tuple[int, int, str]],
+) -> None:
+    """Adds the files under root, depth first in name order. Directory links are followed once
+    each; a loop is cut. A directory that cannot be listed is reported, not skipped."""
     seen = set(skip_dirs)
     stack = [root]
+    add = entries.append
     while stack:
         folder = stack.pop()
         try:
@@ -158,40 +180,35 @@ def _walk(
                 continue
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                listing = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            _error_group(groups, folder, f"cannot list directory: {exc.strerror or exc}", False)
+            add((folder, False, False, None, f"cannot list directory: {exc.strerror or exc}"))
             continue
         subdirs = []
         skipped = {name for dev, ino, name in skip_files if (dev, ino) == (st.st_dev, st.st_ino)}
-        for entry in entries:
-            if skipped and _is_report(entry.name, skipped):
+        for item in listing:
+            if skipped and _is_report(item.name, skipped):
                 continue
             try:
-                is_dir = entry.is_dir()  # follows links: a linked directory is walked (once)
+                is_dir = item.is_dir()  # follows links: a linked directory is walked (once)
             except OSError:
                 is_dir = False
             if is_dir:
-                subdirs.append(entry.path)
+                subdirs.append(item.path)
                 continue
-            link = entry.is_symlink()
+            link = item.is_symlink()
             try:
                 # The listing's own stat (it follows links, as os.stat does): one call fewer.
-                st = entry.stat()
+                found = item.stat()
             except OSError:
-                st = None  # add() stats it again and reports why it cannot
-            yield entry.path, link, st
+                found = None  # stat'ed again, to say why it cannot be
+            if found is not None and S_ISREG(found.st_mode):
+                add((item.path, False, link, found, None))
+            else:
+                add(_entry(item.path, False, link, found))
         stack.extend(reversed(subdirs))
 
 
 def _is_report(name: str, reports: set[str]) -> bool:
     """The report itself, or a temporary file safeload.atomic.write_atomic writes it through."""
-    return name in reports or any(
-        name.startswith(f".{r}.") and name.endswith(".tmp") for r in reports
-    )
-
-
-def _error_group(groups: dict[object, FileGroup], path: str, error: str, named: bool) -> None:
-    key = ("error", path)
-    if key not in groups:
-        groups[key] = FileGroup(first=path, error=error, paths=[path], named={path} if named else set())
+    return name in reports or any(name.startswith(f".{r}.") and name.endswith(".tmp") for r in reports)

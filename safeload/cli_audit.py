@@ -101,9 +101,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     # A usage error is reported whether or not a report could be replayed (audit() says which).
     memo = _memo(args, fmt) if args.cache and not args.rehash and args.jobs >= 1 else None
-    replay = memo.lookup() if memo is not None else None
+    replay = memo.lookup(args.output) if memo is not None else None
     if replay is not None:
-        _write(args.output, replay.report)
+        if replay.report is not None:
+            _write(args.output, replay.report)
+        memo.replayed(replay, args.output)
         print(
             f"safeload audit: {replay.paths} paths, {replay.files} distinct files, 0 scanned, "
             f"{replay.files} from cache, {replay.skipped} skipped in {time.monotonic() - started:.1f}s "
@@ -147,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             skipped=len(result.skipped),
             sources=c.policy_sources,
             valid_until=c.changes_on,
+            output=args.output,
         )
     print(
         f"safeload audit: {s.paths} paths, {s.files} distinct files, {c.scanned} scanned, {c.from_cache} from cache, "

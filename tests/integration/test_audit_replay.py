@@ -74,6 +74,66 @@ def test_an_unchanged_tree_replays_the_same_report(
     assert not marker.exists()
 
 
+def test_a_replay_leaves_the_report_it_wrote_and_restores_one_that_changed(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output file that the last run wrote is left as it is, without reading the stored report
+    (the file's status says it holds it). Edited, replaced, removed or turned into a link, it gets
+    the stored report back."""
+    cache, out = tmp_path / "cache", tmp_path / "report.json"
+    args = (str(tree), "--cache", str(cache), "-o", str(out))
+    assert _audit(capsys, *args)[0] == 1
+    first, written = out.read_bytes(), out.stat()
+    reads: list[str] = []
+    read_run = AuditCache.read_run
+
+    def counted(self: AuditCache, key: str, length: int) -> bytes | None:
+        reads.append(key)
+        return read_run(self, key, length)
+
+    monkeypatch.setattr(AuditCache, "read_run", counted)
+    for _ in range(2):
+        assert REPLAYED in _audit(capsys, *args)[1]
+        assert reads == [] and out.read_bytes() == first
+        now = out.stat()
+        assert (now.st_ino, now.st_mtime_ns, now.st_ctime_ns) == (
+            written.st_ino,
+            written.st_mtime_ns,
+            written.st_ctime_ns,
+        )
+
+    def edit() -> None:
+        with out.open("r+b") as f:  # same size, same inode: only the times say it changed
+            f.write(b"[")
+
+    def replace() -> None:
+        (tmp_path / "other").write_bytes(first)
+        os.replace(tmp_path / "other", out)
+
+    def link() -> None:
+        (tmp_path / "elsewhere.json").write_bytes(b"{}")
+        out.unlink()
+        out.symlink_to(tmp_path / "elsewhere.json")
+
+    for change in (edit, out.unlink, replace, link):
+        reads.clear()
+        change()
+        assert REPLAYED in _audit(capsys, *args)[1], change
+        assert reads != [] and out.read_bytes() == first and not out.is_symlink(), change
+        reads.clear()
+        assert REPLAYED in _audit(capsys, *args)[1], change
+        assert reads == [], change  # the file it wrote (or found holding the report) is remembered
+    assert (tmp_path / "elsewhere.json").read_bytes() == b"{}"  # a link is replaced, never written through
+
+    # The same audit to stdout replays the same stored report, read each time.
+    for _ in range(2):
+        reads.clear()
+        assert main(["audit", *args[:3], "--format", "json", "--no-progress"]) == 1
+        captured = capsys.readouterr()
+        assert REPLAYED in captured.err and len(reads) == 1
+        assert captured.out.encode() == first
+
+
 # What the audit says when it does not replay: a change of files is named; another command has no
 # stored report of its own.
 NOT_STORED = "no report of this audit is stored"
