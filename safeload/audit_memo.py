@@ -156,8 +156,8 @@ class RunMemo:
         except (ValueError, TypeError, KeyError, AttributeError):
             self.miss = "the stored report is damaged or missing"
             return None  # not what this module stores: audit as usual
-        written = output is not None and counts.get("output") == _output_state(output)
-        if written and self.cache.run_is_whole(self.key, length):
+        state = _output_state(output) if output is not None else None
+        if state is not None and counts.get("output") == state and self.cache.run_is_whole(self.key, length):
             return replay
         replay.report = self.cache.read_run(self.key, length)
         if replay.report is None:

@@ -134,6 +134,24 @@ def test_a_replay_leaves_the_report_it_wrote_and_restores_one_that_changed(
         assert captured.out.encode() == first
 
 
+@pytest.mark.parametrize("target", ["missing", "link"])
+def test_a_replay_into_a_file_no_run_wrote_writes_it(
+    target: str, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stored audit went to stdout: no -o file is remembered, and one that is not there (or is
+    a link) is no file the report is known to be in."""
+    cache = tmp_path / "cache"
+    assert main(["audit", str(tree), "--cache", str(cache), "--format", "json", "--no-progress"]) == 1
+    first = capsys.readouterr().out.encode()
+    out, elsewhere = tmp_path / "report.json", tmp_path / "elsewhere.json"
+    if target == "link":
+        elsewhere.write_bytes(b"{}")
+        out.symlink_to(elsewhere)
+    assert REPLAYED in _audit(capsys, str(tree), "--cache", str(cache), "-o", str(out))[1]
+    assert out.read_bytes() == first and not out.is_symlink()
+    assert target == "missing" or elsewhere.read_bytes() == b"{}"
+
+
 # What the audit says when it does not replay: a change of files is named; another command has no
 # stored report of its own.
 NOT_STORED = "no report of this audit is stored"
