@@ -54,7 +54,8 @@ class FileGroup:
         """Links stand for the blob they point to; the blob itself only when nothing links to it."""
         if not self.links:
             return list(self.paths)
-        return [p for p in self.paths if p in self.links or p in self.named]
+        links = set(self.links)  # a set: a blob may have a link per snapshot, thousands of them
+        return [p for p in self.paths if p in links or p in self.named]
 
 
 # One walked path: (path, named on the command line, reached through a link, its status, why it
@@ -112,6 +113,9 @@ def _entry(path: str, named: bool, is_link: bool, st: os.stat_result | None) -> 
 def group(entries: Sequence[Entry]) -> list[FileGroup]:
     """The walked paths grouped by the file (device and inode) they reach, in walk order."""
     groups: dict[object, FileGroup] = {}
+    # Each group's paths as a set too: a tree may link one file from any number of places, and a
+    # list's membership test would make the grouping quadratic in them.
+    members: dict[object, set[str]] = {}
     for path, named, is_link, st, error in entries:
         if st is None:
             key = ("error", path)
@@ -125,9 +129,11 @@ def group(entries: Sequence[Entry]) -> list[FileGroup]:
         if found is None:
             # A file the user names is always scanned and reported (never inert).
             found = groups[key] = FileGroup(path, st, paths=[path], inert=not named and is_ref(path, st))
+            members[key] = {path}
             if is_link:
                 found.links.append(path)
-        elif path not in found.paths:
+        elif path not in members[key]:
+            members[key].add(path)
             found.paths.append(path)
             if is_link:
                 found.links.append(path)

@@ -207,3 +207,36 @@ def test_many_tiny_opcodes_hit_the_opcode_limit() -> None:
     result = walk(data, limits=Limits(max_opcodes=10_000))
     assert "SL203" in {a.code for a in result.anomalies}
     assert [i.qualname for i in result.imports] == ["builtins.exec"]
+
+
+class _CountedPath(str):
+    """A path that counts how often it is compared: the work of grouping a walk, without a clock."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _CountedPath.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_a_file_linked_from_everywhere_groups_in_linear_work(tmp_path: Path) -> None:
+    """A registry may link one blob from any number of places (a snapshot each, or a hostile tree
+    of 100,000 links). Grouping the walk tested each new path against a list of the group's
+    paths: 40,000 links to one file took 15 s, and the work grew with their square."""
+    from safeload import audit_walk
+
+    blob = tmp_path / "blob.pkl"
+    blob.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    st = blob.stat()
+    count = 20_000
+    entries = [(str(blob), False, False, st, None)]
+    entries += [(_CountedPath(f"{tmp_path}/l{i:06d}"), False, True, st, None) for i in range(count)]
+    _CountedPath.compared = 0
+    (group,) = audit_walk.group(entries)
+    assert len(group.paths) == count + 1 and len(group.links) == count
+    assert len(group.reported_paths()) == count  # the links stand for the blob
+    # Set lookups compare a path with an equal-hashed one at most now and then; a list's
+    # membership test compares it with every path before it (200 million comparisons here).
+    assert _CountedPath.compared < 10 * count
