@@ -13,7 +13,7 @@ from safeload.analysis.evaluate import evaluate_stream
 from safeload.analysis.joblib_arrays import is_wrapper
 from safeload.analysis.replay import could_import, differential, replay_imports
 from safeload.analysis.types import WalkResult
-from safeload.analysis.walker import walk
+from safeload.analysis.walker import MAX_IMPORT_SITES, walk
 from safeload.codes import Effect
 from safeload.errors import (
     DisallowedGlobalError,
@@ -99,6 +99,7 @@ def analyse(
     stream_reports: list[StreamReport] = []
     container = Container()
     budget = ExplainBudget() if explain_streams else None
+    sites = SiteBudget()
     try:
         # Pages of the file a reader is done with may go (compressed input); with pin_streams the
         # loader may still map storages from the file, so nothing is let go.
@@ -132,7 +133,9 @@ def analyse(
             for one, walk_result in pairs:
                 # fickling decompiles the bytes, not a reading of them: one explanation for all.
                 explain_this = budget if not explained else None
-                analysed, stream_findings, report = _analyse_stream(one, policy, explain_this, walk_result)
+                analysed, stream_findings, report = _analyse_stream(
+                    one, policy, explain_this, walk_result, sites
+                )
                 if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
                     findings.append(no_pickle)
                     _forget(container, one)
@@ -168,13 +171,45 @@ def analyse(
     return Analysis(report=report, source=source, container=container, policy=policy, streams=stream_analyses)
 
 
+# Import sites one file's streams may list together. Each becomes a row of the report (about 1 KB
+# of memory): a zip of a few KB can hold thousands of members of 200,000 sites each (the walker's
+# bound per stream), which would otherwise take a GB of memory per member.
+MAX_IMPORT_SITES_PER_FILE = MAX_IMPORT_SITES
+
+
+class SiteBudget:
+    """The import sites one scan may still list."""
+
+    def __init__(self, total: int | None = None) -> None:
+        self.total = MAX_IMPORT_SITES_PER_FILE if total is None else total
+        self.left = self.total
+
+    def take(self, count: int) -> bool:
+        if count > self.left:
+            return False
+        self.left -= count
+        return True
+
+
 def _analyse_stream(
     stream: PickleStream,
     policy: Policy,
     explain_budget: ExplainBudget | None,
     walked: WalkResult | None = None,
+    sites: SiteBudget | None = None,
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
     result = walked if walked is not None else _walk(stream, policy)
+    if sites is not None and not sites.take(len(result.imports)):
+        # Fail closed on the whole file: this stream and the ones after it are not judged.
+        raise LimitExceededError(
+            f"more than {sites.total} imports in this file's pickle streams together; this stream "
+            "and any after it were not scanned",
+            member=stream.member,
+            offset=0,
+            file_offset=stream.file_offset,
+            remedy=f"extract the members and scan them on their own (up to {MAX_IMPORT_SITES} imports "
+            "a stream); no real checkpoint comes near this",
+        )
     if stream.secondary:
         # A plain loader fails where this reading breaks, after importing what the walk saw.
         result.anomalies[:] = [a for a in result.anomalies if a.code not in _EXPECTED_IN_SECONDARY]
@@ -375,7 +410,14 @@ def _finding_key(f: Finding) -> tuple[object, ...]:
 
 def _finding_from_error(exc: SafeloadError) -> Finding:
     code = "SL203" if isinstance(exc, LimitExceededError) else "SL206"
-    return make_finding(code, exc.message, member=exc.member, offset=exc.offset, remedy=exc.remedy)
+    return make_finding(
+        code,
+        exc.message,
+        member=exc.member,
+        offset=exc.offset,
+        file_offset=exc.file_offset,
+        remedy=exc.remedy,
+    )
 
 
 def _apply_waiver(finding: Finding, digest: str, policy: Policy) -> Finding:

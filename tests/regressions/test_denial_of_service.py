@@ -12,6 +12,8 @@ import tracemalloc
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import safeload
 from safeload.analysis.walker import walk
 from safeload.limits import Limits
@@ -240,3 +242,54 @@ def test_a_file_linked_from_everywhere_groups_in_linear_work(tmp_path: Path) -> 
     # Set lookups compare a path with an equal-hashed one at most now and then; a list's
     # membership test compares it with every path before it (200 million comparisons here).
     assert _CountedPath.compared < 10 * count
+
+
+def _many_sites(count: int) -> bytes:
+    """One allowed global, looked up ``count`` times (STACK_GLOBAL over two memoized strings: 6
+    bytes a site, which deflate shrinks to almost nothing)."""
+    head = pb.proto(4) + b"\x8c\x0bcollections\x94" + b"\x8c\x0bOrderedDict\x94"
+    return head + (b"h\x00h\x01\x93" + pb.POP) * count + pb.NONE + pb.STOP
+
+
+def _zip_of(members: list[bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for i, data in enumerate(members):
+            z.writestr(f"m{i}.pkl", data)
+    return buf.getvalue()
+
+
+def test_import_sites_are_bounded_per_file_not_only_per_stream(
+    monkeypatch: pytest.MonkeyPatch, marker: Path
+) -> None:
+    """Each import site is a row of the report (about 1 KB of memory). The walker stops a stream
+    at 200,000 of them, but a 9 KB zip held five such members: 1.7 GB and 10 s, and a few
+    thousand members would exhaust any machine. One file's streams now share the bound: past it,
+    the scan stops with SL203 at the member that crossed it, and nothing after it counts as read
+    (a payload there leaves the file UNSCANNABLE, never SAFE)."""
+    from safeload import api
+
+    monkeypatch.setattr(api, "MAX_IMPORT_SITES_PER_FILE", 1000)
+    fits = _zip_of([_many_sites(300)] * 3)
+    report = safeload.scan_bytes(fits, policy="default")
+    assert report.verdict is Verdict.SAFE, [f.message for f in report.findings]
+    assert sum(len(s.globals) for s in report.streams) == 900
+
+    hostile = _zip_of([_many_sites(400)] * 3 + [pb.system_payload(marker)])
+    report = safeload.scan_bytes(hostile, policy="default")
+    assert report.verdict is Verdict.UNSCANNABLE
+    (limit,) = [f for f in report.findings if f.code == "SL203"]
+    assert limit.member == "m2.pkl" and "more than 1000 imports" in limit.message
+    assert limit.remedy  # (a deflated member has no offset in the file)
+    assert [s.member for s in report.streams] == ["m0.pkl", "m1.pkl"]
+    assert not marker.exists()
+
+
+def test_the_default_bound_on_import_sites_per_file() -> None:
+    """At the real bound: five members of 90,000 sites (a 3 KB zip) stop at the third."""
+    data = _zip_of([_many_sites(90_000)] * 5)
+    assert len(data) < 10_000
+    report = safeload.scan_bytes(data, policy="default")
+    assert report.verdict is Verdict.UNSCANNABLE
+    assert [(f.code, f.member) for f in report.findings] == [("SL203", "m2.pkl")]
+    assert sum(len(s.globals) for s in report.streams) == 180_000
