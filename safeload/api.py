@@ -13,7 +13,7 @@ from safeload.analysis.evaluate import evaluate_stream
 from safeload.analysis.joblib_arrays import is_wrapper
 from safeload.analysis.replay import could_import, differential, replay_imports
 from safeload.analysis.types import WalkResult
-from safeload.analysis.walker import MAX_IMPORT_SITES, walk
+from safeload.analysis.walker import MAX_ANOMALIES, MAX_IMPORT_SITES, walk
 from safeload.codes import Effect
 from safeload.errors import (
     DisallowedGlobalError,
@@ -99,7 +99,7 @@ def analyse(
     stream_reports: list[StreamReport] = []
     container = Container()
     budget = ExplainBudget() if explain_streams else None
-    sites = SiteBudget()
+    recorded = ScanBudget()
     try:
         # Pages of the file a reader is done with may go (compressed input); with pin_streams the
         # loader may still map storages from the file, so nothing is let go.
@@ -134,7 +134,7 @@ def analyse(
                 # fickling decompiles the bytes, not a reading of them: one explanation for all.
                 explain_this = budget if not explained else None
                 analysed, stream_findings, report = _analyse_stream(
-                    one, policy, explain_this, walk_result, sites
+                    one, policy, explain_this, walk_result, recorded
                 )
                 if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
                     findings.append(no_pickle)
@@ -171,24 +171,41 @@ def analyse(
     return Analysis(report=report, source=source, container=container, policy=policy, streams=stream_analyses)
 
 
-# Import sites one file's streams may list together. Each becomes a row of the report (about 1 KB
-# of memory): a zip of a few KB can hold thousands of members of 200,000 sites each (the walker's
-# bound per stream), which would otherwise take a GB of memory per member.
+# What one file's streams may record together. Each import site becomes a row of the report and
+# each anomaly a finding (about 1 KB of memory apiece): a zip of a few KB can hold thousands of
+# members of 200,000 sites or 1,000 anomalies each (the walker's bounds per stream), which took a GB
+# of memory for every five such members.
 MAX_IMPORT_SITES_PER_FILE = MAX_IMPORT_SITES
+MAX_ANOMALIES_PER_FILE = 10 * MAX_ANOMALIES
 
 
-class SiteBudget:
-    """The import sites one scan may still list."""
+class ScanBudget:
+    """The import sites and anomalies one scan may still record."""
 
-    def __init__(self, total: int | None = None) -> None:
-        self.total = MAX_IMPORT_SITES_PER_FILE if total is None else total
-        self.left = self.total
+    def __init__(self) -> None:
+        self.sites = MAX_IMPORT_SITES_PER_FILE
+        self.anomalies = MAX_ANOMALIES_PER_FILE
 
-    def take(self, count: int) -> bool:
-        if count > self.left:
-            return False
-        self.left -= count
-        return True
+    def take(self, walked: WalkResult, stream: PickleStream) -> None:
+        """Count a walked stream against the budget; LimitExceededError past it."""
+        over = None
+        if len(walked.imports) > self.sites:
+            over = f"{MAX_IMPORT_SITES_PER_FILE} imports"
+        elif len(walked.anomalies) > self.anomalies:
+            over = f"{MAX_ANOMALIES_PER_FILE} anomalies"
+        if over is not None:
+            # Fail closed on the whole file: this stream and the ones after it are not judged.
+            raise LimitExceededError(
+                f"more than {over} in this file's pickle streams together; this stream and any "
+                "after it were not scanned",
+                member=stream.member,
+                offset=0,
+                file_offset=stream.file_offset,
+                remedy=f"extract the members and scan them on their own (up to {MAX_IMPORT_SITES} imports "
+                f"and {MAX_ANOMALIES} anomalies a stream); no real checkpoint comes near this",
+            )
+        self.sites -= len(walked.imports)
+        self.anomalies -= len(walked.anomalies)
 
 
 def _analyse_stream(
@@ -196,20 +213,11 @@ def _analyse_stream(
     policy: Policy,
     explain_budget: ExplainBudget | None,
     walked: WalkResult | None = None,
-    sites: SiteBudget | None = None,
+    budget: ScanBudget | None = None,
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
     result = walked if walked is not None else _walk(stream, policy)
-    if sites is not None and not sites.take(len(result.imports)):
-        # Fail closed on the whole file: this stream and the ones after it are not judged.
-        raise LimitExceededError(
-            f"more than {sites.total} imports in this file's pickle streams together; this stream "
-            "and any after it were not scanned",
-            member=stream.member,
-            offset=0,
-            file_offset=stream.file_offset,
-            remedy=f"extract the members and scan them on their own (up to {MAX_IMPORT_SITES} imports "
-            "a stream); no real checkpoint comes near this",
-        )
+    if budget is not None:
+        budget.take(result, stream)
     if stream.secondary:
         # A plain loader fails where this reading breaks, after importing what the walk saw.
         result.anomalies[:] = [a for a in result.anomalies if a.code not in _EXPECTED_IN_SECONDARY]

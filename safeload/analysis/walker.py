@@ -199,7 +199,15 @@ class _Walker(Semantics):
                 failed = True
                 break
         if self.dropped:
-            self.note("SL203", self.last_offset, f"{self.dropped} further anomalies were not recorded")
+            # Past note()'s bound itself: the report says that anomalies went unrecorded.
+            result.anomalies.append(
+                Anomaly(
+                    code="SL203",
+                    offset=self.last_offset,
+                    message=f"{self.dropped} further anomalies were not recorded",
+                    global_name=None,
+                )
+            )
         result.protocol = self.first_proto if self.first_proto is not None else 0
         result.opcodes = self.ops
         if self.collisions > _HAZARD_COLLISIONS and result.replay_hazard is None:

@@ -293,3 +293,31 @@ def test_the_default_bound_on_import_sites_per_file() -> None:
     assert report.verdict is Verdict.UNSCANNABLE
     assert [(f.code, f.member) for f in report.findings] == [("SL203", "m2.pkl")]
     assert sum(len(s.globals) for s in report.streams) == 180_000
+
+
+def _dunder_builds(count: int) -> bytes:
+    """``count`` BUILDs that set ``__x__`` on an argparse.Namespace: an SL104 anomaly each."""
+    head = pb.proto(2) + pb.glob("argparse", "Namespace") + pb.MEMOIZE
+    build = b"h\x00)\x81}" + b"X\x05\x00\x00\x00__x__K\x01sb" + pb.POP
+    return head + build * count + pb.NONE + pb.STOP
+
+
+def test_anomalies_past_the_walker_bound_are_said_to_be_missing() -> None:
+    report = safeload.scan_bytes(_dunder_builds(1100), policy="default")
+    assert report.verdict is Verdict.UNSAFE
+    assert [f.message for f in report.findings if f.code == "SL203"] == [
+        "100 further anomalies were not recorded"
+    ]
+    assert sum(f.code == "SL104" for f in report.findings) == 1000
+
+
+def test_anomalies_are_bounded_per_file_not_only_per_stream() -> None:
+    """Each anomaly is a finding (about 1 KB). A 21 KB zip of 100 members of 1,000 anomalies each
+    made 100,000 findings (270 MB, a 39 MB JSON report); max_streams lets a file hold 10,000 such
+    streams. One file's streams now share a bound of 10,000."""
+    data = _zip_of([_dunder_builds(1000)] * 15)
+    report = safeload.scan_bytes(data, policy="default")
+    assert report.verdict is Verdict.UNSAFE
+    (limit,) = [f for f in report.findings if f.code == "SL203"]
+    assert limit.member == "m10.pkl" and "more than 10000 anomalies" in limit.message
+    assert len(report.findings) == 10 * 1000 + 1
