@@ -30,6 +30,7 @@ from safeload.formats.base import Container, PickleStream, StreamRole
 from safeload.formats.detect import open_container
 from safeload.formats.joblib_fmt import plain_reading
 from safeload.gcpause import fewer_collections
+from safeload.limits import Limits
 from safeload.model import (
     Finding,
     GlobalUse,
@@ -99,7 +100,7 @@ def analyse(
     stream_reports: list[StreamReport] = []
     container = Container()
     budget = ExplainBudget() if explain_streams else None
-    recorded = ScanBudget()
+    recorded = ScanBudget(policy.limits)
     try:
         # Pages of the file a reader is done with may go (compressed input); with pin_streams the
         # loader may still map storages from the file, so nothing is let go.
@@ -177,14 +178,20 @@ def analyse(
 # of memory for every five such members.
 MAX_IMPORT_SITES_PER_FILE = MAX_IMPORT_SITES
 MAX_ANOMALIES_PER_FILE = 10 * MAX_ANOMALIES
+# The walking one file may cost, in streams at the per-stream opcode bound (about 7 s each
+# compiled): a zip of a few MB could otherwise hold a hundred such members within the
+# decompression limits, 20 minutes of walking (hours without the compiled walker).
+OPCODE_STREAMS_PER_FILE = 4
 
 
 class ScanBudget:
-    """The import sites and anomalies one scan may still record."""
+    """The import sites, anomalies and opcodes one scan may still take on."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits) -> None:
         self.sites = MAX_IMPORT_SITES_PER_FILE
         self.anomalies = MAX_ANOMALIES_PER_FILE
+        self.opcodes_total = OPCODE_STREAMS_PER_FILE * limits.max_opcodes
+        self.opcodes = self.opcodes_total
 
     def take(self, walked: WalkResult, stream: PickleStream) -> None:
         """Count a walked stream against the budget; LimitExceededError past it."""
@@ -193,6 +200,8 @@ class ScanBudget:
             over = f"{MAX_IMPORT_SITES_PER_FILE} imports"
         elif len(walked.anomalies) > self.anomalies:
             over = f"{MAX_ANOMALIES_PER_FILE} anomalies"
+        elif walked.opcodes > self.opcodes:
+            over = f"{self.opcodes_total} opcodes"
         if over is not None:
             # Fail closed on the whole file: this stream and the ones after it are not judged.
             raise LimitExceededError(
@@ -206,6 +215,7 @@ class ScanBudget:
             )
         self.sites -= len(walked.imports)
         self.anomalies -= len(walked.anomalies)
+        self.opcodes -= walked.opcodes
 
 
 def _analyse_stream(

@@ -321,3 +321,19 @@ def test_anomalies_are_bounded_per_file_not_only_per_stream() -> None:
     (limit,) = [f for f in report.findings if f.code == "SL203"]
     assert limit.member == "m10.pkl" and "more than 10000 anomalies" in limit.message
     assert len(report.findings) == 10 * 1000 + 1
+
+
+def test_walking_is_bounded_per_file_not_only_per_stream(tmp_path: Path) -> None:
+    """A stream may take up to max_opcodes (50 million: about 7 s compiled), and a zip of a few MB
+    could hold a hundred such members within the decompression limits. One file's streams now
+    share four streams' worth; here with max_opcodes 10,000 (a policy's limits), so 40,000."""
+    policy = tmp_path / "p.toml"
+    policy.write_text('schema_version = 1\nextends = ["default"]\n[limits]\nmax_opcodes = 10000\n')
+    stream = pb.proto(4) + (pb.EMPTY_TUPLE + pb.POP) * 4_000 + pb.NONE + pb.STOP  # 8,003 opcodes
+    fits = safeload.scan_bytes(_zip_of([stream] * 4), policy=str(policy))
+    assert fits.verdict is Verdict.SAFE, [f.message for f in fits.findings]
+    report = safeload.scan_bytes(_zip_of([stream] * 8), policy=str(policy))
+    assert report.verdict is Verdict.UNSCANNABLE
+    (limit,) = [f for f in report.findings if f.code == "SL203"]
+    assert limit.member == "m4.pkl" and "more than 40000 opcodes" in limit.message
+    assert len(report.streams) == 4
