@@ -182,6 +182,12 @@ MAX_ANOMALIES_PER_FILE = 10 * MAX_ANOMALIES
 # compiled): a zip of a few MB could otherwise hold a hundred such members within the
 # decompression limits, 20 minutes of walking (hours without the compiled walker).
 OPCODE_STREAMS_PER_FILE = 4
+# What a report lists of a file's import sites: the first site of every global (at most
+# MAX_LISTED_GLOBALS of them: past that the file is not scanned on) and other sites up to
+# MAX_LISTED_SITES. Every site is judged; the bound keeps a report, and an audit that holds
+# thousands of them, small: 200,000 rows took 250 MB (a 56 MB JSON report) for a 3 KB file.
+MAX_LISTED_GLOBALS = 10_000
+MAX_LISTED_SITES = 10_000
 
 
 class ScanBudget:
@@ -192,11 +198,16 @@ class ScanBudget:
         self.anomalies = MAX_ANOMALIES_PER_FILE
         self.opcodes_total = OPCODE_STREAMS_PER_FILE * limits.max_opcodes
         self.opcodes = self.opcodes_total
+        self.listed_globals: set[str] = set()
+        self.listed_sites = 0
+        self.full = False  # past MAX_LISTED_GLOBALS: the streams after are not scanned
 
     def take(self, walked: WalkResult, stream: PickleStream) -> None:
         """Count a walked stream against the budget; LimitExceededError past it."""
         over = None
-        if len(walked.imports) > self.sites:
+        if self.full:
+            over = f"{MAX_LISTED_GLOBALS} distinct globals"
+        elif len(walked.imports) > self.sites:
             over = f"{MAX_IMPORT_SITES_PER_FILE} imports"
         elif len(walked.anomalies) > self.anomalies:
             over = f"{MAX_ANOMALIES_PER_FILE} anomalies"
@@ -216,6 +227,39 @@ class ScanBudget:
         self.sites -= len(walked.imports)
         self.anomalies -= len(walked.anomalies)
         self.opcodes -= walked.opcodes
+
+    def listed(
+        self, rows: list[GlobalUse], stream: PickleStream
+    ) -> tuple[tuple[GlobalUse, ...], int, Finding | None]:
+        """(the rows a report lists, how many it leaves out, an SL203 finding when this stream takes
+        the file past MAX_LISTED_GLOBALS distinct globals: no stream after it is then scanned)."""
+        kept: list[GlobalUse] = []
+        over: Finding | None = None
+        for row in rows:
+            if row.name not in self.listed_globals:
+                if len(self.listed_globals) >= MAX_LISTED_GLOBALS:
+                    if over is None:
+                        over = make_finding(
+                            "SL203",
+                            f"more than {MAX_LISTED_GLOBALS} distinct globals in this file; the rest are "
+                            "not listed, and no stream after this one was scanned",
+                            member=stream.member,
+                            offset=row.offset,
+                            file_offset=None
+                            if stream.file_offset is None
+                            else stream.file_offset + row.offset,
+                            global_name=row.name,
+                            remedy="no real checkpoint imports this many; extract the members and scan "
+                            "them on their own",
+                        )
+                    continue
+                self.listed_globals.add(row.name)
+            elif self.listed_sites >= MAX_LISTED_SITES:
+                continue
+            kept.append(row)
+            self.listed_sites += 1
+        self.full = self.full or over is not None
+        return tuple(kept), len(rows) - len(kept), over
 
 
 def _analyse_stream(
@@ -250,6 +294,11 @@ def _analyse_stream(
         persistent_scheme=stream.persistent_scheme,
         torchscript=stream.torchscript,
     )
+    listed, omitted, over = (
+        budget.listed(globals_, stream) if budget is not None else (tuple(globals_), 0, None)
+    )
+    if over is not None:
+        findings.append(over)
     explanation = None
     flagged = {f.global_name for f in findings if f.effect is Effect.UNSAFE and f.global_name}
     if explain_budget is not None and any(f.effect is Effect.UNSAFE for f in findings):
@@ -260,7 +309,8 @@ def _analyse_stream(
         length=len(stream.data),
         protocol=result.protocol,
         opcodes=result.opcodes,
-        globals=tuple(globals_),
+        globals=listed,
+        globals_omitted=omitted,
         explanation=explanation,
         secondary=stream.secondary,
     )
@@ -434,6 +484,7 @@ def _finding_from_error(exc: SafeloadError) -> Finding:
         member=exc.member,
         offset=exc.offset,
         file_offset=exc.file_offset,
+        global_name=exc.global_name,
         remedy=exc.remedy,
     )
 

@@ -13,7 +13,7 @@ from safeload.text import escape
 
 # 2: an audit's stats no longer say how the run got its results (scanned, from_cache,
 # hash_cache_hits): the same registry gives the same report.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Verdict(str, Enum):
@@ -106,6 +106,11 @@ class StreamReport(_Frozen):
     protocol: int | None = None
     opcodes: int = 0
     globals: tuple[GlobalUse, ...] = ()
+    globals_omitted: int = Field(
+        default=0,
+        description="Import sites of this stream not listed in globals: a file lists the first site of "
+        "every global it imports, and further sites up to 10,000 in all (every site is judged)",
+    )
     explanation: str | None = Field(default=None, description="Decompiled Python of a flagged stream (fickling)")
     secondary: bool = Field(
         default=False,

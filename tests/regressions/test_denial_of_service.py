@@ -292,7 +292,8 @@ def test_the_default_bound_on_import_sites_per_file() -> None:
     report = safeload.scan_bytes(data, policy="default")
     assert report.verdict is Verdict.UNSCANNABLE
     assert [(f.code, f.member) for f in report.findings] == [("SL203", "m2.pkl")]
-    assert sum(len(s.globals) for s in report.streams) == 180_000
+    listed = sum(len(s.globals) for s in report.streams)
+    assert listed == 10_000 and listed + sum(s.globals_omitted for s in report.streams) == 180_000
 
 
 def _dunder_builds(count: int) -> bytes:
@@ -337,3 +338,35 @@ def test_walking_is_bounded_per_file_not_only_per_stream(tmp_path: Path) -> None
     (limit,) = [f for f in report.findings if f.code == "SL203"]
     assert limit.member == "m4.pkl" and "more than 40000 opcodes" in limit.message
     assert len(report.streams) == 4
+
+
+def test_a_report_lists_every_global_and_a_bounded_number_of_sites() -> None:
+    """200,000 sites listed one row each took 250 MB and a 56 MB JSON report for a 3 KB file, and
+    an audit holds every report until it writes its own. A report now lists the first site of
+    every global and further sites up to 10,000 in all, and counts the rest; all are judged."""
+    allowed = _many_sites(50_000)
+    flagged = pb.proto(4) + pb.glob("os", "system") + pb.POP + pb.NONE + pb.STOP
+    report = safeload.scan_bytes(_zip_of([allowed, flagged]), policy="default")
+    first, second = report.streams
+    assert len(first.globals) == 10_000 and first.globals_omitted == 40_000
+    # the other member's global is listed though the file's sites are past the bound
+    assert [g.name for g in second.globals] == ["os.system"] and second.globals_omitted == 0
+    assert report.globals == ["collections.OrderedDict", "os.system"]
+    assert report.verdict is Verdict.UNSAFE
+    assert len(safeload.model.dump_json(report)) < 4_000_000
+
+
+def test_more_distinct_globals_than_a_report_lists_stop_the_scan() -> None:
+    names = [(f"m{i}", f"n{i}") for i in range(10_001)]
+    body = b"".join(pb.glob(module, name) + pb.POP for module, name in names)
+    report = safeload.scan_bytes(pb.proto(2) + body + pb.NONE + pb.STOP, policy="default")
+    assert report.verdict is Verdict.UNSAFE  # its globals are not allowed, and it is cut short
+    (limit,) = [f for f in report.findings if f.code == "SL203"]
+    assert "more than 10000 distinct globals" in limit.message and limit.global_name == "m10000.n10000"
+    assert limit.offset is not None
+    assert len(report.streams) == 1 and len(report.streams[0].globals) == 10_000
+    # Nothing after that stream is scanned: a member after it is not judged SAFE.
+    many = pb.proto(2) + body + pb.NONE + pb.STOP
+    report = safeload.scan_bytes(_zip_of([many, pb.proto(2) + pb.NONE + pb.STOP]), policy="strict")
+    assert [f.member for f in report.findings if f.code == "SL203"] == ["m0.pkl", "m1.pkl"]
+    assert [s.member for s in report.streams] == ["m0.pkl"]

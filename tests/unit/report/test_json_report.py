@@ -42,7 +42,7 @@ def test_report_validates_and_round_trips(make) -> None:  # type: ignore[no-unty
     run = make()
     text = render(run, "json")
     data = json.loads(text)
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     _validator().validate(data)
     model = AuditRun if isinstance(run, AuditRun) else ScanRun
     assert model.model_validate_json(text) == run
