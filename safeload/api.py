@@ -155,6 +155,7 @@ def analyse(
         findings.append(make_finding("SL203", f"resource exhausted while analysing: {type(exc).__name__}"))
     except Exception as exc:  # a safeload bug must fail closed, never pass or crash with a traceback
         findings.append(make_finding("SL207", f"{type(exc).__name__}: {exc}"))
+    findings.extend(recorded.summaries())
     if digest is not None:
         findings = [_apply_waiver(f, digest, policy) for f in findings]
     report = ScanReport(
@@ -188,6 +189,10 @@ OPCODE_STREAMS_PER_FILE = 4
 # thousands of them, small: 200,000 rows took 250 MB (a 56 MB JSON report) for a 3 KB file.
 MAX_LISTED_GLOBALS = 10_000
 MAX_LISTED_SITES = 10_000
+# Findings that name one global each (SL100, SL101: about 1 KB apiece with the remedy): a file keeps
+# this many of each code, and one more that counts the rest (same code, so the same verdict).
+MAX_GLOBAL_FINDINGS = 1_000
+_GLOBAL_CODES = ("SL100", "SL101")
 
 
 class ScanBudget:
@@ -201,6 +206,35 @@ class ScanBudget:
         self.listed_globals: set[str] = set()
         self.listed_sites = 0
         self.full = False  # past MAX_LISTED_GLOBALS: the streams after are not scanned
+        self.global_findings = dict.fromkeys(_GLOBAL_CODES, 0)
+        self.unlisted_findings = dict.fromkeys(_GLOBAL_CODES, 0)
+
+    def kept(self, findings: list[Finding]) -> list[Finding]:
+        """``findings`` less those past MAX_GLOBAL_FINDINGS of their code in this file."""
+        out = []
+        for finding in findings:
+            code = finding.code
+            if code in self.global_findings:
+                if self.global_findings[code] >= MAX_GLOBAL_FINDINGS:
+                    self.unlisted_findings[code] += 1
+                    continue
+                self.global_findings[code] += 1
+            out.append(finding)
+        return out
+
+    def summaries(self) -> list[Finding]:
+        """One finding per code for the findings ``kept`` left out."""
+        what = {"SL100": "on the floor", "SL101": "not allowed by the policy"}
+        return [
+            make_finding(
+                code,
+                f"{count} more globals {what[code]} in this file are not listed as findings of their own "
+                f"(a file lists {MAX_GLOBAL_FINDINGS}); its streams' globals show them as not allowed, as "
+                "far as the report lists them",
+            )
+            for code, count in self.unlisted_findings.items()
+            if count
+        ]
 
     def take(self, walked: WalkResult, stream: PickleStream) -> None:
         """Count a walked stream against the budget; LimitExceededError past it."""
@@ -299,6 +333,8 @@ def _analyse_stream(
     )
     if over is not None:
         findings.append(over)
+    if budget is not None:
+        findings = budget.kept(findings)
     explanation = None
     flagged = {f.global_name for f in findings if f.effect is Effect.UNSAFE and f.global_name}
     if explain_budget is not None and any(f.effect is Effect.UNSAFE for f in findings):

@@ -365,6 +365,11 @@ def test_more_distinct_globals_than_a_report_lists_stop_the_scan() -> None:
     assert "more than 10000 distinct globals" in limit.message and limit.global_name == "m10000.n10000"
     assert limit.offset is not None
     assert len(report.streams) == 1 and len(report.streams[0].globals) == 10_000
+    # One finding per global and its remedy (about 1 KB each): 1,000 of them, and one that counts
+    # the rest (50,000 distinct globals made a 60 MB report).
+    named = [f for f in report.findings if f.code == "SL101"]
+    assert len(named) == 1001 and named[-1].message.startswith("9001 more globals not allowed")
+    assert len(safeload.model.dump_json(report)) < 4_000_000
     # Nothing after that stream is scanned: a member after it is not judged SAFE.
     many = pb.proto(2) + body + pb.NONE + pb.STOP
     report = safeload.scan_bytes(_zip_of([many, pb.proto(2) + pb.NONE + pb.STOP]), policy="strict")
