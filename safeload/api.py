@@ -112,7 +112,7 @@ def analyse(
             release=release,
             peek=source.peek if source.mapped else None,
         )
-        findings.extend(container.findings)
+        findings.extend(recorded.kept(container.findings))
         for stream in container.streams:
             if pin_streams:
                 stream = dataclasses.replace(stream, data=memoryview(bytes(stream.data)))
@@ -138,7 +138,7 @@ def analyse(
                     one, policy, explain_this, walk_result, recorded
                 )
                 if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
-                    findings.append(no_pickle)
+                    findings.extend(recorded.kept([no_pickle]))
                     _forget(container, one)
                     continue
                 explained = explained or report.explanation is not None
@@ -189,10 +189,10 @@ OPCODE_STREAMS_PER_FILE = 4
 # thousands of them, small: 200,000 rows took 250 MB (a 56 MB JSON report) for a 3 KB file.
 MAX_LISTED_GLOBALS = 10_000
 MAX_LISTED_SITES = 10_000
-# Findings that name one global each (SL100, SL101: about 1 KB apiece with the remedy): a file keeps
-# this many of each code, and one more that counts the rest (same code, so the same verdict).
-MAX_GLOBAL_FINDINGS = 1_000
-_GLOBAL_CODES = ("SL100", "SL101")
+# Findings of one code a file keeps (about 1 KB apiece; SL101 with its remedy more), and one more
+# of that code that counts the rest, so the verdict is the same: one per distinct global, per
+# persistent id or per archive member would otherwise grow with what the file holds.
+MAX_FINDINGS_PER_CODE = 1_000
 
 
 class ScanBudget:
@@ -206,34 +206,36 @@ class ScanBudget:
         self.listed_globals: set[str] = set()
         self.listed_sites = 0
         self.full = False  # past MAX_LISTED_GLOBALS: the streams after are not scanned
-        self.global_findings = dict.fromkeys(_GLOBAL_CODES, 0)
-        self.unlisted_findings = dict.fromkeys(_GLOBAL_CODES, 0)
+        self.findings: dict[str, int] = {}
+        self.unlisted: dict[str, int] = {}
 
-    def kept(self, findings: list[Finding]) -> list[Finding]:
-        """``findings`` less those past MAX_GLOBAL_FINDINGS of their code in this file."""
+    def kept(self, findings: Iterable[Finding]) -> list[Finding]:
+        """``findings`` less those past MAX_FINDINGS_PER_CODE of their code in this file."""
         out = []
         for finding in findings:
             code = finding.code
-            if code in self.global_findings:
-                if self.global_findings[code] >= MAX_GLOBAL_FINDINGS:
-                    self.unlisted_findings[code] += 1
-                    continue
-                self.global_findings[code] += 1
+            count = self.findings.get(code, 0)
+            if count >= MAX_FINDINGS_PER_CODE:
+                self.unlisted[code] = self.unlisted.get(code, 0) + 1
+                continue
+            self.findings[code] = count + 1
             out.append(finding)
         return out
 
     def summaries(self) -> list[Finding]:
         """One finding per code for the findings ``kept`` left out."""
-        what = {"SL100": "on the floor", "SL101": "not allowed by the policy"}
         return [
             make_finding(
                 code,
-                f"{count} more globals {what[code]} in this file are not listed as findings of their own "
-                f"(a file lists {MAX_GLOBAL_FINDINGS}); its streams' globals show them as not allowed, as "
-                "far as the report lists them",
+                f"{count} more {code} findings in this file are not listed (a report lists "
+                f"{MAX_FINDINGS_PER_CODE} of each code)"
+                + (
+                    "; its streams' globals show those globals as not allowed"
+                    if code in ("SL100", "SL101")
+                    else ""
+                ),
             )
-            for code, count in self.unlisted_findings.items()
-            if count
+            for code, count in self.unlisted.items()
         ]
 
     def take(self, walked: WalkResult, stream: PickleStream) -> None:
