@@ -211,6 +211,8 @@ class ScanBudget:
 
     def kept(self, findings: Iterable[Finding]) -> list[Finding]:
         """``findings`` less those past MAX_FINDINGS_PER_CODE of their code in this file."""
+        if not findings:
+            return []
         out = []
         for finding in findings:
             code = finding.code
@@ -224,6 +226,8 @@ class ScanBudget:
 
     def summaries(self) -> list[Finding]:
         """One finding per code for the findings ``kept`` left out."""
+        if not self.unlisted:
+            return []
         return [
             make_finding(
                 code,
@@ -269,6 +273,13 @@ class ScanBudget:
     ) -> tuple[tuple[GlobalUse, ...], int, Finding | None]:
         """(the rows a report lists, how many it leaves out, an SL203 finding when this stream takes
         the file past MAX_LISTED_GLOBALS distinct globals: no stream after it is then scanned)."""
+        names = self.listed_globals
+        if self.listed_sites + len(rows) <= MAX_LISTED_SITES and len(names) + len(rows) <= MAX_LISTED_GLOBALS:
+            # Far from both bounds (every real file): each row is listed.
+            for row in rows:
+                names.add(row.name)
+            self.listed_sites += len(rows)
+            return tuple(rows), 0, None
         kept: list[GlobalUse] = []
         over: Finding | None = None
         for row in rows:
