@@ -9,11 +9,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from safeload.analysis.budget import ScanBudget
 from safeload.analysis.evaluate import evaluate_stream
 from safeload.analysis.joblib_arrays import is_wrapper
 from safeload.analysis.replay import could_import, differential, replay_imports
 from safeload.analysis.types import WalkResult
-from safeload.analysis.walker import MAX_ANOMALIES, MAX_IMPORT_SITES, walk
+from safeload.analysis.walker import walk
 from safeload.codes import Effect
 from safeload.errors import (
     DisallowedGlobalError,
@@ -30,7 +31,6 @@ from safeload.formats.base import Container, PickleStream, StreamRole
 from safeload.formats.detect import open_container
 from safeload.formats.joblib_fmt import plain_reading
 from safeload.gcpause import fewer_collections
-from safeload.limits import Limits
 from safeload.model import (
     Finding,
     GlobalUse,
@@ -171,142 +171,6 @@ def analyse(
         versions=_versions(),
     )
     return Analysis(report=report, source=source, container=container, policy=policy, streams=stream_analyses)
-
-
-# What one file's streams may record together. Each import site becomes a row of the report and
-# each anomaly a finding (about 1 KB of memory apiece): a zip of a few KB can hold thousands of
-# members of 200,000 sites or 1,000 anomalies each (the walker's bounds per stream), which took a GB
-# of memory for every five such members.
-MAX_IMPORT_SITES_PER_FILE = MAX_IMPORT_SITES
-MAX_ANOMALIES_PER_FILE = 10 * MAX_ANOMALIES
-# The walking one file may cost, in streams at the per-stream opcode bound (about 7 s each
-# compiled): a zip of a few MB could otherwise hold a hundred such members within the
-# decompression limits, 20 minutes of walking (hours without the compiled walker).
-OPCODE_STREAMS_PER_FILE = 4
-# What a report lists of a file's import sites: the first site of every global (at most
-# MAX_LISTED_GLOBALS of them: past that the file is not scanned on) and other sites up to
-# MAX_LISTED_SITES. Every site is judged; the bound keeps a report, and an audit that holds
-# thousands of them, small: 200,000 rows took 250 MB (a 56 MB JSON report) for a 3 KB file.
-MAX_LISTED_GLOBALS = 10_000
-MAX_LISTED_SITES = 10_000
-# Findings of one code a file keeps (about 1 KB apiece; SL101 with its remedy more), and one more
-# of that code that counts the rest, so the verdict is the same: one per distinct global, per
-# persistent id or per archive member would otherwise grow with what the file holds.
-MAX_FINDINGS_PER_CODE = 1_000
-
-
-class ScanBudget:
-    """The import sites, anomalies and opcodes one scan may still take on."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.sites = MAX_IMPORT_SITES_PER_FILE
-        self.anomalies = MAX_ANOMALIES_PER_FILE
-        self.opcodes_total = OPCODE_STREAMS_PER_FILE * limits.max_opcodes
-        self.opcodes = self.opcodes_total
-        self.listed_globals: set[str] = set()
-        self.listed_sites = 0
-        self.full = False  # past MAX_LISTED_GLOBALS: the streams after are not scanned
-        self.findings: dict[str, int] = {}
-        self.unlisted: dict[str, int] = {}
-
-    def kept(self, findings: Iterable[Finding]) -> list[Finding]:
-        """``findings`` less those past MAX_FINDINGS_PER_CODE of their code in this file."""
-        if not findings:
-            return []
-        out = []
-        for finding in findings:
-            code = finding.code
-            count = self.findings.get(code, 0)
-            if count >= MAX_FINDINGS_PER_CODE:
-                self.unlisted[code] = self.unlisted.get(code, 0) + 1
-                continue
-            self.findings[code] = count + 1
-            out.append(finding)
-        return out
-
-    def summaries(self) -> list[Finding]:
-        """One finding per code for the findings ``kept`` left out."""
-        if not self.unlisted:
-            return []
-        return [
-            make_finding(
-                code,
-                f"{count} more {code} findings in this file are not listed (a report lists "
-                f"{MAX_FINDINGS_PER_CODE} of each code)"
-                + (
-                    "; its streams' globals show those globals as not allowed"
-                    if code in ("SL100", "SL101")
-                    else ""
-                ),
-            )
-            for code, count in self.unlisted.items()
-        ]
-
-    def take(self, walked: WalkResult, stream: PickleStream) -> None:
-        """Count a walked stream against the budget; LimitExceededError past it."""
-        over = None
-        if self.full:
-            over = f"{MAX_LISTED_GLOBALS} distinct globals"
-        elif len(walked.imports) > self.sites:
-            over = f"{MAX_IMPORT_SITES_PER_FILE} imports"
-        elif len(walked.anomalies) > self.anomalies:
-            over = f"{MAX_ANOMALIES_PER_FILE} anomalies"
-        elif walked.opcodes > self.opcodes:
-            over = f"{self.opcodes_total} opcodes"
-        if over is not None:
-            # Fail closed on the whole file: this stream and the ones after it are not judged.
-            raise LimitExceededError(
-                f"more than {over} in this file's pickle streams together; this stream and any "
-                "after it were not scanned",
-                member=stream.member,
-                offset=0,
-                file_offset=stream.file_offset,
-                remedy=f"extract the members and scan them on their own (up to {MAX_IMPORT_SITES} imports "
-                f"and {MAX_ANOMALIES} anomalies a stream); no real checkpoint comes near this",
-            )
-        self.sites -= len(walked.imports)
-        self.anomalies -= len(walked.anomalies)
-        self.opcodes -= walked.opcodes
-
-    def listed(
-        self, rows: list[GlobalUse], stream: PickleStream
-    ) -> tuple[tuple[GlobalUse, ...], int, Finding | None]:
-        """(the rows a report lists, how many it leaves out, an SL203 finding when this stream takes
-        the file past MAX_LISTED_GLOBALS distinct globals: no stream after it is then scanned)."""
-        names = self.listed_globals
-        if self.listed_sites + len(rows) <= MAX_LISTED_SITES and len(names) + len(rows) <= MAX_LISTED_GLOBALS:
-            # Far from both bounds (every real file): each row is listed.
-            for row in rows:
-                names.add(row.name)
-            self.listed_sites += len(rows)
-            return tuple(rows), 0, None
-        kept: list[GlobalUse] = []
-        over: Finding | None = None
-        for row in rows:
-            if row.name not in self.listed_globals:
-                if len(self.listed_globals) >= MAX_LISTED_GLOBALS:
-                    if over is None:
-                        over = make_finding(
-                            "SL203",
-                            f"more than {MAX_LISTED_GLOBALS} distinct globals in this file; the rest are "
-                            "not listed, and no stream after this one was scanned",
-                            member=stream.member,
-                            offset=row.offset,
-                            file_offset=None
-                            if stream.file_offset is None
-                            else stream.file_offset + row.offset,
-                            global_name=row.name,
-                            remedy="no real checkpoint imports this many; extract the members and scan "
-                            "them on their own",
-                        )
-                    continue
-                self.listed_globals.add(row.name)
-            elif self.listed_sites >= MAX_LISTED_SITES:
-                continue
-            kept.append(row)
-            self.listed_sites += 1
-        self.full = self.full or over is not None
-        return tuple(kept), len(rows) - len(kept), over
 
 
 def _analyse_stream(

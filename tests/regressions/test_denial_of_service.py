@@ -267,9 +267,9 @@ def test_import_sites_are_bounded_per_file_not_only_per_stream(
     thousand members would exhaust any machine. One file's streams now share the bound: past it,
     the scan stops with SL203 at the member that crossed it, and nothing after it counts as read
     (a payload there leaves the file UNSCANNABLE, never SAFE)."""
-    from safeload import api
+    from safeload.analysis import budget
 
-    monkeypatch.setattr(api, "MAX_IMPORT_SITES_PER_FILE", 1000)
+    monkeypatch.setattr(budget, "MAX_IMPORT_SITES_PER_FILE", 1000)
     fits = _zip_of([_many_sites(300)] * 3)
     report = safeload.scan_bytes(fits, policy="default")
     assert report.verdict is Verdict.SAFE, [f.message for f in report.findings]
