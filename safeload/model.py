@@ -109,7 +109,7 @@ class StreamReport(_Frozen):
     globals_omitted: int = Field(
         default=0,
         description="Import sites of this stream not listed in globals: a file lists the first site of "
-        "every global it imports, and further sites up to 10,000 in all (every site is judged)",
+        "every global it imports, and further sites up to 1,000 in all (every site is judged)",
     )
     explanation: str | None = Field(default=None, description="Decompiled Python of a flagged stream (fickling)")
     secondary: bool = Field(

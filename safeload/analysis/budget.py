@@ -33,7 +33,7 @@ OPCODE_STREAMS_PER_FILE = 4
 # MAX_LISTED_SITES. Every site is judged; the bound keeps a report, and an audit that holds
 # thousands of them, small: 200,000 rows took 250 MB (a 56 MB JSON report) for a 3 KB file.
 MAX_LISTED_GLOBALS = 10_000
-MAX_LISTED_SITES = 10_000
+MAX_LISTED_SITES = 1_000
 # Findings of one code a file keeps (about 1 KB apiece; SL101 with its remedy more), and one more
 # of that code that counts the rest, so the verdict is the same: one per distinct global, per
 # persistent id or per archive member would otherwise grow with what the file holds.
