@@ -91,7 +91,14 @@ class Replay:
     __slots__ = ("report", "exit_code", "paths", "files", "skipped", "summary")
 
     def __init__(
-        self, *, report: bytes | None, exit_code: int, paths: int, files: int, skipped: int, summary: dict
+        self,
+        *,
+        report: bytes | None,
+        exit_code: int,
+        paths: int,
+        files: int,
+        skipped: int,
+        summary: dict[str, object],
     ) -> None:
         # UTF-8, as the audit wrote it (written back as it is); None where the output file holds it
         # already (see RunMemo.lookup)

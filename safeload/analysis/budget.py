@@ -9,7 +9,7 @@ one per file, stays small whatever a file holds. Every import site is still judg
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from safeload.analysis.types import WalkResult
 from safeload.analysis.walker import MAX_ANOMALIES, MAX_IMPORT_SITES
@@ -54,7 +54,7 @@ class ScanBudget:
         self.findings: dict[str, int] = {}
         self.unlisted: dict[str, int] = {}
 
-    def kept(self, findings: Iterable[Finding]) -> list[Finding]:
+    def kept(self, findings: Sequence[Finding]) -> list[Finding]:
         """``findings`` less those past MAX_FINDINGS_PER_CODE of their code in this file."""
         if not findings:
             return []
@@ -128,8 +128,8 @@ class ScanBudget:
         kept: list[GlobalUse] = []
         over: Finding | None = None
         for row in rows:
-            if row.name not in self.listed_globals:
-                if len(self.listed_globals) >= MAX_LISTED_GLOBALS:
+            if row.name not in names:
+                if len(names) >= MAX_LISTED_GLOBALS:
                     if over is None:
                         over = make_finding(
                             "SL203",
@@ -145,7 +145,7 @@ class ScanBudget:
                             "them on their own",
                         )
                     continue
-                self.listed_globals.add(row.name)
+                names.add(row.name)
             elif self.listed_sites >= MAX_LISTED_SITES:
                 continue
             kept.append(row)
