@@ -33,7 +33,6 @@ from safeload.formats.joblib_fmt import plain_reading
 from safeload.gcpause import fewer_collections
 from safeload.model import (
     Finding,
-    GlobalUse,
     ScanReport,
     StreamReport,
     Verdict,
@@ -55,7 +54,7 @@ SMALL_FILE_READ = 1 << 20
 class StreamAnalysis:
     stream: PickleStream
     walk: WalkResult
-    globals: list[GlobalUse]
+    names: dict[str, int | None]  # qualified names the walk imports -> offset of the first site
 
 
 @dataclass
@@ -197,21 +196,21 @@ def _analyse_stream(
             walk=result,
         )
         result.anomalies.extend(differential(result, replays))
-    findings, globals_ = evaluate_stream(
+        del replays  # what the readers imported: as many entries as the stream has import sites
+    findings, imports = evaluate_stream(
         result,
         policy=policy,
         member=stream.member,
         file_offset=stream.file_offset,
         persistent_scheme=stream.persistent_scheme,
         torchscript=stream.torchscript,
+        keep=budget.admit if budget is not None else None,
     )
     listed, omitted, over = (
-        budget.listed(globals_, stream) if budget is not None else (tuple(globals_), 0, None)
+        budget.listed(imports, stream) if budget is not None else (tuple(imports.rows()), 0, None)
     )
-    if over is not None:
+    if over is not None and (budget is None or budget.admit(over.code)):
         findings.append(over)
-    if budget is not None:
-        findings = budget.kept(findings)
     explanation = None
     flagged = {f.global_name for f in findings if f.effect is Effect.UNSAFE and f.global_name}
     if explain_budget is not None and any(f.effect is Effect.UNSAFE for f in findings):
@@ -227,7 +226,8 @@ def _analyse_stream(
         explanation=explanation,
         secondary=stream.secondary,
     )
-    return StreamAnalysis(stream=stream, walk=result, globals=globals_), findings, report
+    analysis = StreamAnalysis(stream=stream, walk=result, names=imports.first_offsets())
+    return analysis, findings, report
 
 
 def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from safeload.analysis.evaluate import ImportRows
 from safeload.analysis.types import WalkResult
 from safeload.analysis.walker import MAX_ANOMALIES, MAX_IMPORT_SITES
 from safeload.errors import LimitExceededError
@@ -54,20 +55,19 @@ class ScanBudget:
         self.findings: dict[str, int] = {}
         self.unlisted: dict[str, int] = {}
 
+    def admit(self, code: str) -> bool:
+        """Whether a finding of ``code`` is kept: False (and counted) past MAX_FINDINGS_PER_CODE
+        of its code in this file. Asked before a finding is made, so none past it is built."""
+        count = self.findings.get(code, 0)
+        if count >= MAX_FINDINGS_PER_CODE:
+            self.unlisted[code] = self.unlisted.get(code, 0) + 1
+            return False
+        self.findings[code] = count + 1
+        return True
+
     def kept(self, findings: Sequence[Finding]) -> list[Finding]:
         """``findings`` less those past MAX_FINDINGS_PER_CODE of their code in this file."""
-        if not findings:
-            return []
-        out = []
-        for finding in findings:
-            code = finding.code
-            count = self.findings.get(code, 0)
-            if count >= MAX_FINDINGS_PER_CODE:
-                self.unlisted[code] = self.unlisted.get(code, 0) + 1
-                continue
-            self.findings[code] = count + 1
-            out.append(finding)
-        return out
+        return [finding for finding in findings if self.admit(finding.code)] if findings else []
 
     def summaries(self) -> list[Finding]:
         """One finding per code for the findings ``kept`` left out."""
@@ -114,41 +114,41 @@ class ScanBudget:
         self.opcodes -= walked.opcodes
 
     def listed(
-        self, rows: list[GlobalUse], stream: PickleStream
+        self, imports: ImportRows, stream: PickleStream
     ) -> tuple[tuple[GlobalUse, ...], int, Finding | None]:
-        """(the rows a report lists, how many it leaves out, an SL203 finding when this stream takes
-        the file past MAX_LISTED_GLOBALS distinct globals: no stream after it is then scanned)."""
+        """(the rows a report lists, how many sites it leaves out, an SL203 finding when this stream
+        takes the file past MAX_LISTED_GLOBALS distinct globals: no stream after it is then
+        scanned)."""
         names = self.listed_globals
-        if self.listed_sites + len(rows) <= MAX_LISTED_SITES and len(names) + len(rows) <= MAX_LISTED_GLOBALS:
-            # Far from both bounds (every real file): each row is listed.
-            for row in rows:
-                names.add(row.name)
-            self.listed_sites += len(rows)
-            return tuple(rows), 0, None
-        kept: list[GlobalUse] = []
+        count = len(imports)
+        if self.listed_sites + count <= MAX_LISTED_SITES and len(names) + count <= MAX_LISTED_GLOBALS:
+            # Far from both bounds (every real file): each site is listed.
+            names.update(imports.names)
+            self.listed_sites += count
+            return tuple(imports.rows()), 0, None
+        kept: list[int] = []
         over: Finding | None = None
-        for row in rows:
-            if row.name not in names:
+        for i, name in enumerate(imports.names):
+            if name not in names:
                 if len(names) >= MAX_LISTED_GLOBALS:
                     if over is None:
+                        offset = imports.sites[i].offset
                         over = make_finding(
                             "SL203",
                             f"more than {MAX_LISTED_GLOBALS} distinct globals in this file; the rest are "
                             "not listed, and no stream after this one was scanned",
                             member=stream.member,
-                            offset=row.offset,
-                            file_offset=None
-                            if stream.file_offset is None
-                            else stream.file_offset + row.offset,
-                            global_name=row.name,
+                            offset=offset,
+                            file_offset=None if stream.file_offset is None else stream.file_offset + offset,
+                            global_name=name,
                             remedy="no real checkpoint imports this many; extract the members and scan "
                             "them on their own",
                         )
                     continue
-                names.add(row.name)
+                names.add(name)
             elif self.listed_sites >= MAX_LISTED_SITES:
                 continue
-            kept.append(row)
+            kept.append(i)
             self.listed_sites += 1
         self.full = self.full or over is not None
-        return tuple(kept), len(rows) - len(kept), over
+        return tuple(imports.row(i) for i in kept), count - len(kept), over

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from safeload.analysis.types import UNKNOWN, ImportSite, PersistentIdSite, WalkResult
@@ -18,7 +19,7 @@ from safeload.formats.base import PersistentScheme
 from safeload.model import Finding, GlobalUse, Use, make_finding
 from safeload.text import escape
 
-__all__ = ["evaluate_stream"]
+__all__ = ["ImportRows", "evaluate_stream"]
 
 # Findings of one kind per stream beyond this are summarised in one more finding.
 MAX_PER_KIND = 50
@@ -58,6 +59,46 @@ class PolicyLike(Protocol):
     def remedy(self, qualname: str) -> str: ...
 
 
+@dataclass
+class ImportRows:
+    """One stream's import sites, each with its qualified name and whether the policy allows it.
+
+    A report row (GlobalUse, a pydantic model) is built only for the sites a report lists: a
+    hostile stream holds 200,000 sites, and a model apiece took a quarter of its scan's time and
+    half its memory."""
+
+    member: str | None
+    sites: list[ImportSite]
+    names: list[str]  # sites[i].qualname
+    allowed: dict[str, bool]  # per name: allowed and not on the floor
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def row(self, i: int) -> GlobalUse:
+        site = self.sites[i]
+        name = self.names[i]
+        return GlobalUse(
+            name=name,
+            member=self.member,
+            offset=site.offset,
+            opcode=site.opcode,
+            uses=_sorted_uses(site.uses),
+            allowed=self.allowed[name],
+        )
+
+    def rows(self) -> list[GlobalUse]:
+        return [self.row(i) for i in range(len(self.sites))]
+
+    def first_offsets(self) -> dict[str, int | None]:
+        """Qualified name -> offset of its first site: what the loader's gate checks names against."""
+        first: dict[str, int | None] = {}
+        for name, site in zip(self.names, self.sites, strict=True):
+            if name not in first:
+                first[name] = site.offset
+        return first
+
+
 def evaluate_stream(
     walk: WalkResult,
     *,
@@ -66,65 +107,76 @@ def evaluate_stream(
     file_offset: int | None,
     persistent_scheme: PersistentScheme,
     torchscript: bool = False,
-) -> tuple[list[Finding], list[GlobalUse]]:
-    """Findings for one walked stream, and one GlobalUse row per import site.
+    keep: Callable[[str], bool] | None = None,
+) -> tuple[list[Finding], ImportRows]:
+    """Findings for one walked stream, and its import sites with the policy's decision on each.
 
     torchscript: the stream is read by TorchScript's unpickler; the names it resolves itself get
     rows but no policy finding (any other name is judged as everywhere: a Python reader would
-    import it, and TorchScript's writer never writes it)."""
-    where = _Where(member, file_offset)
+    import it, and TorchScript's writer never writes it).
+    keep: asked once per finding, with its code, before the finding is made; a finding it refuses
+    is left out (the scan's budget counts it). A hostile stream may name 50,000 globals, and a
+    finding with its policy remedy took most of that scan's time."""
+    where = _Where(member, file_offset, keep or _keep_all)
     findings: list[Finding] = []
-    rows: list[GlobalUse] = []
-    findings += _imports(walk.imports, policy, where, rows, torchscript)
+    rows = ImportRows(member=member, sites=walk.imports, names=[], allowed={})
+    findings += _imports(rows, policy, where, torchscript)
     for anomaly in walk.anomalies:
-        findings.append(
-            where.finding(anomaly.code, anomaly.message, anomaly.offset, global_name=anomaly.global_name)
-        )
+        where.add(findings, anomaly.code, anomaly.message, anomaly.offset, global_name=anomaly.global_name)
     findings += _persistent_ids(walk.persistent_ids, persistent_scheme, where)
     return findings, rows
 
 
+def _keep_all(code: str) -> bool:
+    return True
+
+
 class _Where:
-    def __init__(self, member: str | None, file_offset: int | None) -> None:
+    def __init__(self, member: str | None, file_offset: int | None, keep: Callable[[str], bool]) -> None:
         self.member = member
         self.file_offset = file_offset
+        self.keep = keep
 
     def finding(self, code: str, message: str, offset: int | None, **kw: object) -> Finding:
+        """The finding; the caller has asked ``keep``."""
         absolute = None if self.file_offset is None or offset is None else self.file_offset + offset
         return make_finding(code, message, member=self.member, offset=offset, file_offset=absolute, **kw)
+
+    def add(self, out: list[Finding], code: str, message: str, offset: int | None, **kw: object) -> None:
+        if self.keep(code):
+            out.append(self.finding(code, message, offset, **kw))
 
 
 def _sorted_uses(uses: Iterable[Use]) -> tuple[Use, ...]:
     return tuple(sorted(set(uses), key=_USE_ORDER.__getitem__))
 
 
-def _imports(
-    sites: list[ImportSite], policy: PolicyLike, where: _Where, rows: list[GlobalUse], torchscript: bool = False
-) -> list[Finding]:
+def _imports(rows: ImportRows, policy: PolicyLike, where: _Where, torchscript: bool = False) -> list[Finding]:
     decisions: dict[str, Decision] = {}
     groups: dict[str, list[ImportSite]] = {}
-    for site in sites:
+    names = rows.names
+    canonical: dict[str, str] = {}
+    for site in rows.sites:
         qualname = site.qualname
-        decision = decisions.get(qualname)
-        if decision is None:
-            decision = decisions[qualname] = policy.decide(qualname)
-        groups.setdefault(qualname, []).append(site)
-        rows.append(
-            GlobalUse(
-                name=qualname,
-                member=where.member,
-                offset=site.offset,
-                opcode=site.opcode,
-                uses=_sorted_uses(site.uses),
-                allowed=decision.allowed and not decision.on_floor,
-            )
-        )
+        group = groups.get(qualname)
+        if group is None:
+            canonical[qualname] = qualname
+            groups[qualname] = [site]
+            decisions[qualname] = policy.decide(qualname)
+        else:
+            # One string per name, not per site: 200,000 sites may name one global.
+            qualname = canonical[qualname]
+            group.append(site)
+        names.append(qualname)
+    rows.allowed = {name: d.allowed and not d.on_floor for name, d in decisions.items()}
     findings: list[Finding] = []
     for qualname, group in groups.items():
         decision = decisions[qualname]
         if decision.allowed and not decision.on_floor:
             continue
         if torchscript and (qualname.startswith("__torch__.") or qualname in TORCHSCRIPT_HELPERS):
+            continue
+        if not where.keep("SL100" if decision.on_floor else "SL101"):
             continue
         first = group[0]
         uses = _sorted_uses(u for s in group for u in s.uses)
@@ -168,11 +220,9 @@ def _persistent_ids(sites: list[PersistentIdSite], scheme: PersistentScheme, whe
             continue
         bad += 1
         if bad <= MAX_PER_KIND:
-            findings.append(where.finding("SL106", f"{why}: {_show(site.value)}", site.offset))
+            where.add(findings, "SL106", f"{why}: {_show(site.value)}", site.offset)
     if bad > MAX_PER_KIND:
-        findings.append(
-            where.finding("SL106", f"{bad - MAX_PER_KIND} more persistent ids outside the scheme", None)
-        )
+        where.add(findings, "SL106", f"{bad - MAX_PER_KIND} more persistent ids outside the scheme", None)
     return findings
 
 

@@ -110,10 +110,19 @@ class ReaderReplay:
         )
 
 
+# (offset, (module, name) as the stream wrote it); the name is None for a global the walker could
+# not name (SL102/SL103). Plain tuples: a hostile stream has 200,000 of them.
+_Slot = tuple[int, "tuple[str, str] | None"]
+
+
 @dataclass
 class ReplayResult:
     replays: list[ReaderReplay] = field(default_factory=list)
     skipped: str | None = None  # why no replay ran; None when the replays below ran
+    # The walk the replays were checked against, and its import slots: differential() reuses them
+    # for that same walk (building them costs a tenth of a hostile stream's scan).
+    walk: WalkResult | None = None
+    slots: list[_Slot] | None = None
 
 
 # -- recorders -------------------------------------------------------------------------------------
@@ -301,7 +310,8 @@ def replay_imports(
         first = _replay_one("bytes", view, payloads, multi, max_pickles)
         result.replays.append(first)
         lying = any(a.code == "SL107" for a in walk.anomalies)
-        if lying or _compare(_slots(walk), first) is not None:
+        result.walk, result.slots = walk, _slots(walk)
+        if lying or _compare(result.slots, first) is not None:
             # Readers part ways only at a lying FRAME (see module docstring); without one in the
             # walk, and with the walker confirmed by one reader, the others read identically.
             # Their readings were never walked, so none of the walker's checks bounds them.
@@ -380,18 +390,18 @@ def _purge_extension_cache() -> None:
 # -- comparison ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Slot:
-    offset: int
-    name: tuple[str, str] | None  # None: a global the walker could not name (SL102/SL103)
-
-
 def _slots(walk: WalkResult) -> list[_Slot]:
     # An empty module name imports nothing (``__import__("")`` fails), on either side.
-    slots = [_Slot(i.offset, i.raw or (i.module, i.name)) for i in walk.imports if (i.raw or (i.module,))[0]]
-    slots += [_Slot(a.offset, None) for a in walk.anomalies if a.code in ("SL102", "SL103")]
-    slots.sort(key=lambda s: s.offset)
+    slots: list[_Slot] = [
+        (i.offset, i.raw or (i.module, i.name)) for i in walk.imports if (i.raw or (i.module,))[0]
+    ]
+    slots += [(a.offset, None) for a in walk.anomalies if a.code in ("SL102", "SL103")]
+    slots.sort(key=_slot_offset)
     return slots
+
+
+def _slot_offset(slot: _Slot) -> int:
+    return slot[0]
 
 
 def _show(name: tuple[str, str]) -> str:
@@ -403,22 +413,21 @@ def _compare(slots: list[_Slot], replay: ReaderReplay) -> tuple[int, str] | None
     i = 0
     for k, name in enumerate(n for n in replay.imports if n[0]):
         if i >= len(slots):
-            return (slots[-1].offset if slots else 0), (
+            return (slots[-1][0] if slots else 0), (
                 f"the unpickler imports {_show(name)} (import #{k + 1}), which the walker never saw"
             )
-        slot = slots[i]
-        if slot.name is not None and slot.name != name:
-            return slot.offset, (
-                f"the walker saw {_show(slot.name)} where the unpickler imports {_show(name)} "
-                f"(import #{k + 1})"
+        offset, seen = slots[i]
+        if seen is not None and seen != name:
+            return offset, (
+                f"the walker saw {_show(seen)} where the unpickler imports {_show(name)} (import #{k + 1})"
             )
         i += 1
-    rest = [s for s in slots[i:] if s.name is not None]
+    rest = [s for s in slots[i:] if s[1] is not None]
     if rest and replay.completed:
-        slot = rest[0]
-        shown = _show(slot.name) if slot.name is not None else "an unresolved global"
+        offset, seen = rest[0]
+        shown = _show(seen) if seen is not None else "an unresolved global"
         return (
-            slot.offset,
+            offset,
             f"the walker saw {shown}, which the unpickler never imports although it read to the end",
         )
     return None
@@ -434,7 +443,7 @@ def differential(walk: WalkResult, replays: ReplayResult) -> list[Anomaly]:
         if any(a.code == "SL203" for a in walk.anomalies):
             return []
         return [Anomaly("SL203", 0, f"cross-check with CPython's unpickler skipped: {replays.skipped}")]
-    slots = _slots(walk)
+    slots = replays.slots if replays.walk is walk and replays.slots is not None else _slots(walk)
     found: dict[tuple[int, str], list[str]] = {}
     # Where the readers part ways: the first lying FRAME, when there is one.
     parting = min((a.offset for a in walk.anomalies if a.code == "SL107"), default=0)

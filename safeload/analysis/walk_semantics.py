@@ -304,12 +304,12 @@ class Semantics(Arguments):
         self._mark(args, Use.ARGUMENT)
         if type(func) is Glob and func.site is not None:
             site = func.site
-            site.uses.add(Use.CALLED)
+            site.use(Use.CALLED)
             cls = site
             if site.module == "copyreg" and site.name in _FACTORY_NAMES and type(args) is Tup and args.items:
                 first = args.items[0]
                 if type(first) is Glob and first.site is not None:
-                    first.site.uses.add(Use.INSTANTIATED)
+                    first.site.use(Use.INSTANTIATED)
                     cls = first.site
             obj = Obj(site, cls, args)
             if site.name in _NUMPY_IN_PLACE_NAMES:
@@ -321,7 +321,7 @@ class Semantics(Arguments):
         """NEWOBJ / NEWOBJ_EX / OBJ / INST: an instance of ``cls``."""
         self._mark(args, Use.ARGUMENT)
         if type(cls) is Glob and cls.site is not None:
-            cls.site.uses.add(Use.INSTANTIATED)
+            cls.site.use(Use.INSTANTIATED)
             obj = Obj(cls.site, cls.site, args)
             if cls.site.name in _NUMPY_IN_PLACE_NAMES:
                 self._made(obj)
@@ -350,7 +350,7 @@ class Semantics(Arguments):
                 t = type(v)
                 if t is Glob:
                     if v.site is not None:
-                        v.site.uses.add(use)
+                        v.site.use(use)
                 elif t in _NESTED:
                     break
             else:
@@ -363,7 +363,7 @@ class Semantics(Arguments):
             t = type(v)
             if t is Glob:
                 if v.site is not None:  # type: ignore[union-attr]
-                    v.site.uses.add(use)  # type: ignore[union-attr]
+                    v.site.use(use)  # type: ignore[union-attr]
             elif t is Tup or t is Lst or t is SetV:
                 todo.extend(v.items[:budget])  # type: ignore[union-attr]
             elif t is Dct:
@@ -457,7 +457,7 @@ class Semantics(Arguments):
         if t is Glob:
             site = inst.site  # type: ignore[union-attr]
             if site is not None:
-                site.uses.add(Use.BUILD_TARGET)
+                site.use(Use.BUILD_TARGET)
             name = site.qualname if site is not None else None
             self.note(
                 "SL104",
@@ -474,7 +474,7 @@ class Semantics(Arguments):
             self._numpy_state(obj, state, offset)
         for s in (obj.site, obj.cls):
             if s is not None:
-                s.uses.add(Use.BUILD_TARGET)
+                s.use(Use.BUILD_TARGET)
         wrapper = obj.cls is not None and jl.is_wrapper(obj.cls.module, obj.cls.name)
         if not wrapper:
             obj.state = state
@@ -586,7 +586,7 @@ def _flat_persistent_id(pid: Tup) -> tuple[object, ...] | None:
             if site is None:
                 out.append(UNKNOWN)
             else:
-                site.uses.add(Use.PERSISTENT_ID)
+                site.use(Use.PERSISTENT_ID)
                 out.append(site)
         elif t in _CONST_TYPES:
             out.append(x)

@@ -159,7 +159,6 @@ class _Walker(Semantics):
             name=mapped[1],
             offset=offset,
             opcode=opcode,
-            uses={Use.REFERENCED},
             raw=None if mapped == (module, name) else (module, name),
         )
         imports.append(site)
@@ -492,7 +491,7 @@ class _Walker(Semantics):
                     if op == 0x63:  # GLOBAL
                         append(Glob(site))
                     else:
-                        site.uses.add(Use.INSTANTIATED)
+                        site.use(Use.INSTANTIATED)
                         items = tuple(stack[x:])
                         del stack[x:]
                         if np_pending:

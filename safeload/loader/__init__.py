@@ -18,7 +18,7 @@ from safeload.loader import numpy_formats, torch_backend
 from safeload.loader.numpy_backend import NumpyBackend
 from safeload.loader.resolve import Resolver
 from safeload.loader.storages import Where
-from safeload.loader.unpickler import Gate, PersistentLoad, run, scanned_names
+from safeload.loader.unpickler import Gate, PersistentLoad, run
 
 if TYPE_CHECKING:
     from safeload.api import Analysis, StreamAnalysis
@@ -154,7 +154,7 @@ class _Load:
         return args
 
     def _gate(self, sa: StreamAnalysis, resolver: Resolver) -> Gate:
-        return Gate(resolver=resolver, scanned=scanned_names(sa.globals), where=self._where(sa.stream))
+        return Gate(resolver=resolver, scanned=sa.names, where=self._where(sa.stream))
 
     def _unpickle(
         self,
@@ -270,7 +270,7 @@ class _Load:
 
     def _raw(self) -> object:
         sa = self._loadable()
-        names = scanned_names(sa.globals)
+        names = sa.names
         backend = None
         substitutes: dict[str, object] = {}
         if any(n.startswith("torch.") for n in names):

@@ -26,7 +26,7 @@ import collections
 import io
 import pickle
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -491,11 +491,3 @@ def run(
             member=gate.where.member,
         ) from exc
     return result
-
-
-def scanned_names(globals_: Iterable[Any]) -> dict[str, int | None]:
-    """qualified name -> first offset, from a stream's GlobalUse rows."""
-    names: dict[str, int | None] = {}
-    for g in globals_:
-        names.setdefault(g.name, g.offset)
-    return names

@@ -12,7 +12,7 @@ import pytest
 from safeload.analysis.evaluate import MAX_PER_KIND, evaluate_stream
 from safeload.analysis.walker import walk
 from safeload.formats.base import PersistentScheme
-from safeload.model import Finding, Use
+from safeload.model import Finding, GlobalUse, Use
 from safeload.policy import load_policy
 from tests import pickle_builder as pb
 
@@ -26,14 +26,15 @@ def evaluate(
     member: str | None = None,
     file_offset: int | None = None,
     multi: bool = True,
-) -> tuple[list[Finding], list]:
-    return evaluate_stream(
+) -> tuple[list[Finding], list[GlobalUse]]:
+    findings, imports = evaluate_stream(
         walk(data, multi=multi),
         policy=STRICT,
         member=member,
         file_offset=file_offset,
         persistent_scheme=scheme,
     )
+    return findings, imports.rows()
 
 
 def by_code(findings: list[Finding], code: str) -> list[Finding]:

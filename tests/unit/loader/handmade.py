@@ -14,7 +14,6 @@ from typing import Any
 
 from safeload.analysis import names
 from safeload.formats.base import Container, PersistentScheme, PickleStream, StorageEntry, StreamRole
-from safeload.model import GlobalUse
 from safeload.policy import Policy, load_policy
 
 
@@ -32,7 +31,7 @@ class Source:
 @dataclass
 class Stream:
     stream: PickleStream
-    globals: list[GlobalUse]
+    names: dict[str, int | None]  # qualified name -> first offset, as the scan gives the loader
 
 
 @dataclass
@@ -44,9 +43,10 @@ class Analysis:
     streams: list[Stream] = field(default_factory=list)
 
 
-def pickle_globals(data: bytes | memoryview) -> list[GlobalUse]:
-    """Every GLOBAL / STACK_GLOBAL of the first pickle, named as the scan reports them."""
-    out: list[GlobalUse] = []
+def pickle_globals(data: bytes | memoryview) -> dict[str, int | None]:
+    """Every GLOBAL / STACK_GLOBAL of the first pickle, named as the scan reports them, with the
+    offset of its first site."""
+    out: dict[str, int | None] = {}
     proto = 0
     strings: list[Any] = []
     memo: dict[int, Any] = {}
@@ -55,10 +55,10 @@ def pickle_globals(data: bytes | memoryview) -> list[GlobalUse]:
             proto = arg
         if op.name in ("GLOBAL", "INST"):
             module, name = names.map_name(*arg.split(" ", 1), proto)
-            out.append(GlobalUse(name=f"{module}.{name}", offset=pos, opcode=op.name, allowed=True))
+            out.setdefault(f"{module}.{name}", pos)
         elif op.name == "STACK_GLOBAL":
             module, name = strings[-2], strings[-1]
-            out.append(GlobalUse(name=f"{module}.{name}", offset=pos, opcode=op.name, allowed=True))
+            out.setdefault(f"{module}.{name}", pos)
         if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
             strings.append(arg)
         elif op.name == "MEMOIZE":

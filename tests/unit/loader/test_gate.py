@@ -48,7 +48,7 @@ def test_not_allowed_name_refused_with_remedy(marker: Path) -> None:
 
 def test_name_the_scan_did_not_report_is_an_internal_error(marker: Path) -> None:
     a = handmade.raw_pickle(pb.exec_payload(marker), policy="default")
-    a.streams[0].globals.clear()  # the scanner and the unpickler disagree
+    a.streams[0].names.clear()  # the scanner and the unpickler disagree
     with pytest.raises(InternalLoaderError, match="did not report"):
         unpickle(a)
 
