@@ -82,10 +82,18 @@ def _add_scan(sub: Any) -> None:
         "scan",
         help="scan files and directories; the format is decided by content, not extension",
         description="Scan files and directories. Directories are walked; in them, files that are no "
-        "model format (by content) are skipped. A named file that is no known format gives exit 2.",
+        "model format (by content) are skipped. A named file that is no known format gives exit 2, "
+        "unless --skip-non-model.",
     )
     scan.add_argument("paths", nargs="+", metavar="PATH")
     _add_policy_args(scan)
+    scan.add_argument(
+        "--skip-non-model",
+        action="store_true",
+        help="skip named files that are no model format (by content: nothing in them a loader would "
+        "unpickle, e.g. a sentencepiece tokenizer.model) as a directory walk does, instead of exit 2; "
+        "the pre-commit hook passes it, since its file patterns select by name",
+    )
     scan.add_argument("--format", choices=_formats(), default="text", help="report format (default: text)")
     scan.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
     scan.add_argument("--sha256", action="store_true", help="hash every file (identity for reports and waivers)")
@@ -183,7 +191,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
                 skipped.append(path)  # as the audit lists a Hugging Face cache's refs/main
                 continue
             report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
-            if not named and report.no_model_format:
+            if (not named or args.skip_non_model) and report.no_model_format:
                 skipped.append(path)
                 continue
             reports.append(report)

@@ -90,10 +90,12 @@ def test_hook_lets_benign_models_in_and_keeps_malicious_ones_out(tmp_path: Path,
     )
     assert installed.returncode == 0, installed.stdout + installed.stderr
 
-    # benign: real torch and pickle output, plus a file the hook's pattern does not select
+    # benign: real torch and pickle output, a file the hook's pattern does not select, and one it
+    # selects by name that is no model format (a sentencepiece tokenizer is protobuf): skipped
     torch.save({"w": torch.zeros(3, 2), "step": 7}, work / "good.pt")
     (work / "stats.pkl").write_bytes(pickle.dumps({"mean": [0.5, 0.25], "n": 10}, protocol=4))
     (work / "README.md").write_text("# models\n", encoding="utf-8")
+    (work / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02" * 20)
     _git(work, "add", "-A", env=env)
     ok = _git(work, "commit", "-m", "benign models", env=env, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr

@@ -8,6 +8,7 @@ import json
 import pickle
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,6 +48,28 @@ def test_unsafe_wins_over_incomplete(tmp_path: Path, marker: Path) -> None:
 def test_unrecognized_named_file_is_never_clean(tmp_path: Path) -> None:
     f = _write(tmp_path / "model.pt", b"# just some text\nhello\n")
     assert main(["scan", str(f)]) == 2
+
+
+def test_skip_non_model_skips_named_files_no_loader_would_unpickle(
+    tmp_path: Path, marker: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pre-commit hook's files are selected by name, and most model repositories hold a
+    sentencepiece tokenizer.model (protobuf): no model format, so the hook skips it as a directory
+    walk does. Content still decides: a pickle under that name is scanned, and a known format that
+    cannot be read whole still gives exit 2."""
+    tokenizer = _write(tmp_path / "tokenizer.model", b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02" * 20)
+    assert main(["scan", str(tokenizer)]) == 2
+    capsys.readouterr()
+    assert main(["scan", "--skip-non-model", str(tokenizer)]) == 0
+    assert "0 file(s) scanned" in (out := capsys.readouterr().out) and "1 skipped (no model format)" in out
+    payload = _write(tmp_path / "spiece.model", system_payload(marker))
+    assert main(["scan", "--skip-non-model", str(tokenizer), str(payload)]) == 1
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2))
+    truncated = _write(tmp_path / "cut.model", buf.getvalue()[:-30])
+    assert main(["scan", "--skip-non-model", str(tokenizer), str(truncated)]) == 2
+    assert not marker.exists()
 
 
 def test_directory_walk_skips_non_model_files_by_content(tmp_path: Path, marker: Path,
