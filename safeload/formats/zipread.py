@@ -68,6 +68,10 @@ FLAG_UTF8 = 0x0800
 _ORDINARY_FLAGS = 0x0002 | 0x0004 | FLAG_DESCRIPTOR | FLAG_UTF8
 
 _DOS_DIRECTORY = 0x10
+# Findings of one code an archive's records make that are listed; the rest are counted in one more.
+# One per member (a bad CRC, a name that differs) in an archive of 200,000 members took 1.3 s and
+# 200 MB to build, and the scan then kept 1,000 of them.
+MAX_NOTES_PER_CODE = 100
 _HEAP_SORT_MAX = 50_000
 
 
@@ -274,6 +278,7 @@ class _Reader:
         self.buf = buf
         self.ctx = ctx
         self.findings: list[Finding] = []
+        self.noted: dict[str, int] = {}  # findings of each code, listed or not
         # ctx.peek without its dispatch, once per member (local headers, data descriptors).
         self.peek: Callable[[int, int], bytes | memoryview] = ctx.peek_file or self._slice
 
@@ -281,7 +286,23 @@ class _Reader:
         return self.buf[offset : offset + size]
 
     def note(self, code: str, message: str, member: str | None = None, offset: int | None = None) -> None:
-        self.findings.append(member_finding(code, message, self.ctx, member, offset))
+        count = self.noted[code] = self.noted.get(code, 0) + 1
+        if count <= MAX_NOTES_PER_CODE:
+            self.findings.append(member_finding(code, message, self.ctx, member, offset))
+
+    def _unlisted(self) -> None:
+        for code, count in self.noted.items():
+            if count > MAX_NOTES_PER_CODE:
+                self.findings.append(
+                    member_finding(
+                        code,
+                        f"{count - MAX_NOTES_PER_CODE} more {code} findings in this archive's records are "
+                        f"not listed (an archive lists {MAX_NOTES_PER_CODE} of each code)",
+                        self.ctx,
+                        None,
+                        None,
+                    )
+                )
 
     def u(self, st: struct.Struct, offset: int) -> tuple | None:
         if offset < 0 or offset + st.size > len(self.buf):
@@ -290,6 +311,11 @@ class _Reader:
 
     # -- end records ---------------------------------------------------------------------------
     def read(self) -> ZipArchive | None:
+        archive = self._read()
+        self._unlisted()  # into self.findings: the archive's own list
+        return archive
+
+    def _read(self) -> ZipArchive | None:
         eocd = find_eocd(self.buf)
         if eocd is None:
             self.note(

@@ -158,3 +158,18 @@ def object_npy(pickled: bytes) -> bytes:
     header = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
     header += " " * (117 - len(header)) + "\n"
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + pickled
+
+
+def test_an_archive_lists_a_bounded_number_of_findings_per_code() -> None:
+    """One finding per member of an archive of 200,000 members took 1.3 s and 200 MB to build
+    before the scan kept 1,000 of them. An archive lists 100 of each code and counts the rest."""
+    names = [f"m{i}.txt" for i in range(150)]
+    data = zip_bytes(dict.fromkeys(names, b"x"))
+    out = bytearray(data)
+    for info in zipfile.ZipFile(io.BytesIO(data)).infolist():
+        out[info.header_offset + 14] ^= 0xFF  # the local header's CRC only: the records disagree
+    found = [f for f in scan(bytes(out)).findings if f.code == "SL300"]
+    assert len(found) == zipread.MAX_NOTES_PER_CODE + 1 == 101
+    assert [f.member for f in found[:3]] == names[:3] and found[0].offset == 0
+    assert found[-1].message.startswith("50 more SL300 findings in this archive's records are not listed")
+    assert found[-1].member is None
