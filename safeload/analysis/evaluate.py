@@ -83,7 +83,7 @@ class ImportRows:
             member=self.member,
             offset=site.offset,
             opcode=site.opcode,
-            uses=_sorted_uses(site.uses),
+            uses=_ordered_uses(site.uses),
             allowed=self.allowed[name],
         )
 
@@ -149,6 +149,12 @@ class _Where:
 
 def _sorted_uses(uses: Iterable[Use]) -> tuple[Use, ...]:
     return tuple(sorted(set(uses), key=_USE_ORDER.__getitem__))
+
+
+@functools.lru_cache(maxsize=64)
+def _ordered_uses(uses: frozenset[Use]) -> tuple[Use, ...]:
+    # A site's uses are one of a handful of shared frozensets: one tuple each, not one per row.
+    return _sorted_uses(uses)
 
 
 def _imports(rows: ImportRows, policy: PolicyLike, where: _Where, torchscript: bool = False) -> list[Finding]:

@@ -24,7 +24,7 @@ class ImportSite:  # up to 200,000 per stream: slotted, a third less memory apie
     opcode: str  # GLOBAL, STACK_GLOBAL, INST, EXT1, ...
     # Shared, never mutated: most sites are only referenced, and a set apiece was two thirds of a
     # hostile stream's 200,000 sites' memory. ``use`` records more.
-    uses: frozenset[Use] = field(default_factory=lambda: _REFERENCED)
+    uses: frozenset[Use] = _REFERENCED
     # The (module, name) as written in the stream, when the Python 2 mapping changed it.
     raw: tuple[str, str] | None = None
 
