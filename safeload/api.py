@@ -136,7 +136,7 @@ def analyse(
                 analysed, stream_findings, report = _analyse_stream(
                     one, policy, explain_this, walk_result, recorded
                 )
-                if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
+                if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk, policy)) is not None:
                     findings.extend(recorded.kept([no_pickle]))
                     _forget(container, one)
                     continue
@@ -230,7 +230,7 @@ def _analyse_stream(
     return analysis, findings, report
 
 
-def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
+def _not_a_pickle(stream: PickleStream, walked: WalkResult, policy: Policy) -> Finding | None:
     """SL204 for bytes read as a pickle only because they start with an opcode byte (a text file
     starting with ``M``, an HDF5 or GGUF header, a Flax msgpack) when no unpickler could act on
     them: they break before any import, call or persistent id, CPython's unpickler replayed over
@@ -240,7 +240,13 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
     Without an import there is no callable: REDUCE, BUILD or OBJ on what the bytes built fail. The
     one lookup allowed is an extension code (EXT1/2/4: a msgpack map of 2 to 4 keys starts with
     one) whose very next opcode breaks: whatever name the process registered for it, if any, is
-    looked up and never used."""
+    looked up and never used. Memo stores between the two use nothing either; a LONG_BINPUT index
+    past the memo limit (a key such as "rng" reads as one) makes CPython grow its memo to it, or
+    fail for memory, and the walk is then taken again with no such limit to see where it breaks."""
+    if stream.guessed and _memo_limit_after_lookup(stream.data, walked):
+        # The walk's memo is a dict: an index costs it nothing. Its opcode bound still holds.
+        limits = policy.limits.model_copy(update={"max_memo": 1 << 32})
+        walked = walk(stream.data, limits=limits, multi=stream.multi, fold_values=False)
     if (
         not stream.guessed
         or walked.pickles
@@ -273,6 +279,21 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
         offset=broke.offset,
         file_offset=stream.file_offset,
     )
+
+
+def _memo_limit_after_lookup(data: memoryview, walked: WalkResult) -> bool:
+    """The walk stopped (SL203) at a LONG_BINPUT past the memo limit that only memo stores
+    separate from an extension-code lookup at the start, and saw nothing else."""
+    if walked.imports or walked.persistent_ids or walked.pickles:
+        return False
+    limits = [a for a in walked.anomalies if a.code == "SL203"]
+    lookups = [a for a in walked.anomalies if a.code == "SL103"]
+    if len(limits) != 1 or len(lookups) != 1 or len(walked.anomalies) != 2:
+        return False
+    stop, lookup = limits[0].offset, lookups[0].offset
+    if data[stop] != pickle.LONG_BINPUT[0] or data[lookup] not in raw.EXT_ARGUMENT:
+        return False
+    return _only_memo_stores(data, lookup + 1 + raw.EXT_ARGUMENT[data[lookup]], stop)
 
 
 # Opcodes that copy the top of the stack into the memo and leave it there: no use of it.

@@ -72,6 +72,9 @@ NOT_PICKLES: dict[str, Callable[[Path], None]] = {
     "flax-3.msgpack": _flax("bert", "cls", "pooler"),  # EXT2
     "flax-4.msgpack": _flax("a", "b", "c", "d"),  # EXT4
     "flax-query.msgpack": _flax("query", "key"),  # EXT1, then BINPUT: a memo store, no use
+    # EXT1, then LONG_BINPUT at index 2.8 billion, past the memo limit: CPython grows its memo to
+    # it (or fails for memory) and breaks at the next opcode
+    "flax-rng.msgpack": _flax("rng", "params"),
 }
 
 
@@ -144,8 +147,20 @@ def test_text_that_reads_as_a_persistent_id_stays_a_broken_pickle(text: bytes, t
 
 @pytest.mark.parametrize(
     "data",
-    [b"\x82\x01)R", b"\x82\x01q\x00h\x00)R", b"\x82\x01\x82\x02\xff"],
-    ids=["called", "stored-then-called", "two-lookups"],
+    [
+        b"\x82\x01)R",
+        b"\x82\x01q\x00h\x00)R",
+        b"\x82\x01\x82\x02\xff",
+        b"\x82\x01r\x00\x00\x00\x10)R",
+        b"\x82\x01r\x00\x00\x00\x10j\x00\x00\x00\x10)R",
+    ],
+    ids=[
+        "called",
+        "stored-then-called",
+        "two-lookups",
+        "huge-index-then-called",
+        "huge-index-fetched-called",
+    ],
 )
 def test_an_extension_lookup_whose_object_may_be_used_is_never_inert(data: bytes, tmp_path: Path) -> None:
     """The one lookup an inert file may make is an EXT whose object nothing after it touches."""
