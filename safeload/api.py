@@ -136,7 +136,7 @@ def analyse(
                 analysed, stream_findings, report = _analyse_stream(
                     one, policy, explain_this, walk_result, recorded
                 )
-                if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk, policy)) is not None:
+                if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
                     findings.extend(recorded.kept([no_pickle]))
                     _forget(container, one)
                     continue
@@ -230,7 +230,7 @@ def _analyse_stream(
     return analysis, findings, report
 
 
-def _not_a_pickle(stream: PickleStream, walked: WalkResult, policy: Policy) -> Finding | None:
+def _not_a_pickle(stream: PickleStream, walked: WalkResult) -> Finding | None:
     """SL204 for bytes read as a pickle only because they start with an opcode byte (a text file
     starting with ``M``, an HDF5 or GGUF header, a Flax msgpack) when no unpickler could act on
     them: they break before any import, call or persistent id, CPython's unpickler replayed over
@@ -240,13 +240,10 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult, policy: Policy) -> F
     Without an import there is no callable: REDUCE, BUILD or OBJ on what the bytes built fail. The
     one lookup allowed is an extension code (EXT1/2/4: a msgpack map of 2 to 4 keys starts with
     one) whose very next opcode breaks: whatever name the process registered for it, if any, is
-    looked up and never used. Memo stores between the two use nothing either; a LONG_BINPUT index
-    past the memo limit (a key such as "rng" reads as one) makes CPython grow its memo to it, or
-    fail for memory, and the walk is then taken again with no such limit to see where it breaks."""
-    if stream.guessed and _memo_limit_after_lookup(stream.data, walked):
-        # The walk's memo is a dict: an index costs it nothing. Its opcode bound still holds.
-        limits = policy.limits.model_copy(update={"max_memo": 1 << 32})
-        walked = walk(stream.data, limits=limits, multi=stream.multi, fold_values=False)
+    looked up and never used. Memo stores between the two use nothing either, even one past the
+    memo limit (SL203: a first key such as "rng" reads as LONG_BINPUT to index 2.8 billion): a
+    process that has no such extension code fails at the lookup, before it, and one that has
+    grows its memo (or fails for memory) and breaks where the walk did."""
     if (
         not stream.guessed
         or walked.pickles
@@ -254,7 +251,7 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult, policy: Policy) -> F
         # A persistent id is a call into the loader (its persistent_load), whatever it holds.
         or walked.persistent_ids
         or not any(a.code == "SL200" for a in walked.anomalies)
-        or any(a.code not in ("SL200", "SL103") for a in walked.anomalies)
+        or any(a.code not in ("SL200", "SL103", "SL203") for a in walked.anomalies)
         or raw.structured(stream.data)
     ):
         return None
@@ -270,6 +267,12 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult, policy: Policy) -> F
         or not _only_memo_stores(data, lookups[0] + 1 + raw.EXT_ARGUMENT[data[lookups[0]]], broke.offset)
     ):
         return None
+    # A store past the memo limit only behind the lookup, where the check above found memo stores
+    # alone: without a lookup before it, a loader grows its memo to the index (gigabytes).
+    if any(
+        a.code == "SL203" and not (lookups and lookups[0] < a.offset < broke.offset) for a in walked.anomalies
+    ):
+        return None
     return make_finding(
         "SL204",
         f"no pickle-bearing format recognized: read as a pickle, the bytes break at offset "
@@ -279,21 +282,6 @@ def _not_a_pickle(stream: PickleStream, walked: WalkResult, policy: Policy) -> F
         offset=broke.offset,
         file_offset=stream.file_offset,
     )
-
-
-def _memo_limit_after_lookup(data: memoryview, walked: WalkResult) -> bool:
-    """The walk stopped (SL203) at a LONG_BINPUT past the memo limit that only memo stores
-    separate from an extension-code lookup at the start, and saw nothing else."""
-    if walked.imports or walked.persistent_ids or walked.pickles:
-        return False
-    limits = [a for a in walked.anomalies if a.code == "SL203"]
-    lookups = [a for a in walked.anomalies if a.code == "SL103"]
-    if len(limits) != 1 or len(lookups) != 1 or len(walked.anomalies) != 2:
-        return False
-    stop, lookup = limits[0].offset, lookups[0].offset
-    if data[stop] != pickle.LONG_BINPUT[0] or data[lookup] not in raw.EXT_ARGUMENT:
-        return False
-    return _only_memo_stores(data, lookup + 1 + raw.EXT_ARGUMENT[data[lookup]], stop)
 
 
 # Opcodes that copy the top of the stack into the memo and leave it there: no use of it.

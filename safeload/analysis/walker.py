@@ -142,6 +142,12 @@ class _Walker(Semantics):
 
     # -- records -----------------------------------------------------------------------------------
 
+    def _memo_beyond(self, idx: int, offset: int, limit: int) -> None:
+        # The loader's bound, not the walk's: CPython grows its memo list to the index (gigabytes,
+        # or a MemoryError) and reads on. The walk's memo is a dict, so it reads on too and judges
+        # what follows; the note keeps the stream from passing.
+        self.note("SL203", offset, f"memo index {idx} is beyond the memo limit {limit}")
+
     def note(self, code: str, offset: int, message: str, global_name: str | None = None) -> None:
         anomalies = self.result.anomalies
         if len(anomalies) >= MAX_ANOMALIES:
@@ -296,7 +302,7 @@ class _Walker(Semantics):
                     if len(stack) <= fence:
                         raise self._underflow(op_start, marks)
                     if idx >= max_memo:
-                        raise Stop("SL203", op_start, f"memo index {idx} is beyond the memo limit {max_memo}")
+                        self._memo_beyond(idx, op_start, max_memo)
                     memo[idx] = stack[-1]
                 elif op == 0x68:  # BINGET
                     try:
@@ -749,9 +755,7 @@ class _Walker(Semantics):
                         if idx < 0:
                             raise Stop("SL200", op_start, "negative PUT argument")
                         if idx >= max_memo:
-                            raise Stop(
-                                "SL203", op_start, f"memo index {idx} is beyond the memo limit {max_memo}"
-                            )
+                            self._memo_beyond(idx, op_start, max_memo)
                         memo[idx] = stack[-1]
                 elif op == 0x50:  # PERSID
                     pos, text = self._line(pos, op_start, minimum=0)

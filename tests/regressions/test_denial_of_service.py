@@ -193,6 +193,22 @@ def test_huge_memo_index_is_refused() -> None:
     assert verdict is Verdict.UNSCANNABLE and "SL203" in found
 
 
+def test_what_follows_a_huge_memo_index_is_still_judged(marker: Path) -> None:
+    """CPython grows its memo list to a LONG_BINPUT's index and reads on: the walk used to stop
+    there (UNSCANNABLE, the payload after it unnamed); it notes the index and reads on."""
+    payload = pb.system_payload(marker)
+    data = pb.proto(2) + pb.NONE + b"r\xff\xff\xff\x7f" + pb.POP + payload[2:]
+    report = safeload.scan_bytes(data, policy="default")
+    assert report.verdict is Verdict.UNSAFE
+    assert {f.code for f in report.findings} >= {"SL203", "SL100"}
+    assert "os.system" in {f.global_name for f in report.findings}
+    # Bytes that start like no pickle and store at such an index with no lookup before it are no
+    # inert text: a loader would grow its memo to 2 GB entries. They stay reported.
+    report = safeload.scan_bytes(b"Nr\x00\x00\x00\x10a", policy="default")
+    assert [f.code for f in report.findings] == ["SL203", "SL200"]
+    assert not marker.exists()
+
+
 def test_huge_declared_lengths_allocate_nothing() -> None:
     for op in (b"\x8e", b"\x96", b"\x8d", b"\x95"):
         data = b"\x80\x05" + op + struct.pack("<Q", 1 << 62) + b"x."
