@@ -14,7 +14,7 @@ from safeload.analysis.evaluate import evaluate_stream
 from safeload.analysis.joblib_arrays import is_wrapper
 from safeload.analysis.replay import could_import, differential, replay_imports
 from safeload.analysis.types import WalkResult
-from safeload.analysis.walker import walk
+from safeload.analysis.walker import MAX_IMPORT_SITES, walk
 from safeload.codes import Effect
 from safeload.errors import (
     DisallowedGlobalError,
@@ -115,7 +115,7 @@ def analyse(
         for stream in container.streams:
             if pin_streams:
                 stream = dataclasses.replace(stream, data=memoryview(bytes(stream.data)))
-            walked = _walk(stream, policy)
+            walked = _walk(stream, policy, recorded)
             late = _joblib_after_all(stream, walked)
             pure = _pure_python_reading(stream, walked, policy) if late is None else None
             if pure is not None:
@@ -318,17 +318,21 @@ def _forget(container: Container, stream: PickleStream) -> None:
 _EXPECTED_IN_SECONDARY = frozenset({"SL200", "SL201", "SL202"})
 
 
-def _walk(stream: PickleStream, policy: Policy) -> WalkResult:
+def _walk(stream: PickleStream, policy: Policy, budget: ScanBudget | None = None) -> WalkResult:
     if stream.walked is not None:
         # Walked by its reader with the scan's limits: a copy, as the scan adds to its anomalies.
         return stream.walked.with_own_anomalies()
+    limits, sites = (
+        budget.walk_bounds(policy.limits) if budget is not None else (policy.limits, MAX_IMPORT_SITES)
+    )
     return walk(
         stream.data,
-        limits=policy.limits,
+        limits=limits,
         multi=stream.multi,
         joblib_arrays=stream.joblib_arrays,
         pure_python=stream.pure_python,
         fold_values=False,
+        max_sites=sites,
     )
 
 

@@ -87,6 +87,17 @@ class ScanBudget:
             for code, count in self.unlisted.items()
         ]
 
+    def walk_bounds(self, limits: Limits) -> tuple[Limits, int]:
+        """The limits and import-site bound to walk the next stream with: one past what the file
+        may still take, so that a stream past the budget stops there and ``take`` refuses it (a
+        hostile zip's second member of 199,000 sites, or fifth at the opcode bound, used to be
+        walked to its end first)."""
+        if self.full:
+            return limits.model_copy(update={"max_opcodes": 1}), 1  # take() refuses any stream now
+        if self.opcodes < limits.max_opcodes:
+            limits = limits.model_copy(update={"max_opcodes": self.opcodes + 1})
+        return limits, self.sites + 1
+
     def take(self, walked: WalkResult, stream: PickleStream) -> None:
         """Count a walked stream against the budget; LimitExceededError past it."""
         over = None

@@ -67,6 +67,7 @@ def walk(
     joblib_arrays: bool = False,
     pure_python: bool = False,
     fold_values: bool = True,
+    max_sites: int = MAX_IMPORT_SITES,
 ) -> WalkResult:
     """Walk every pickle in ``data``; never raises on bad input.
 
@@ -80,9 +81,13 @@ def walk(
     newline, INST's import before its MARK is checked).
     ``fold_values``: fill ``result.values`` with each pickle's constant-folded value (readers that
     need a value, such as the legacy format's header pickles); a policy scan does not need them.
+    ``max_sites``: import sites after which the walk stops (SL203); at most MAX_IMPORT_SITES. A scan
+    passes what its file may still take (analysis.budget), so that a stream past it is not walked
+    to its end only to be refused.
     """
     buf = _as_buffer(data)
     walker = _Walker(buf, limits, joblib_arrays, fold_values, pure_python or joblib_arrays)
+    walker.max_sites = min(max_sites, MAX_IMPORT_SITES)
     try:
         walker.run(multi)
     except MemoryError:
@@ -120,6 +125,7 @@ class _Walker(Semantics):
         self.joblib = joblib
         self.fold_values = fold_values
         self.pure = pure  # read as pickle.py's unpickler does, not as the C one
+        self.max_sites = MAX_IMPORT_SITES
         self.result = WalkResult()
         self.ops = 0
         self.last_offset = 0
@@ -157,8 +163,8 @@ class _Walker(Semantics):
 
     def site(self, module: str, name: str, offset: int, opcode: str, proto: int) -> ImportSite:
         imports = self.result.imports
-        if len(imports) >= MAX_IMPORT_SITES:
-            raise Stop("SL203", offset, f"more than {MAX_IMPORT_SITES} imports in one stream")
+        if len(imports) >= self.max_sites:
+            raise Stop("SL203", offset, f"more than {self.max_sites} imports in one stream")
         mapped = map_name(module, name, proto)
         site = ImportSite(
             module=mapped[0],

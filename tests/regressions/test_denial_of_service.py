@@ -303,6 +303,38 @@ def test_import_sites_are_bounded_per_file_not_only_per_stream(
     assert not marker.exists()
 
 
+def test_a_stream_past_the_file_budget_is_not_walked_to_its_end(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The stream that takes a file past its import-site or opcode budget is refused; it used to be
+    walked to its end first (a hostile zip's second member of 199,000 sites: half the scan)."""
+    from safeload import api
+    from safeload.analysis import budget
+
+    walked: list[tuple[int, int]] = []
+    real_walk = api.walk
+
+    def recorded(*args: object, **kwargs: object) -> object:
+        result = real_walk(*args, **kwargs)  # type: ignore[arg-type]
+        walked.append((len(result.imports), result.opcodes))
+        return result
+
+    monkeypatch.setattr(api, "walk", recorded)
+    monkeypatch.setattr(budget, "MAX_IMPORT_SITES_PER_FILE", 1000)
+    report = safeload.scan_bytes(_zip_of([_many_sites(700), _many_sites(5000)]), policy="default")
+    assert [f.code for f in report.findings] == ["SL203"] and report.findings[0].member == "m1.pkl"
+    assert [sites for sites, _ in walked] == [700, 301]
+
+    walked.clear()
+    policy = tmp_path / "p.toml"
+    policy.write_text('schema_version = 1\nextends = ["default"]\n[limits]\nmax_opcodes = 10000\n')
+    opcodes = pb.proto(4) + (pb.EMPTY_TUPLE + pb.POP) * 4_000 + pb.NONE + pb.STOP  # 8,003 opcodes
+    report = safeload.scan_bytes(_zip_of([opcodes] * 6), policy=str(policy))
+    assert [f.member for f in report.findings if f.code == "SL203"] == ["m4.pkl"]
+    # four streams' worth is 40,000: the fifth stops one opcode past what is left
+    assert [ops for _, ops in walked] == [8003] * 4 + [40_000 - 4 * 8003 + 1]
+
+
 def test_the_default_bound_on_import_sites_per_file() -> None:
     """At the real bound: five members of 90,000 sites (a 3 KB zip) stop at the third."""
     data = _zip_of([_many_sites(90_000)] * 5)
