@@ -86,8 +86,9 @@ def walk(
     to its end only to be refused.
     """
     buf = _as_buffer(data)
-    walker = _Walker(buf, limits, joblib_arrays, fold_values, pure_python or joblib_arrays)
-    walker.max_sites = min(max_sites, MAX_IMPORT_SITES)
+    walker = _Walker(
+        buf, limits, joblib_arrays, fold_values, pure_python or joblib_arrays, min(max_sites, MAX_IMPORT_SITES)
+    )
     try:
         walker.run(multi)
     except MemoryError:
@@ -117,7 +118,13 @@ def _as_buffer(data: bytes | bytearray | memoryview) -> bytes | memoryview:
 
 class _Walker(Semantics):
     def __init__(
-        self, buf: bytes | memoryview, limits: Limits, joblib: bool, fold_values: bool = True, pure: bool = False
+        self,
+        buf: bytes | memoryview,
+        limits: Limits,
+        joblib: bool,
+        fold_values: bool = True,
+        pure: bool = False,
+        max_sites: int = MAX_IMPORT_SITES,
     ) -> None:
         self.buf = buf
         self.n = len(buf)
@@ -125,7 +132,7 @@ class _Walker(Semantics):
         self.joblib = joblib
         self.fold_values = fold_values
         self.pure = pure  # read as pickle.py's unpickler does, not as the C one
-        self.max_sites = MAX_IMPORT_SITES
+        self.max_sites = max_sites
         self.result = WalkResult()
         self.ops = 0
         self.last_offset = 0
