@@ -28,7 +28,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # Keep `import safeload` light: the result models (pydantic), policy, api, loader, even the rule
+    # Keep `import safeload` light: the result types, policy, api, loader, even the rule
     # catalogue and the exceptions load on first use (a replayed audit report needs none of them).
     if name == "errors":
         # Not `from safeload import errors`: that asks this hook again. Importing the submodule

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from safeload.analysis.budget import ScanBudget
@@ -421,7 +421,7 @@ def _apply_waiver(finding: Finding, digest: str, policy: Policy) -> Finding:
     waiver = policy.waiver_for(digest, finding.code, finding.global_name)
     if waiver is None:
         return finding
-    return finding.model_copy(update={"waived": True, "waiver_reason": waiver.reason})
+    return replace(finding, waived=True, waiver_reason=waiver.reason)
 
 
 def _versions() -> dict[str, str]:

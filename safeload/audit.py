@@ -8,7 +8,7 @@ inventory, which files block which policy and, with a baseline, only what is new
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -177,16 +177,17 @@ def audit(
     )
     today = date.today()
     in_force = [w.expires for p in compared for w in p.waivers if w.expires >= today]
-    run._counts = RunCounts(
-        scanned=scanned,
-        from_cache=sum(1 for g in groups if g.cached),
-        hash_cache_hits=hash_hits,
-        replayable=cache is not None
-        and all(g.error is None and (g.report is None or cacheable(g.report)) for g in groups),
-        policy_sources=tuple(dict.fromkeys(d for p in compared for d in p.source_digests)),
-        changes_on=min(in_force) + timedelta(days=1) if in_force else None,
+    return run.with_counts(
+        RunCounts(
+            scanned=scanned,
+            from_cache=sum(1 for g in groups if g.cached),
+            hash_cache_hits=hash_hits,
+            replayable=cache is not None
+            and all(g.error is None and (g.report is None or cacheable(g.report)) for g in groups),
+            policy_sources=tuple(dict.fromkeys(d for p in compared for d in p.source_digests)),
+            changes_on=min(in_force) + timedelta(days=1) if in_force else None,
+        )
     )
-    return run
 
 
 def _resolve_from_cache(
@@ -251,9 +252,7 @@ def _expand(groups: list[FileGroup]) -> tuple[list[ScanReport], list[str]]:
             if path not in group.named and group.report.no_model_format:
                 skipped.append(path)
                 continue
-            reports.append(
-                group.report if group.report.path == path else group.report.model_copy(update={"path": path})
-            )
+            reports.append(group.report if group.report.path == path else replace(group.report, path=path))
     reports.sort(key=lambda r: r.path)
     skipped.sort()
     return reports, skipped

@@ -161,9 +161,7 @@ class AuditCache:
     def get_reports(self, shas: Iterable[str], policy_hash: str, version: str) -> dict[str, ScanReport]:
         """The cached, valid reports among ``shas`` (one query per few hundred, not one each)."""
         # Here, not at the top: a replayed run (audit_memo) opens the cache without the models.
-        from pydantic import ValidationError
-
-        from safeload.model import ScanReport
+        from safeload.model import ResultError, ScanReport, load_json
 
         db = self._connect()
         if db is None:
@@ -185,8 +183,8 @@ class AuditCache:
                 if wanted.get(key) != sha or (row_policy, row_version) != (policy_hash, version):
                     continue
                 try:
-                    report = ScanReport.model_validate_json(text)
-                except ValidationError:
+                    report = load_json(text, ScanReport)
+                except ResultError:
                     continue
                 if report.sha256 == sha and report.policy_hash == policy_hash:
                     found[sha] = report

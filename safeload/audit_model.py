@@ -1,4 +1,5 @@
-"""Result types of `safeload audit`: a ScanRun plus registry-wide views. Frozen pydantic models.
+"""Result types of `safeload audit`: a ScanRun plus registry-wide views. Frozen dataclasses, as
+in safeload.model.
 
 Kept apart from audit.py (the logic) so that report renderers can read an audit without importing
 the scanner, and so that the published JSON schema is generated from these classes alone.
@@ -10,35 +11,38 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-
-from safeload.model import ScanRun
+from safeload.model import ScanRun, _Result, _result
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class GlobalCount(_Frozen):
+@_result
+class GlobalCount(_Result):
     """One global over the whole run: how widely it is used and which policies allow it."""
 
     name: str
-    files: int = Field(description="Distinct files (by sha256, else by path) whose pickles import it")
-    paths: int = Field(description="Reported paths whose file imports it (links and copies count again)")
-    allowed: bool = Field(description="Allowed by the policy the run was scanned with")
-    allowed_by: tuple[str, ...] = Field(default=(), description="Compared policies that allow it")
+    files: int
+    """Distinct files (by sha256, else by path) whose pickles import it"""
+    paths: int
+    """Reported paths whose file imports it (links and copies count again)"""
+    allowed: bool
+    """Allowed by the policy the run was scanned with"""
+    allowed_by: tuple[str, ...] = ()
+    """Compared policies that allow it"""
 
 
-class BlockedFile(_Frozen):
+@_result
+class BlockedFile(_Result):
     """A file that a policy would refuse, and why."""
 
     sha256: str | None
     paths: tuple[str, ...]
-    globals: tuple[str, ...] = Field(default=(), description="Globals this policy does not allow")
-    codes: tuple[str, ...] = Field(default=(), description="Blocking findings that no policy can lift")
+    globals: tuple[str, ...] = ()
+    """Globals this policy does not allow"""
+    codes: tuple[str, ...] = ()
+    """Blocking findings that no policy can lift"""
 
 
-class PolicyCheck(_Frozen):
+@_result
+class PolicyCheck(_Result):
     """Which files a policy would refuse, judged from the globals the scan resolved."""
 
     policy: str
@@ -46,22 +50,29 @@ class PolicyCheck(_Frozen):
     blocked: tuple[BlockedFile, ...] = ()
 
 
-class BaselineInfo(_Frozen):
+@_result
+class BaselineInfo(_Result):
     """With --baseline, reports keep only new findings (identity: sha256 + rule + global, never
     offsets) and only files that have some; a kept file keeps its own verdict."""
 
     path: str
-    known: int = Field(description="Finding identities in the baseline (sha256 + rule + global)")
-    suppressed: int = Field(description="Findings of this run left out because the baseline has them")
-    unchanged_files: int = Field(description="Files with findings left out because all of them are known")
+    known: int
+    """Finding identities in the baseline (sha256 + rule + global)"""
+    suppressed: int
+    """Findings of this run left out because the baseline has them"""
+    unchanged_files: int
+    """Files with findings left out because all of them are known"""
 
 
-class AuditStats(_Frozen):
+@_result
+class AuditStats(_Result):
     """The registry's size. How a run got its results (scanned, cached) is no part of the report:
     an unchanged registry gives the same report, byte for byte (see RunCounts)."""
 
-    paths: int = Field(description="Paths reported (every link to a file counts)")
-    files: int = Field(description="Distinct files by content")
+    paths: int
+    """Paths reported (every link to a file counts)"""
+    files: int
+    """Distinct files by content"""
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,9 @@ class RunCounts:
     changes_on: date | None = None
 
 
+# Not slotted: how the run got its results (RunCounts) rides along outside the fields, so that it
+# is never written into the report.
+@dataclass(frozen=True, kw_only=True)
 class AuditRun(ScanRun):
     """`safeload audit` over a registry: every path's report plus inventory, policy checks, baseline."""
 
@@ -89,8 +103,11 @@ class AuditRun(ScanRun):
     inventory: tuple[GlobalCount, ...] = ()
     policy_checks: tuple[PolicyCheck, ...] = ()
     baseline: BaselineInfo | None = None
-    _counts: RunCounts = PrivateAttr(default_factory=RunCounts)
 
     @property
     def counts(self) -> RunCounts:
-        return self._counts
+        return self.__dict__.get("_counts") or RunCounts()
+
+    def with_counts(self, counts: RunCounts) -> AuditRun:
+        object.__setattr__(self, "_counts", counts)
+        return self

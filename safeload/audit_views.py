@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,13 +36,13 @@ def reapply_waivers(report: ScanReport, policy: Policy) -> ScanReport:
             continue
         waiver = policy.waiver_for(report.sha256, f.code, f.global_name)
         if waiver is None:
-            findings.append(f.model_copy(update={"waived": False, "waiver_reason": None}))
+            findings.append(replace(f, waived=False, waiver_reason=None))
         else:
-            findings.append(f.model_copy(update={"waived": True, "waiver_reason": waiver.reason}))
+            findings.append(replace(f, waived=True, waiver_reason=waiver.reason))
     new = tuple(findings)
     if new == report.findings:
         return report
-    return report.model_copy(update={"findings": new, "verdict": decide(new)})
+    return replace(report, findings=new, verdict=decide(new))
 
 
 Identity = tuple[str, str, str]
@@ -93,7 +94,7 @@ def apply_baseline(
         if not new:
             unchanged += bool(report.findings)
             continue
-        kept.append(report.model_copy(update={"findings": new}))
+        kept.append(replace(report, findings=new))
         new_findings.extend(new)
     info = BaselineInfo(path=str(path), known=len(known), suppressed=suppressed, unchanged_files=unchanged)
     return kept, info, new_findings

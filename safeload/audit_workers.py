@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ from safeload import __version__, build_id
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import AuditError, reapply_waivers
 from safeload.gcpause import FrozenHeap
-from safeload.model import ScanReport, decide, dump_json, make_finding, unread_report
+from safeload.model import ResultError, ScanReport, decide, dump_json, load_json, make_finding, unread_report
 
 if TYPE_CHECKING:
     from safeload.policy import Policy
@@ -76,7 +76,7 @@ class Scanner:
             # Written to, or another file put in its place, since it was opened.
             changed = make_finding("SL206", "the file changed while it was being scanned; scan it again")
             findings = (*report.findings, changed)
-            return Outcome(report.model_copy(update={"findings": findings, "verdict": decide(findings)}))
+            return Outcome(replace(report, findings=findings, verdict=decide(findings)))
         # The auditing process stores the result (workers only read the cache).
         key = stat_key(after) if report.sha256 else None
         return Outcome(report, cached=how == "cached", stat_key=key, reused=how == "reused")
@@ -99,11 +99,11 @@ class Scanner:
         digest = source.sha256()
         known = self.seen.get(digest)
         if known is not None:
-            return known.model_copy(update={"path": path}), "reused", opened
+            return replace(known, path=path), "reused", opened
         if self.cache is not None and self._may_be_cached(self.cache, digest):
             hit = self.cache.get_report(digest, self.policy.hash, build_id.scanner_id())
             if hit is not None:
-                return reapply_waivers(hit, self.policy).model_copy(update={"path": path}), "cached", opened
+                return replace(reapply_waivers(hit, self.policy), path=path), "cached", opened
         report = analyse(source, self.policy, sha256=digest).report
         if len(self.seen) >= _SEEN_MAX:
             del self.seen[next(iter(self.seen))]  # the oldest: memory stays bounded
@@ -263,7 +263,7 @@ def _pool_round(batches: list[list[Task]], config: PoolConfig, policy: Policy, o
                 unfinished.extend(batch)
                 continue
             for path, result in zip(batch, results, strict=True):
-                on_done(path, _outcome(result))
+                on_done(path, _outcome(path, result, policy))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -319,19 +319,23 @@ def _run_isolated(tasks: list[Task], config: PoolConfig, policy: Policy, on_done
                 )
                 continue
             deaths = 0
-            on_done(path, _outcome(result))
+            on_done(path, _outcome(path, result, policy))
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _outcome(result: Result) -> Outcome:
+def _outcome(path: str, result: Result, policy: Policy) -> Outcome:
     text, cached, key, reused = result
-    report = ScanReport.model_validate_json(text)
+    try:
+        report = load_json(text, ScanReport)
+    except ResultError as exc:
+        # Ours to fix, never the audit's end: the file's result is an internal error.
+        return Outcome(_internal_error(path, policy, f"the worker's report for this file is broken: {exc}"))
     return Outcome(report, cached=cached, stat_key=key, report_json=text, reused=reused)
 
 
 def _internal_error(path: str, policy: Policy, why: str) -> ScanReport:
     finding = make_finding("SL207", why)
     report = unreadable(path, why, policy)
-    return report.model_copy(update={"findings": (finding,), "verdict": decide((finding,))})
+    return replace(report, findings=(finding,), verdict=decide((finding,)))

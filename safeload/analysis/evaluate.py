@@ -63,7 +63,7 @@ class PolicyLike(Protocol):
 class ImportRows:
     """One stream's import sites, each with its qualified name and whether the policy allows it.
 
-    A report row (GlobalUse, a pydantic model) is built only for the sites a report lists: a
+    A report row (GlobalUse) is built only for the sites a report lists: a
     hostile stream holds 200,000 sites, and a model apiece took a quarter of its scan's time and
     half its memory."""
 

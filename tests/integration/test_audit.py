@@ -382,7 +382,7 @@ def test_cache_entries_are_validated_and_written_atomically(tmp_path: Path) -> N
     assert cache.get_report("e" * 64, "h", "1.0") == report
     assert cache.get_report("e" * 64, "other-policy", "1.0") is None
     assert cache.get_report("e" * 64, "h", "2.0") is None
-    cache.put_report(report.model_copy(update={"sha256": "f" * 64}), "1.0")
+    cache.put_report(replace(report, sha256="f" * 64), "1.0")
     cache.flush()
     # what a scanner checks before it queries: per policy and version, and None past the limit
     assert cache.cached_shas("h", "1.0") == {"e" * 64, "f" * 64}
@@ -391,7 +391,7 @@ def test_cache_entries_are_validated_and_written_atomically(tmp_path: Path) -> N
     # many at once, over several queries; misses and other policies are left out
     many = [f"{i:064x}" for i in range(1200)]
     for sha in many:
-        cache.put_report(report.model_copy(update={"sha256": sha}), "1.0")
+        cache.put_report(replace(report, sha256=sha), "1.0")
     cache.flush()
     got = cache.get_reports([*many, "a" * 64], "h", "1.0")
     assert set(got) == set(many) and all(got[sha].sha256 == sha for sha in many)
@@ -402,7 +402,7 @@ def test_cache_entries_are_validated_and_written_atomically(tmp_path: Path) -> N
     assert AuditCache(tmp_path / "c").get_report("e" * 64, "h", "1.0") is None  # corrupt: a miss
     with contextlib.closing(sqlite3.connect(tmp_path / "c" / DB_NAME)) as db, db:
         db.execute("DELETE FROM results")
-    unreadable_ = report.model_copy(update={"findings": (make_finding("SL206", "gone"),)})
+    unreadable_ = replace(report, findings=(make_finding("SL206", "gone"),))
     cache = AuditCache(tmp_path / "c")
     cache.put_report(unreadable_, "1.0")  # circumstances of one run are never reused
     cache.close()

@@ -123,7 +123,9 @@ def waived_report(path: str = f"models/{PIPE_LINK}.pkl") -> ScanReport:
         file_offset=3,
         global_name="mypkg.layers.Scale",
         uses=(Use.CALLED,),
-    ).model_copy(update={"waived": True, "waiver_reason": "reviewed by the model team"})
+        waived=True,
+        waiver_reason="reviewed by the model team",
+    )
     return ScanReport(
         path=path,
         sha256=SHA_WAIVED,

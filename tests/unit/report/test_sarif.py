@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ def _sarif(run: ScanRun, tmp_path: Path, **kw: Any) -> dict[str, Any]:
 
 def _in(tmp_path: Path, run: ScanRun) -> ScanRun:
     """The same run with paths under tmp_path, as a scan from the repository root would give."""
-    reports = tuple(r.model_copy(update={"path": str(tmp_path / r.path)}) for r in run.reports)
-    return run.model_copy(update={"reports": reports})
+    reports = tuple(replace(r, path=str(tmp_path / r.path)) for r in run.reports)
+    return replace(run, reports=reports)
 
 
 def test_valid_against_the_official_schema(tmp_path: Path) -> None:
@@ -93,14 +94,8 @@ def test_results_have_locations_offsets_members_and_fingerprints(tmp_path: Path)
 
 def test_fingerprint_ignores_offsets_but_not_the_global(tmp_path: Path) -> None:
     report = unsafe_report()
-    moved = report.model_copy(
-        update={
-            "findings": tuple(f.model_copy(update={"offset": 999, "file_offset": 5}) for f in report.findings)
-        }
-    )
-    other = report.model_copy(
-        update={"findings": tuple(f.model_copy(update={"global_name": "os.system"}) for f in report.findings)}
-    )
+    moved = replace(report, findings=tuple(replace(f, offset=999, file_offset=5) for f in report.findings))
+    other = replace(report, findings=tuple(replace(f, global_name="os.system") for f in report.findings))
 
     def prints(r: object) -> list[str]:
         run = ScanRun(version="0.1.0", policy="default", reports=(r,), exit_code=1)  # type: ignore[arg-type]
