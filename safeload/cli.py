@@ -282,9 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry() -> NoReturn:
     # pydantic looks for plugins in the metadata of every installed distribution the first time a
-    # model class is built: ~0.1 s of start-up in a venv with torch, paid by every hook run and
-    # every audit before any file is read. safeload's models have no use for plugins (observability
-    # hooks on validation). A value the user set is kept.
+    # model class is built: ~0.1 s in a venv with torch, paid by every run that validates a user's
+    # policy file (built-in ones are read without pydantic). safeload's models have no use for
+    # plugins (observability hooks on validation). A value the user set is kept.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     code = main()
     try:

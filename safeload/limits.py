@@ -2,32 +2,51 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from dataclasses import dataclass, fields
 
 GiB = 1 << 30
 
 
-class Limits(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Each limit is a positive int (``max_nesting`` may be 0). A policy file's ``[limits]`` sets
+    some of them (validated in safeload.policy_files)."""
 
-    max_file_bytes: int = Field(default=64 * GiB, gt=0)
-    max_opcodes: int = Field(default=50_000_000, gt=0, description="Opcodes per pickle stream")
-    max_memo: int = Field(default=5_000_000, gt=0, description="Memo entries per stream")
-    max_stack_depth: int = Field(default=1_000_000, gt=0, description="Symbolic stack items")
-    max_nesting_depth: int = Field(default=1000, gt=0, description="MARK / container nesting in a stream")
-    max_streams: int = Field(default=10_000, gt=0, description="Pickle streams per file")
-    max_zip_members: int = Field(default=200_000, gt=0)
+    max_file_bytes: int = 64 * GiB
+    max_opcodes: int = 50_000_000
+    """Opcodes per pickle stream"""
+    max_memo: int = 5_000_000
+    """Memo entries per stream"""
+    max_stack_depth: int = 1_000_000
+    """Symbolic stack items"""
+    max_nesting_depth: int = 1000
+    """MARK / container nesting in a stream"""
+    max_streams: int = 10_000
+    """Pickle streams per file"""
+    max_zip_members: int = 200_000
     # Decompressed members are held in memory: the default stays well below a typical machine's RAM.
-    max_decompressed_bytes: int = Field(default=8 * GiB, gt=0, description="Total across one file")
-    max_compression_ratio: int = Field(default=1000, gt=0)
-    max_nesting: int = Field(default=4, ge=0, description="Archive-in-archive depth")
-    max_int_digits: int = Field(default=4300, gt=0, description="Digits of a LONG literal")
+    max_decompressed_bytes: int = 8 * GiB
+    """Total across one file"""
+    max_compression_ratio: int = 1000
+    max_nesting: int = 4
+    """Archive-in-archive depth"""
+    max_int_digits: int = 4300
+    """Digits of a LONG literal"""
 
-    def merged(self, other: Limits | None) -> Limits:
-        """`other`'s explicitly set fields override ours."""
-        if other is None:
-            return self
-        return self.model_copy(update=other.model_dump(exclude_unset=True))
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            least = least_value(f.name)
+            if type(value) is not int or value < least:
+                raise ValueError(f"{f.name} must be an int of at least {least}, not {value!r}")
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def least_value(name: str) -> int:
+    """The smallest value a limit may take."""
+    return 0 if name == "max_nesting" else 1
 
 
 DEFAULT_LIMITS = Limits()

@@ -21,9 +21,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from safeload.codes import RULES
 from safeload.errors import PolicyError
 from safeload.limits import Limits
 from safeload.text import escape
@@ -46,82 +43,50 @@ __all__ = [
 ]
 
 FLOOR_FILE = "floor.toml"
+# sha256 of each built-in file as the tests validated it (written by safeload.policy_files).
+_MANIFEST = "validated.json"
 ALLOW_SOURCE = "allow="
 # A policy file is a short, hand-written text; anything larger is a mistake or an attack on the reader.
 MAX_POLICY_BYTES = 4 << 20
 _WILDCARD = ".*"
 
 
-# -- file models -------------------------------------------------------------------------------------
+# -- file content ----------------------------------------------------------------------------------
 
 
-def _check_reason(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must say why (an empty reason is not a reason)")
-    return value
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-
-class _AllowEntry(_Model):
-    global_: str = Field(alias="global")
+@dataclass(frozen=True)
+class AllowEntry:
+    global_: str
     reason: str
     unsafe_wildcard: bool = False
 
-    _reason = field_validator("reason")(_check_reason)
 
-
-class _WaiveEntry(_Model):
-    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+@dataclass(frozen=True)
+class WaiveEntry:
+    sha256: str
     code: str
-    global_: str | None = Field(default=None, alias="global")
+    global_: str | None
     reason: str
     expires: date
 
-    _reason = field_validator("reason")(_check_reason)
 
-    @field_validator("code")
-    @classmethod
-    def _known_code(cls, value: str) -> str:
-        if value not in RULES:
-            raise ValueError(f"unknown rule code {value!r}")
-        if value == "SL100":
-            raise ValueError("floor hits (SL100) cannot be waived")
-        return value
+@dataclass(frozen=True)
+class PolicyFile:
+    """A policy file's content, valid (checked by safeload.policy_files, or known to be)."""
 
-
-class _PolicyFile(_Model):
-    schema_version: Literal[1]
-    name: str | None = None
-    description: str = ""
-    extends: list[str] = []
-    limits: Limits | None = None
-    allow: list[_AllowEntry] = []
-    waive: list[_WaiveEntry] = []
+    name: str | None
+    description: str
+    extends: tuple[str, ...]
+    limits: Mapping[str, int]  # the fields of Limits the file sets
+    allow: tuple[AllowEntry, ...]
+    waive: tuple[WaiveEntry, ...]
 
 
-class _FloorModule(_Model):
-    name: str
-    reason: str
-
-    _reason = field_validator("reason")(_check_reason)
-
-
-class _FloorName(_Model):
-    global_: str = Field(alias="global")
-    reason: str
-
-    _reason = field_validator("reason")(_check_reason)
-
-
-class _FloorFile(_Model):
-    schema_version: Literal[1]
-    description: str = ""
-    module: list[_FloorModule]
-    name: list[_FloorName] = []
-    attribute: list[_FloorModule] = []
+@dataclass(frozen=True)
+class FloorFile:
+    modules: dict[str, str]
+    names: dict[str, str]
+    attributes: dict[str, str]
 
 
 # -- values --------------------------------------------------------------------------------------------
@@ -371,7 +336,7 @@ def _make_policy(
         "description": description,
         "allow": [[k, reasons_view[k]] for k in sorted(allowed_set)],
         "wildcards": [[k, reasons_view[k]] for k in sorted(wildcard_set)],
-        "limits": limits.model_dump(mode="json"),
+        "limits": limits.as_dict(),
         "waivers": [[w.sha256, w.code, w.global_name, w.reason, w.expires.isoformat()] for w in waiver_tuple],
         "floor": fl.digest,
     }
@@ -417,7 +382,7 @@ def _read_user_file(path: Path) -> bytes:
     return data
 
 
-def _parse_toml(data: bytes, label: str) -> dict[str, Any]:
+def parse_toml(data: bytes, label: str) -> dict[str, Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -428,31 +393,55 @@ def _parse_toml(data: bytes, label: str) -> dict[str, Any]:
         raise PolicyError(f"{label}: not valid TOML: {exc}") from None
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
+def _validated(data: bytes, raw: dict[str, Any], label: str, builtin: bool, floor_file: bool = False) -> Any:
+    """A file's content checked by the pydantic models, unless it is a built-in file whose bytes
+    are the ones the manifest records as valid (then it is read as it is, without pydantic)."""
+    if builtin and _known_valid(label, data):
+        return _floor_content(raw) if floor_file else _policy_content(raw)
+    from safeload import policy_files  # pydantic: only for files not known to be valid
+
+    if floor_file:
+        return policy_files.validate_floor_file(raw, label)
+    return policy_files.validate_policy_file(raw, label)
 
 
-def _validation_error(label: str, exc: ValidationError, data: Mapping[str, Any]) -> PolicyError:
-    lines = [f"{label}: invalid policy file"]
-    for err in exc.errors():
-        where = _loc(err["loc"])
-        hint = ""
-        loc = err["loc"]
-        if len(loc) >= 2 and isinstance(loc[1], int) and loc[0] in ("allow", "waive", "name", "module"):
-            entry = data.get(str(loc[0]))
-            if isinstance(entry, list) and loc[1] < len(entry) and isinstance(entry[loc[1]], dict):
-                glob = entry[loc[1]].get("global", entry[loc[1]].get("name"))
-                if isinstance(glob, str):
-                    hint = f" (entry for {escape(glob)})"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"  {where}: {escape(msg)}{hint}")
-    return PolicyError("\n".join(lines))
+@lru_cache(maxsize=1)
+def _manifest() -> Mapping[str, str]:
+    try:
+        recorded = json.loads((_rules_dir() / _MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _known_valid(filename: str, data: bytes) -> bool:
+    return _manifest().get(filename) == hashlib.sha256(data).hexdigest()
+
+
+def _policy_content(raw: Mapping[str, Any]) -> PolicyFile:
+    """A valid policy file's TOML as PolicyFile, defaults filled in as the models fill them."""
+    return PolicyFile(
+        name=raw.get("name"),
+        description=raw.get("description", ""),
+        extends=tuple(raw.get("extends", ())),
+        limits=dict(raw.get("limits", {})),
+        allow=tuple(
+            AllowEntry(e["global"], e["reason"], e.get("unsafe_wildcard", False))
+            for e in raw.get("allow", ())
+        ),
+        waive=tuple(
+            WaiveEntry(w["sha256"], w["code"], w.get("global"), w["reason"], w["expires"])
+            for w in raw.get("waive", ())
+        ),
+    )
+
+
+def _floor_content(raw: Mapping[str, Any]) -> FloorFile:
+    return FloorFile(
+        modules={m["name"]: m["reason"] for m in raw["module"]},
+        names={n["global"]: n["reason"] for n in raw.get("name", ())},
+        attributes={a["name"]: a["reason"] for a in raw.get("attribute", ())},
+    )
 
 
 def _name_problem(name: str, fl: Floor, *, wildcard_ok: bool) -> str | None:
@@ -484,18 +473,11 @@ def _name_problem(name: str, fl: Floor, *, wildcard_ok: bool) -> str | None:
 def floor() -> Floor:
     """The floor from rules/floor.toml (parsed once)."""
     data = _read_builtin(FLOOR_FILE)
-    raw = _parse_toml(data, FLOOR_FILE)
-    try:
-        model = _FloorFile.model_validate(raw, strict=True)
-    except ValidationError as exc:
-        raise _validation_error(FLOOR_FILE, exc, raw) from None
-    modules = {m.name: m.reason for m in model.module}
-    names = {n.global_: n.reason for n in model.name}
-    attributes = {a.name: a.reason for a in model.attribute}
+    content = _validated(data, parse_toml(data, FLOOR_FILE), FLOOR_FILE, builtin=True, floor_file=True)
     return Floor(
-        modules=MappingProxyType(modules),
-        names=MappingProxyType(names),
-        attributes=MappingProxyType(attributes),
+        modules=MappingProxyType(content.modules),
+        names=MappingProxyType(content.names),
+        attributes=MappingProxyType(content.attributes),
         digest=hashlib.sha256(data).hexdigest(),
     )
 
@@ -544,11 +526,7 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
         data = _read_user_file(Path(ident))
         base_dir = Path(ident).parent
         default_name = Path(ident).stem
-    raw = _parse_toml(data, label)
-    try:
-        model = _PolicyFile.model_validate(raw, strict=True)
-    except ValidationError as exc:
-        raise _validation_error(label, exc, raw) from None
+    model: PolicyFile = _validated(data, parse_toml(data, label), label, builtin=kind == "builtin")
 
     fl = floor()
     parents: list[_Resolved] = []
@@ -582,8 +560,7 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
             raise PolicyError(f"{label}: allow[{i}].global: {escape(name)}: {problem}", global_name=name)
         entries[name] = (entry.reason, label)
 
-    if model.limits is not None:
-        limits.update(model.limits.model_dump(exclude_unset=True))
+    limits.update(model.limits)
 
     for i, w in enumerate(model.waive):
         if w.global_ is not None and fl.covers(w.global_):
@@ -634,8 +611,8 @@ def _extends_key(ref: str, base_dir: Path | None, label: str, index: int) -> _Ke
 def _build(resolved: _Resolved) -> Policy:
     try:
         limits = Limits(**resolved.limits)
-    except ValidationError as exc:  # pragma: no cover - each file's limits were validated already
-        raise PolicyError(f"{resolved.name}: limits: {exc.errors()[0]['msg']}") from None
+    except (TypeError, ValueError) as exc:  # pragma: no cover - each file's limits were validated already
+        raise PolicyError(f"{resolved.name}: limits: {exc}") from None
     allowed = [k for k in resolved.entries if not k.endswith(_WILDCARD)]
     wildcards = [k for k in resolved.entries if k.endswith(_WILDCARD)]
     return _make_policy(
@@ -742,7 +719,7 @@ def policy_to_toml(policy: Policy) -> str:
         "",
         "[limits]",
     ]
-    for key, value in policy.limits.model_dump().items():
+    for key, value in policy.limits.as_dict().items():
         lines.append(f"{key} = {value}")
     for name in sorted(policy.allowed | policy.wildcards):
         lines += [

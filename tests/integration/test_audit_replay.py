@@ -344,7 +344,7 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
         )
         for _ in range(2)
     ]
-    assert outs[0].stdout.split()[0] == "1" and "pydantic" in outs[0].stdout  # audited
+    assert outs[0].stdout.split()[0] == "1" and "safeload.api" in outs[0].stdout  # audited
     assert outs[1].stdout.strip() == "1 []" and REPLAYED in outs[1].stderr  # replayed
 
 

@@ -197,7 +197,8 @@ def test_broken_pickle_with_an_import_in_a_walked_tree_is_not_skipped(tmp_path: 
 
 def test_the_command_does_not_look_for_pydantic_plugins(tmp_path: Path) -> None:
     """pydantic scans every installed distribution's metadata for plugins on first use (a tenth of
-    a second in a venv with torch): the console command turns that off, unless the user chose."""
+    a second in a venv with torch): the console command turns that off, unless the user chose.
+    (pydantic validates a user's policy file; built-in ones are read without it.)"""
     site = tmp_path / "site"
     (site / "probe_plugin-1.0.dist-info").mkdir(parents=True)
     (site / "probe_plugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: probe-plugin\nVersion: 1.0\n")
@@ -211,8 +212,10 @@ def test_the_command_does_not_look_for_pydantic_plugins(tmp_path: Path) -> None:
         "plugin = Plugin()\n"
     )
     model = _write(tmp_path / "ok.pkl", pickle.dumps({"a": 1}, protocol=4))
+    mine = tmp_path / "mine.toml"
+    mine.write_text('schema_version = 1\nextends = ["default"]\n')
     env = {"PYTHONPATH": f"{site}:{Path(__file__).resolve().parents[2]}", "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, "-c", "from safeload.cli import entry; entry()", "scan", str(model)]
+    command = [sys.executable, "-c", "from safeload.cli import entry; entry()", "scan", "--policy", str(mine), str(model)]
 
     subprocess.run(command, env=env, capture_output=True, check=True)
     assert not seen.exists()

@@ -1,0 +1,139 @@
+"""Built-in policy files are read without pydantic when their bytes are the ones validated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from safeload import policy, policy_files
+from safeload.errors import PolicyError
+from safeload.limits import Limits
+from safeload.policy import FLOOR_FILE, load_policy, parse_toml
+
+RULES = Path(__file__).resolve().parents[2] / "rules"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "files"
+
+
+@pytest.fixture
+def fresh_policies() -> Iterator[None]:
+    """Built-in policies are read once per process: read them again, before and after."""
+
+    def clear() -> None:
+        policy._BUILTIN_RESOLVED.clear()
+        policy._builtin_policy.cache_clear()
+        policy.floor.cache_clear()
+
+    clear()
+    yield
+    clear()
+
+
+def test_the_manifest_is_current() -> None:
+    # Fails after a rules/*.toml edit: run `python -m safeload.policy_files --write-manifest`.
+    assert policy_files.main(["--rules", str(RULES), "--check-manifest"]) == 0
+
+
+def test_the_manifest_check_sees_a_changed_file(tmp_path: Path) -> None:
+    for path in RULES.glob("*.*"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert policy_files.main(["--rules", str(tmp_path), "--check-manifest"]) == 0
+    with (tmp_path / "strict.toml").open("a", encoding="utf-8") as fh:
+        fh.write("\n# a comment changes the bytes\n")
+    assert policy_files.main(["--rules", str(tmp_path), "--check-manifest"]) == 1
+
+
+@pytest.mark.parametrize("filename", sorted(p.name for p in RULES.glob("*.toml")))
+def test_a_builtin_file_reads_as_the_models_read_it(filename: str) -> None:
+    data = (RULES / filename).read_bytes()
+    raw = parse_toml(data, filename)
+    if filename == FLOOR_FILE:
+        assert policy._floor_content(raw) == policy_files.validate_floor_file(raw, filename)
+    else:
+        assert policy._policy_content(raw) == policy_files.validate_policy_file(raw, filename)
+
+
+def test_every_field_reads_as_the_models_read_it() -> None:
+    """Fields the built-in files do not use yet, and the defaults of those they leave out."""
+    full = textwrap.dedent(
+        """
+        schema_version = 1
+        name = "full"
+        description = "every field"
+        extends = ["default", "pack-sklearn"]
+
+        [limits]
+        max_opcodes = 10
+        max_nesting = 0
+
+        [[allow]]
+        global = "mypkg.Net"
+        reason = "ours"
+
+        [[allow]]
+        global = "mypkg.layers.*"
+        reason = "ours too"
+        unsafe_wildcard = true
+
+        [[waive]]
+        sha256 = "AB"
+        code = "SL101"
+        global = "mypkg.Other"
+        reason = "reviewed"
+        expires = 2031-01-01
+
+        [[waive]]
+        sha256 = "cd"
+        code = "SL204"
+        reason = "reviewed"
+        expires = 2031-01-01
+        """
+    ).replace('"AB"', '"' + "AB" * 32 + '"').replace('"cd"', '"' + "cd" * 32 + '"')
+    for text in (full, "schema_version = 1\n[[allow]]\nglobal = 'a.b'\nreason = 'r'\n"):
+        raw = parse_toml(text.encode(), "full.toml")
+        assert policy._policy_content(raw) == policy_files.validate_policy_file(raw, "full.toml")
+    floor_text = "schema_version = 1\n[[module]]\nname = 'os'\nreason = 'r'\n"
+    raw = parse_toml(floor_text.encode(), FLOOR_FILE)
+    assert policy._floor_content(raw) == policy_files.validate_floor_file(raw, FLOOR_FILE)
+
+
+def test_a_builtin_file_that_changed_is_validated(monkeypatch: pytest.MonkeyPatch, fresh_policies: None) -> None:
+    """Bytes the manifest does not record (an edited installation) go through the models."""
+    real = policy._read_builtin
+
+    def edited(filename: str) -> bytes:
+        data = real(filename)
+        return data + b"\nbogus = 1\n" if filename == "strict.toml" else data
+
+    monkeypatch.setattr(policy, "_read_builtin", edited)
+    with pytest.raises(PolicyError, match="bogus: unknown field"):
+        load_policy("strict")
+
+
+def test_limits_refuse_what_a_policy_file_may_not_set() -> None:
+    assert Limits(max_nesting=0).max_nesting == 0
+    for bad in ({"max_opcodes": 0}, {"max_nesting": -1}, {"max_memo": True}, {"max_streams": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Limits(**bad)  # type: ignore[arg-type]
+
+
+def test_scan_and_audit_never_import_pydantic(tmp_path: Path) -> None:
+    """pydantic's import was most of a short run's start-up (a pre-commit hook's every run)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from safeload.cli import main
+        codes = [
+            main(["scan", "--format", "json", {str(EXAMPLES)!r}]),
+            main(["audit", "--jobs", "1", "--format", "html", "-o", {str(tmp_path / "r.html")!r},
+                  "--cache", {str(tmp_path / "cache")!r}, {str(EXAMPLES)!r}]),
+        ]
+        print(codes, "pydantic" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "[1, 1] False"
