@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,9 @@ from safeload import policy, policy_files
 from safeload.errors import PolicyError
 from safeload.limits import Limits
 from safeload.policy import FLOOR_FILE, load_policy, parse_toml
+from tests.pickle_builder import system_payload
 
 RULES = Path(__file__).resolve().parents[2] / "rules"
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "files"
 
 
 @pytest.fixture
@@ -59,8 +60,9 @@ def test_a_builtin_file_reads_as_the_models_read_it(filename: str) -> None:
 
 def test_every_field_reads_as_the_models_read_it() -> None:
     """Fields the built-in files do not use yet, and the defaults of those they leave out."""
-    full = textwrap.dedent(
-        """
+    full = (
+        textwrap.dedent(
+            """
         schema_version = 1
         name = "full"
         description = "every field"
@@ -92,7 +94,10 @@ def test_every_field_reads_as_the_models_read_it() -> None:
         reason = "reviewed"
         expires = 2031-01-01
         """
-    ).replace('"AB"', '"' + "AB" * 32 + '"').replace('"cd"', '"' + "cd" * 32 + '"')
+        )
+        .replace('"AB"', '"' + "AB" * 32 + '"')
+        .replace('"cd"', '"' + "cd" * 32 + '"')
+    )
     for text in (full, "schema_version = 1\n[[allow]]\nglobal = 'a.b'\nreason = 'r'\n"):
         raw = parse_toml(text.encode(), "full.toml")
         assert policy._policy_content(raw) == policy_files.validate_policy_file(raw, "full.toml")
@@ -101,7 +106,9 @@ def test_every_field_reads_as_the_models_read_it() -> None:
     assert policy._floor_content(raw) == policy_files.validate_floor_file(raw, FLOOR_FILE)
 
 
-def test_a_builtin_file_that_changed_is_validated(monkeypatch: pytest.MonkeyPatch, fresh_policies: None) -> None:
+def test_a_builtin_file_that_changed_is_validated(
+    monkeypatch: pytest.MonkeyPatch, fresh_policies: None
+) -> None:
     """Bytes the manifest does not record (an edited installation) go through the models."""
     real = policy._read_builtin
 
@@ -121,19 +128,24 @@ def test_limits_refuse_what_a_policy_file_may_not_set() -> None:
             Limits(**bad)  # type: ignore[arg-type]
 
 
-def test_scan_and_audit_never_import_pydantic(tmp_path: Path) -> None:
+def test_scan_and_audit_never_import_pydantic(tmp_path: Path, marker: Path) -> None:
     """pydantic's import was most of a short run's start-up (a pre-commit hook's every run)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "benign.pkl").write_bytes(pickle.dumps({"step": 3, "lr": [0.1, 0.01]}, protocol=4))
+    (models / "evil.bin").write_bytes(system_payload(marker))
     code = textwrap.dedent(
         f"""
         import sys
         from safeload.cli import main
         codes = [
-            main(["scan", "--format", "json", {str(EXAMPLES)!r}]),
+            main(["scan", "--format", "json", {str(models)!r}]),
             main(["audit", "--jobs", "1", "--format", "html", "-o", {str(tmp_path / "r.html")!r},
-                  "--cache", {str(tmp_path / "cache")!r}, {str(EXAMPLES)!r}]),
+                  "--cache", {str(tmp_path / "cache")!r}, {str(models)!r}]),
         ]
         print(codes, "pydantic" in sys.modules)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[-2] == "[1, 1] False"
+    assert not marker.exists()
