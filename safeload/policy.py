@@ -21,14 +21,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+import msgspec
+
 from safeload.errors import PolicyError
 from safeload.limits import Limits
 from safeload.text import escape
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 __all__ = [
     "Decision",
@@ -77,7 +74,7 @@ class PolicyFile:
     name: str | None
     description: str
     extends: tuple[str, ...]
-    limits: Mapping[str, int]  # the fields of Limits the file sets
+    limits: dict[str, int]  # the fields of Limits the file sets
     allow: tuple[AllowEntry, ...]
     waive: tuple[WaiveEntry, ...]
 
@@ -360,6 +357,7 @@ def _make_policy(
 # -- reading files ---------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=1)
 def _rules_dir() -> Any:
     return resources.files("safeload.rules")
 
@@ -387,17 +385,24 @@ def parse_toml(data: bytes, label: str) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PolicyError(f"{label}: not UTF-8 text (byte {exc.start})") from None
+    if sys.version_info >= (3, 11):
+        import tomllib  # here: built-in files are read from the manifest, never parsed
+    else:  # pragma: no cover - exercised on Python 3.10 only
+        import tomli as tomllib
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"{label}: not valid TOML: {exc}") from None
 
 
-def _validated(data: bytes, raw: dict[str, Any], label: str, builtin: bool, floor_file: bool = False) -> Any:
-    """A file's content checked by the pydantic models, unless it is a built-in file whose bytes
-    are the ones the manifest records as valid (then it is read as it is, without pydantic)."""
-    if builtin and _known_valid(label, data):
-        return _floor_content(raw) if floor_file else _policy_content(raw)
+def _validated(data: bytes, label: str, builtin: bool, floor_file: bool = False) -> Any:
+    """A file's content: from the manifest for a built-in file whose bytes are the ones it records
+    (no TOML parser, no pydantic), otherwise parsed and checked by the pydantic models."""
+    if builtin:
+        known = _manifest().content(label, hashlib.sha256(data).hexdigest())
+        if known is not None:
+            return known
+    raw = parse_toml(data, label)
     from safeload import policy_files  # pydantic: only for files not known to be valid
 
     if floor_file:
@@ -405,43 +410,27 @@ def _validated(data: bytes, raw: dict[str, Any], label: str, builtin: bool, floo
     return policy_files.validate_policy_file(raw, label)
 
 
+@dataclass(frozen=True)
+class Manifest:
+    """The built-in files as the tests validated them (``rules/validated.json``, written by
+    safeload.policy_files): each file's sha256, and its content as the models read it."""
+
+    sha256: dict[str, str]
+    policies: dict[str, PolicyFile]
+    floor: FloorFile | None
+
+    def content(self, filename: str, digest: str) -> PolicyFile | FloorFile | None:
+        if self.sha256.get(filename) != digest:
+            return None
+        return self.floor if filename == FLOOR_FILE else self.policies.get(filename)
+
+
 @lru_cache(maxsize=1)
-def _manifest() -> Mapping[str, str]:
+def _manifest() -> Manifest:
     try:
-        recorded = json.loads((_rules_dir() / _MANIFEST).read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return recorded if isinstance(recorded, dict) else {}
-
-
-def _known_valid(filename: str, data: bytes) -> bool:
-    return _manifest().get(filename) == hashlib.sha256(data).hexdigest()
-
-
-def _policy_content(raw: Mapping[str, Any]) -> PolicyFile:
-    """A valid policy file's TOML as PolicyFile, defaults filled in as the models fill them."""
-    return PolicyFile(
-        name=raw.get("name"),
-        description=raw.get("description", ""),
-        extends=tuple(raw.get("extends", ())),
-        limits=dict(raw.get("limits", {})),
-        allow=tuple(
-            AllowEntry(e["global"], e["reason"], e.get("unsafe_wildcard", False))
-            for e in raw.get("allow", ())
-        ),
-        waive=tuple(
-            WaiveEntry(w["sha256"], w["code"], w.get("global"), w["reason"], w["expires"])
-            for w in raw.get("waive", ())
-        ),
-    )
-
-
-def _floor_content(raw: Mapping[str, Any]) -> FloorFile:
-    return FloorFile(
-        modules={m["name"]: m["reason"] for m in raw["module"]},
-        names={n["global"]: n["reason"] for n in raw.get("name", ())},
-        attributes={a["name"]: a["reason"] for a in raw.get("attribute", ())},
-    )
+        return msgspec.json.decode((_rules_dir() / _MANIFEST).read_bytes(), type=Manifest)
+    except (OSError, msgspec.DecodeError):
+        return Manifest(sha256={}, policies={}, floor=None)  # every built-in file gets validated
 
 
 def _name_problem(name: str, fl: Floor, *, wildcard_ok: bool) -> str | None:
@@ -473,7 +462,7 @@ def _name_problem(name: str, fl: Floor, *, wildcard_ok: bool) -> str | None:
 def floor() -> Floor:
     """The floor from rules/floor.toml (parsed once)."""
     data = _read_builtin(FLOOR_FILE)
-    content = _validated(data, parse_toml(data, FLOOR_FILE), FLOOR_FILE, builtin=True, floor_file=True)
+    content = _validated(data, FLOOR_FILE, builtin=True, floor_file=True)
     return Floor(
         modules=MappingProxyType(content.modules),
         names=MappingProxyType(content.names),
@@ -526,7 +515,7 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
         data = _read_user_file(Path(ident))
         base_dir = Path(ident).parent
         default_name = Path(ident).stem
-    model: PolicyFile = _validated(data, parse_toml(data, label), label, builtin=kind == "builtin")
+    model: PolicyFile = _validated(data, label, builtin=kind == "builtin")
 
     fl = floor()
     parents: list[_Resolved] = []

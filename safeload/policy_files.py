@@ -2,8 +2,9 @@
 
 Imported only where a file's content is not known to be valid: a user's policy file, or a built-in
 one whose bytes differ from those recorded in ``rules/validated.json`` (see safeload.policy). The
-built-in files are validated here by the tests, and the manifest records their sha256; a normal
-run then reads them without importing pydantic, which costs most of a short run's start-up.
+manifest holds each built-in file's sha256 and its content as validated here; a run then takes a
+built-in file's content from it, parsing no TOML (tomllib: 35 ms for the built-in files) and
+importing no pydantic (150 ms), most of a short run's start-up.
 
 ``python -m safeload.policy_files --write-manifest`` records the built-in files as they are now,
 after validating each; ``--check-manifest`` says whether the manifest is current.
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from safeload.codes import RULES
@@ -173,19 +174,22 @@ def _validation_error(label: str, exc: ValidationError, data: Mapping[str, Any])
 
 
 def manifest_text(rules_dir: Path) -> str:
-    """Every built-in file's sha256, each file validated first (a PolicyError if one is not valid)."""
-    from safeload.policy import FLOOR_FILE, parse_toml
+    """Every built-in file validated (a PolicyError if one is not valid): its sha256 and content."""
+    from safeload.policy import FLOOR_FILE, Manifest, parse_toml
 
-    digests = {}
+    digests: dict[str, str] = {}
+    policies: dict[str, PolicyFile] = {}
+    floor: FloorFile | None = None
     for path in sorted(rules_dir.glob("*.toml")):
         data = path.read_bytes()
         raw = parse_toml(data, path.name)
         if path.name == FLOOR_FILE:
-            validate_floor_file(raw, path.name)
+            floor = validate_floor_file(raw, path.name)
         else:
-            validate_policy_file(raw, path.name)
+            policies[path.name] = validate_policy_file(raw, path.name)
         digests[path.name] = hashlib.sha256(data).hexdigest()
-    return json.dumps(digests, indent=2, sort_keys=True) + "\n"
+    manifest = Manifest(sha256=digests, policies=policies, floor=floor)
+    return msgspec.json.format(msgspec.json.encode(manifest), indent=1).decode("utf-8") + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from safeload import policy, policy_files
@@ -28,6 +30,7 @@ def fresh_policies() -> Iterator[None]:
         policy._BUILTIN_RESOLVED.clear()
         policy._builtin_policy.cache_clear()
         policy.floor.cache_clear()
+        policy._manifest.cache_clear()
 
     clear()
     yield
@@ -49,17 +52,22 @@ def test_the_manifest_check_sees_a_changed_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("filename", sorted(p.name for p in RULES.glob("*.toml")))
-def test_a_builtin_file_reads_as_the_models_read_it(filename: str) -> None:
+def test_a_builtin_file_is_read_from_the_manifest_as_the_models_read_it(
+    filename: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = (RULES / filename).read_bytes()
+    monkeypatch.setattr(policy, "parse_toml", None)  # the manifest's content, or a TypeError
+    content = policy._validated(data, filename, builtin=True, floor_file=filename == FLOOR_FILE)
     raw = parse_toml(data, filename)
     if filename == FLOOR_FILE:
-        assert policy._floor_content(raw) == policy_files.validate_floor_file(raw, filename)
+        assert content == policy_files.validate_floor_file(raw, filename)
     else:
-        assert policy._policy_content(raw) == policy_files.validate_policy_file(raw, filename)
+        assert content == policy_files.validate_policy_file(raw, filename)
 
 
-def test_every_field_reads_as_the_models_read_it() -> None:
-    """Fields the built-in files do not use yet, and the defaults of those they leave out."""
+def test_every_field_survives_the_manifest() -> None:
+    """Fields the built-in files do not use yet (dates, wildcards, limits) and the defaults of
+    those they leave out come back from the manifest's JSON as the models gave them."""
     full = (
         textwrap.dedent(
             """
@@ -98,12 +106,22 @@ def test_every_field_reads_as_the_models_read_it() -> None:
         .replace('"AB"', '"' + "AB" * 32 + '"')
         .replace('"cd"', '"' + "cd" * 32 + '"')
     )
-    for text in (full, "schema_version = 1\n[[allow]]\nglobal = 'a.b'\nreason = 'r'\n"):
-        raw = parse_toml(text.encode(), "full.toml")
-        assert policy._policy_content(raw) == policy_files.validate_policy_file(raw, "full.toml")
+    policies = {
+        name: policy_files.validate_policy_file(parse_toml(text.encode(), name), name)
+        for name, text in (
+            ("full.toml", full),
+            ("bare.toml", "schema_version = 1\n[[allow]]\nglobal = 'a.b'\nreason = 'r'\n"),
+        )
+    }
     floor_text = "schema_version = 1\n[[module]]\nname = 'os'\nreason = 'r'\n"
-    raw = parse_toml(floor_text.encode(), FLOOR_FILE)
-    assert policy._floor_content(raw) == policy_files.validate_floor_file(raw, FLOOR_FILE)
+    floor = policy_files.validate_floor_file(parse_toml(floor_text.encode(), FLOOR_FILE), FLOOR_FILE)
+    manifest = policy.Manifest(sha256={"full.toml": "1" * 64}, policies=policies, floor=floor)
+    again = msgspec.json.decode(msgspec.json.encode(manifest), type=policy.Manifest)
+    assert again == manifest
+    assert again.policies["full.toml"].waive[0].expires == date(2031, 1, 1)
+    assert again.policies["full.toml"].limits == {"max_opcodes": 10, "max_nesting": 0}
+    assert again.content("full.toml", "1" * 64) == policies["full.toml"]
+    assert again.content("full.toml", "2" * 64) is None
 
 
 def test_a_builtin_file_that_changed_is_validated(
@@ -119,6 +137,26 @@ def test_a_builtin_file_that_changed_is_validated(
     monkeypatch.setattr(policy, "_read_builtin", edited)
     with pytest.raises(PolicyError, match="bogus: unknown field"):
         load_policy("strict")
+
+
+@pytest.mark.parametrize("manifest", [None, b"{not json", b'{"sha256": {"strict.toml": 3}}'])
+def test_without_a_usable_manifest_every_builtin_file_is_validated(
+    manifest: bytes | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_policies: None
+) -> None:
+    expected = {name: load_policy(name).hash for name in ("strict", "default", "pack-sklearn")}
+    policy._BUILTIN_RESOLVED.clear()
+    policy._builtin_policy.cache_clear()
+    policy.floor.cache_clear()
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for path in RULES.glob("*.toml"):
+        (rules / path.name).write_bytes(path.read_bytes())
+    if manifest is not None:
+        (rules / policy._MANIFEST).write_bytes(manifest)
+    monkeypatch.setattr(policy, "_rules_dir", lambda: rules)
+    policy._manifest.cache_clear()
+    assert policy._manifest().sha256 == {}
+    assert {name: load_policy(name).hash for name in expected} == expected
 
 
 def test_limits_refuse_what_a_policy_file_may_not_set() -> None:
