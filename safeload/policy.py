@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 FLOOR_FILE = "floor.toml"
-# sha256 of each built-in file as the tests validated it (written by safeload.policy_files).
+# Each built-in file's sha256 and content as the tests validated them (see Manifest).
 _MANIFEST = "validated.json"
 ALLOW_SOURCE = "allow="
 # A policy file is a short, hand-written text; anything larger is a mistake or an attack on the reader.
