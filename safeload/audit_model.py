@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
-from safeload.model import ScanRun, _Result, _result
+from safeload.model import ResultType, ScanRun, result_type
 
 
-@_result
-class GlobalCount(_Result):
+@result_type
+class GlobalCount(ResultType):
     """One global over the whole run: how widely it is used and which policies allow it."""
 
     name: str
@@ -29,8 +29,8 @@ class GlobalCount(_Result):
     """Compared policies that allow it"""
 
 
-@_result
-class BlockedFile(_Result):
+@result_type
+class BlockedFile(ResultType):
     """A file that a policy would refuse, and why."""
 
     sha256: str | None
@@ -41,8 +41,8 @@ class BlockedFile(_Result):
     """Blocking findings that no policy can lift"""
 
 
-@_result
-class PolicyCheck(_Result):
+@result_type
+class PolicyCheck(ResultType):
     """Which files a policy would refuse, judged from the globals the scan resolved."""
 
     policy: str
@@ -50,8 +50,8 @@ class PolicyCheck(_Result):
     blocked: tuple[BlockedFile, ...] = ()
 
 
-@_result
-class BaselineInfo(_Result):
+@result_type
+class BaselineInfo(ResultType):
     """With --baseline, reports keep only new findings (identity: sha256 + rule + global, never
     offsets) and only files that have some; a kept file keeps its own verdict."""
 
@@ -64,8 +64,8 @@ class BaselineInfo(_Result):
     """Files with findings left out because all of them are known"""
 
 
-@_result
-class AuditStats(_Result):
+@result_type
+class AuditStats(ResultType):
     """The registry's size. How a run got its results (scanned, cached) is no part of the report:
     an unchanged registry gives the same report, byte for byte (see RunCounts)."""
 

@@ -44,8 +44,9 @@ class ResultError(ValueError):
     """JSON that is not a result of the expected type (a corrupt cache entry, a broken worker)."""
 
 
-class _Result:
-    """Base of the result classes: how pydantic reads them when it generates the JSON schema."""
+class ResultType:
+    """Base of the result classes (each made with ``result_type``). The attribute below is how
+    pydantic reads them when it generates the JSON schema."""
 
     __slots__ = ()
     __pydantic_config__ = {"extra": "forbid", "use_attribute_docstrings": True}
@@ -72,11 +73,12 @@ class Use(str, Enum):
     PERSISTENT_ID = "persistent_id"  # appears inside a persistent id
 
 
-_result = dataclass(frozen=True, slots=True, kw_only=True)
+# A result class: immutable, compact, built by keyword (as the pydantic models were).
+result_type = dataclass(frozen=True, slots=True, kw_only=True)
 
 
-@_result
-class Finding(_Result):
+@result_type
+class Finding(ResultType):
     code: str
     """Rule code from the catalogue, e.g. SL101"""
     rule: str
@@ -134,8 +136,8 @@ def make_finding(code: str, message: str, **kw: Any) -> Finding:
     return Finding(code=r.code, rule=r.name, message=message, **kw)
 
 
-@_result
-class GlobalUse(_Result):
+@result_type
+class GlobalUse(ResultType):
     """One import the unpickler would make, as the scanner resolved it."""
 
     name: str
@@ -146,8 +148,8 @@ class GlobalUse(_Result):
     allowed: bool
 
 
-@_result
-class StreamReport(_Result):
+@result_type
+class StreamReport(ResultType):
     member: str | None
     """Member holding the stream; None for a whole-file pickle"""
     file_offset: int | None = None
@@ -166,8 +168,8 @@ class StreamReport(_Result):
     its imports are judged, its breaking part way is expected"""
 
 
-@_result
-class ScanReport(_Result):
+@result_type
+class ScanReport(ResultType):
     schema_version: int = SCHEMA_VERSION
     path: str
     sha256: str | None
@@ -219,8 +221,8 @@ def unread_report(
     )
 
 
-@_result
-class ScanRun(_Result):
+@result_type
+class ScanRun(ResultType):
     """One CLI run over several inputs: the envelope of the JSON report."""
 
     schema_version: int = SCHEMA_VERSION
