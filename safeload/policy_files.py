@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -115,10 +115,7 @@ def validate_policy_file(raw: Mapping[str, Any], label: str) -> PolicyFile:
     """A policy file's parsed TOML, checked; PolicyError naming each field that is wrong."""
     from safeload.policy import AllowEntry, PolicyFile, WaiveEntry
 
-    try:
-        model = _PolicyFile.model_validate(raw, strict=True)
-    except ValidationError as exc:
-        raise _validation_error(label, exc, raw) from None
+    model = _checked(_PolicyFile, raw, label)
     return PolicyFile(
         name=model.name,
         description=model.description,
@@ -132,15 +129,22 @@ def validate_policy_file(raw: Mapping[str, Any], label: str) -> PolicyFile:
 def validate_floor_file(raw: Mapping[str, Any], label: str) -> FloorFile:
     from safeload.policy import FloorFile
 
-    try:
-        model = _FloorFile.model_validate(raw, strict=True)
-    except ValidationError as exc:
-        raise _validation_error(label, exc, raw) from None
+    model = _checked(_FloorFile, raw, label)
     return FloorFile(
         modules={m.name: m.reason for m in model.module},
         names={n.global_: n.reason for n in model.name},
         attributes={a.name: a.reason for a in model.attribute},
     )
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _checked(model: type[_M], raw: Mapping[str, Any], label: str) -> _M:
+    try:
+        return model.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        raise _validation_error(label, exc, raw) from None
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
