@@ -7,6 +7,7 @@ inventory, which files block which policy and, with a baseline, only what is new
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
@@ -43,7 +44,7 @@ COMPARED_POLICIES = ("strict", "default")
 class AuditOptions:
     policy: PolicyName = "default"
     allow: tuple[str, ...] = ()
-    jobs: int = 1
+    jobs: int | None = None  # None: auto_jobs decides from the work and the CPUs
     cache_dir: Path | None = None
     baseline: Path | None = None
     rehash: bool = False  # ignore cached hashes (results are still reused by content)
@@ -83,7 +84,7 @@ def audit(
     from safeload.policy import load_policy
 
     options = options or AuditOptions()
-    if options.jobs < 1:
+    if options.jobs is not None and options.jobs < 1:
         raise AuditError("--jobs must be at least 1")
     policy = load_policy(options.policy, allow=options.allow)
     known = load_baseline(options.baseline) if options.baseline is not None else None
@@ -131,8 +132,9 @@ def audit(
     # Files whose hash is not known (or, with --rehash, not trusted) are read once: the scanner
     # hashes those bytes and reuses a result cached for them, or scans them.
     tasks = [path for path, _ in plan]
+    jobs = options.jobs if options.jobs is not None else auto_jobs(plan)
     try:
-        if options.jobs == 1 or len(tasks) <= 1:
+        if jobs == 1 or len(tasks) <= 1:
             if tasks:
                 import safeload.api  # noqa: F401  (imported before the heap is frozen: its objects too)
             scanner = Scanner(policy, cache)
@@ -140,7 +142,7 @@ def audit(
                 for path in tasks:
                     on_done(path, scanner.safe_process(path))
         else:
-            config = PoolConfig(options.policy, options.allow, options.cache_dir, options.jobs)
+            config = PoolConfig(options.policy, options.allow, options.cache_dir, jobs)
             run_parallel(tasks, config, policy, on_done)
     finally:
         if cache is not None:
@@ -188,6 +190,29 @@ def audit(
             changes_on=min(in_force) + timedelta(days=1) if in_force else None,
         )
     )
+
+
+# Most workers --jobs picks by itself: each may hold a hostile file's scan (hundreds of MB).
+MAX_AUTO_JOBS = 8
+# Below both, a tree is scanned in this process: starting and feeding workers costs about what
+# scanning 150 small files does (measured on 2 cores: 100 files took 0.18 s alone, 0.20 s with two).
+SMALL_PLAN_FILES = 150
+SMALL_PLAN_BYTES = 64 << 20
+
+
+def auto_jobs(plan: Sequence[tuple[str, list[FileGroup]]]) -> int:
+    """Workers for an audit whose --jobs was left out: one per CPU this process may run on (at
+    most MAX_AUTO_JOBS, at most one per file), or none for a small plan."""
+    size = sum(groups[0].st.st_size for _, groups in plan if groups[0].st is not None)
+    if len(plan) < SMALL_PLAN_FILES and size < SMALL_PLAN_BYTES:
+        return 1
+    return max(1, min(usable_cpus(), MAX_AUTO_JOBS, len(plan)))
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may run on (a container's share)
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _resolve_from_cache(
