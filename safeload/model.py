@@ -27,6 +27,7 @@ __all__ = [
     "Finding",
     "GlobalUse",
     "ResultError",
+    "ResultType",
     "ScanReport",
     "ScanRun",
     "StreamReport",
@@ -36,6 +37,7 @@ __all__ = [
     "dump_json",
     "load_json",
     "make_finding",
+    "result_type",
     "unread_report",
 ]
 
