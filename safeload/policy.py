@@ -41,7 +41,7 @@ __all__ = [
 
 FLOOR_FILE = "floor.toml"
 # Each built-in file's sha256 and content as the tests validated them (see Manifest).
-_MANIFEST = "validated.json"
+MANIFEST_FILE = "validated.json"
 ALLOW_SOURCE = "allow="
 # A policy file is a short, hand-written text; anything larger is a mistake or an attack on the reader.
 MAX_POLICY_BYTES = 4 << 20
@@ -428,7 +428,7 @@ class Manifest:
 @lru_cache(maxsize=1)
 def _manifest() -> Manifest:
     try:
-        return msgspec.json.decode((_rules_dir() / _MANIFEST).read_bytes(), type=Manifest)
+        return msgspec.json.decode((_rules_dir() / MANIFEST_FILE).read_bytes(), type=Manifest)
     except (OSError, msgspec.DecodeError):
         return Manifest(sha256={}, policies={}, floor=None)  # every built-in file gets validated
 

@@ -31,8 +31,6 @@ from safeload.text import escape
 if TYPE_CHECKING:
     from safeload.policy import FloorFile, PolicyFile
 
-MANIFEST = "validated.json"
-
 
 def _check_reason(value: str) -> str:
     if not value.strip():
@@ -197,6 +195,8 @@ def manifest_text(rules_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from safeload.policy import MANIFEST_FILE
+
     parser = argparse.ArgumentParser(prog="python -m safeload.policy_files")
     parser.add_argument("--rules", default="rules", help="the rules directory (default: rules)")
     group = parser.add_mutually_exclusive_group(required=True)
@@ -206,9 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = Path(args.rules)
     text = manifest_text(rules)
     if args.write_manifest:
-        (rules / MANIFEST).write_text(text, encoding="utf-8")
+        (rules / MANIFEST_FILE).write_text(text, encoding="utf-8")
         return 0
-    current = rules / MANIFEST
+    current = rules / MANIFEST_FILE
     return 0 if current.is_file() and current.read_text(encoding="utf-8") == text else 1
 
 

@@ -152,7 +152,7 @@ def test_without_a_usable_manifest_every_builtin_file_is_validated(
     for path in RULES.glob("*.toml"):
         (rules / path.name).write_bytes(path.read_bytes())
     if manifest is not None:
-        (rules / policy._MANIFEST).write_bytes(manifest)
+        (rules / policy.MANIFEST_FILE).write_bytes(manifest)
     monkeypatch.setattr(policy, "_rules_dir", lambda: rules)
     policy._manifest.cache_clear()
     assert policy._manifest().sha256 == {}
