@@ -130,7 +130,13 @@ class Scanner:
         out = []
         for path in tasks:
             o = self.safe_process(path)
-            out.append((dump_json(o.report), o.cached, o.stat_key, o.reused))
+            try:
+                text = dump_json(o.report)
+            except Exception as exc:  # a bug of ours costs this file, never the batch or the audit
+                why = f"its report could not be written as JSON: {type(exc).__name__}: {exc}"
+                out.append((dump_json(_internal_error(path, self.policy, why)), False, None, False))
+                continue
+            out.append((text, o.cached, o.stat_key, o.reused))
         return out
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from safeload.audit_workers import _outcome
+from safeload.audit_workers import Outcome, Scanner, _outcome
 from safeload.model import ResultError, ScanReport, Verdict, load_json, make_finding, unread_report
 from safeload.policy import load_policy
 
@@ -39,3 +43,32 @@ def test_a_broken_worker_report_is_that_files_internal_error(text: str) -> None:
     assert [f.code for f in outcome.report.findings] == ["SL207"]
     assert "report for this file is broken" in outcome.report.findings[0].message
     assert outcome.stat_key is None and not outcome.cached  # nothing of it is remembered
+
+
+def test_a_report_that_cannot_be_written_costs_only_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good, bad = tmp_path / "good.pkl", tmp_path / "bad.pkl"
+    good.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    bad.write_bytes(pickle.dumps({"b": 2}, protocol=4))
+    policy = load_policy("default")
+    scanner = Scanner(policy, None)
+    real = scanner.safe_process
+
+    def odd_report(path: str) -> Outcome:
+        outcome = real(path)
+        if path == str(bad):
+            # A value no JSON encoder knows, as a bug could leave in a report.
+            return Outcome(replace(outcome.report, size=object()))  # type: ignore[arg-type]
+        return outcome
+
+    monkeypatch.setattr(scanner, "safe_process", odd_report)
+    results = scanner.batch([str(bad), str(good)])
+    reports = [
+        _outcome(path, result, policy).report
+        for path, result in zip([str(bad), str(good)], results, strict=True)
+    ]
+    assert [f.code for f in reports[0].findings] == ["SL207"]
+    assert "could not be written as JSON" in reports[0].findings[0].message
+    assert reports[0].verdict is Verdict.UNSCANNABLE and results[0][2] is None  # nothing cached
+    assert reports[1].verdict is Verdict.SAFE and reports[1].path == str(good)
