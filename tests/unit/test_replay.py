@@ -160,6 +160,30 @@ def test_stub_classes_are_inert() -> None:
     assert inst.sl_attrs == {"a": 1, "b": 2}
 
 
+def test_distinct_globals_make_no_class_each() -> None:
+    """A class costs about 7 us and 1 KB: a stream naming thousands of globals must not make one per
+    name, while the names a replay looks at (copyreg helpers, joblib's wrapper, numpy's dtype) keep
+    a class that says what it stands for."""
+    from safeload.analysis.stubs import stub_class
+
+    before = len(Stub.__subclasses__())
+    body = b"".join(pb.glob(f"pkg{i}", "Thing") + pb.EMPTY_TUPLE + pb.NEWOBJ + pb.POP for i in range(300))
+    result, replays = check(pb.wrap(body + pb.NONE, 2))
+    assert len(result.imports) == 300
+    assert differential(result, replays) == []
+    assert all(r.completed for r in replays.replays)
+    assert replays.replays[0].imports[:2] == [("pkg0", "Thing"), ("pkg1", "Thing")]
+    assert len(Stub.__subclasses__()) - before <= 0
+    assert stub_class("pkg0", "Thing") is stub_class("os", "system")
+    wrapper = stub_class("joblib.numpy_pickle", "NumpyArrayWrapper")
+    assert wrapper is not stub_class("os", "system")
+    assert (wrapper.sl_module, wrapper.sl_name) == ("joblib.numpy_pickle", "NumpyArrayWrapper")
+    dtype = stub_class("numpy", "core.multiarray.dtype")  # protocol 4's dotted spelling
+    assert f"{dtype.sl_module}.{dtype.sl_name}" == "numpy.core.multiarray.dtype"
+    made = stub_class("copyreg", "_reconstructor")(wrapper, object, None)
+    assert type(made) is wrapper
+
+
 # -- reader kinds: the lying FRAME ---------------------------------------------------------------
 
 
