@@ -99,6 +99,7 @@ def _child(
         gc.disable()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         faulthandler.disable()  # a crash here is reported by the parent, not as a traceback dump
+        _silence_output()
         # A crash or the CPU cap (SIGXCPU) would otherwise dump this process's memory to a core
         # file in the working directory.
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
@@ -127,6 +128,17 @@ def _child(
             view = view[os.write(write_end, view) :]
     finally:
         os._exit(0)
+
+
+def _silence_output() -> None:
+    """The child speaks through its pipe only. What CPython itself prints here is noise to the
+    user, on the terminal or inside a report written to stdout: under the memory cap, CPython 3.11
+    prints "SystemError: deallocated bytearray object has exported buffers" when a BYTEARRAY8 too
+    large to allocate fails (its error path reads a field it has not set yet)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)  # failing, the child sends nothing: "no result"
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _collect(fd: int, pid: int, timeout: float) -> tuple[bytes, str | None]:

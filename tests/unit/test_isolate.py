@@ -105,3 +105,17 @@ def test_the_child_leaves_no_core_file() -> None:
         return resource.getrlimit(resource.RLIMIT_CORE)[0]
 
     assert run_bounded(core_limit, memory_bytes=64 * MIB, seconds=10) == (0, None)
+
+
+def test_the_child_prints_nothing_where_the_user_reads(capfd: pytest.CaptureFixture[str]) -> None:
+    """Its only channel is the pipe: what it (or CPython in it) writes to stdout or stderr would
+    land on the user's terminal, or inside a report written to stdout."""
+
+    def noisy() -> int:
+        os.write(1, b"to stdout\n")
+        os.write(2, b"SystemError: to stderr\n")
+        return 7
+
+    assert run_bounded(noisy, memory_bytes=64 * MIB, seconds=10) == (7, None)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
