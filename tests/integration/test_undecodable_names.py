@@ -84,3 +84,14 @@ def test_an_audit_with_workers_and_a_cache_carries_them_too(tree: Path, tmp_path
         other = _safeload(*args, "--format", fmt, cwd=tmp_path)
         assert other.returncode == 1 and b"Traceback" not in other.stderr, (fmt, other.stderr[-600:])
     assert not marker.exists()
+
+
+def test_text_output_names_the_bytes_as_json_does(tree: Path, tmp_path: Path, marker: Path) -> None:
+    """The same \\xNN in every report: a person comparing the text output with the JSON (or
+    looking for the file) sees the byte, not the surrogate Python carries it in."""
+    done = _safeload("scan", str(tree), cwd=tmp_path)
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr[-600:]
+    text = done.stdout.decode()
+    assert "m\\xe9\\x80.pkl" in text and "ev\\xffil.pkl" in text
+    assert "\\udc" not in text
+    assert not marker.exists()

@@ -18,6 +18,8 @@ def _char_by_char(text: str, limit: int) -> str:
             out.append(ch)
         elif ord(ch) < 0x100:
             out.append(f"\\x{ord(ch):02x}")
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # surrogateescape's stand-in for a byte
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
         elif ord(ch) < 0x10000:
             out.append(f"\\u{ord(ch):04x}")
         else:
@@ -43,3 +45,11 @@ def test_forged_terminal_output_is_escaped() -> None:
     assert escape("\u202eevil") == "\\u202eevil"  # bidi override: not printable
     assert escape("x" * 10, 8) == "xxxxx..."
     assert escape(b"\x00") == "b'\\\\x00'"  # a non-string is shown as its repr, escaped
+
+
+def test_a_byte_no_utf8_can_carry_shows_as_that_byte() -> None:
+    """A path of bytes that are not UTF-8 reaches safeload through surrogateescape; shown as the
+    byte, as in the JSON report, not as the surrogate that stands in for it."""
+    name = b"bad\xffname\x80.pkl".decode("utf-8", "surrogateescape")
+    assert escape(name) == "bad\\xffname\\x80.pkl"
+    assert escape("\udc7f\ud800") == "\\udc7f\\ud800"  # other lone surrogates stay as they are
