@@ -23,11 +23,12 @@ def escape(value: object, limit: int = _MAX) -> str:
             out.append("\\\\")
         else:
             code = ord(ch)
-            if code < 0x100:
+            if code < 0x80:
                 out.append(f"\\x{code:02x}")
             elif 0xDC80 <= code <= 0xDCFF:
                 # A byte that is no UTF-8, carried by surrogateescape (a path or member name made
-                # of bytes): shown as that byte, as the JSON report writes it.
+                # of bytes): shown as that byte, as the JSON report writes it. So \x80 and above
+                # name bytes only, and a character there (U+0085) is written \u0085.
                 out.append(f"\\x{code - 0xDC00:02x}")
             elif code < 0x10000:
                 out.append(f"\\u{code:04x}")

@@ -16,7 +16,7 @@ def _char_by_char(text: str, limit: int) -> str:
             out.append("\\\\")
         elif ch.isprintable():
             out.append(ch)
-        elif ord(ch) < 0x100:
+        elif ord(ch) < 0x80:
             out.append(f"\\x{ord(ch):02x}")
         elif 0xDC80 <= ord(ch) <= 0xDCFF:  # surrogateescape's stand-in for a byte
             out.append(f"\\x{ord(ch) - 0xDC00:02x}")
@@ -53,3 +53,6 @@ def test_a_byte_no_utf8_can_carry_shows_as_that_byte() -> None:
     name = b"bad\xffname\x80.pkl".decode("utf-8", "surrogateescape")
     assert escape(name) == "bad\\xffname\\x80.pkl"
     assert escape("\udc7f\ud800") == "\\udc7f\\ud800"  # other lone surrogates stay as they are
+    # A character that is no byte never reads as one: the byte 0x85 and U+0085 (NEL) differ.
+    assert escape("\x85\xa0") == "\\u0085\\u00a0"
+    assert escape(b"\x85".decode("utf-8", "surrogateescape")) == "\\x85"
