@@ -7,7 +7,10 @@
 A search, not a test: it runs until its time is up and prints what it found. Each batch of inputs
 runs in a child process that writes every input to ``OUT/last-<kind>.bin`` before it scans it
 (and, when the scan says SAFE, loads it). A child that dies by a signal leaves that input behind,
-copied to ``OUT/crash-<kind>-<seed>.bin``. Exceptions are fine: only a crash is a finding.
+copied to ``OUT/crash-<kind>-<seed>.bin``. Exceptions from the loader are fine (a refusal); a
+crash is a finding, and so is an input on which safeload writes anything but a Python warning to
+stderr (kept as ``OUT/stderr-<kind>-<mode>-<seed>-<n>.bin``): CPython printing an error from deep inside a scan reads, to
+a user, as a crash of safeload (one such input was a BYTEARRAY8 too large for the capped replay).
 
 ``--loader stock`` loads what scans SAFE with the library's own loader instead of safeload's
 (``pickle.loads``, ``numpy.load(allow_pickle=True)``, ``torch.load(weights_only=False)``): a crash
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pickle
 import pickletools
 import random
@@ -36,6 +40,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -223,23 +228,33 @@ def child(kind: str, mode: str, seed: int, count: int, out: Path, loader: str) -
     raw = samples()[kind]
     make = mutants(kind, raw, mode, random.Random(seed))
     last = out / f"last-{kind}.bin"
-    for _ in range(count):
+    # Whatever reaches fd 2 (CPython's own prints included, and those of forked replay processes)
+    # lands in this file; an input after which safeload has made it grow is kept. Python warnings
+    # are left out: a caller filters those (numpy warns of dtype arguments it will refuse one day).
+    warnings.simplefilter("ignore")
+    stderr = (out / "child-stderr.log").open("w+b")
+    os.dup2(stderr.fileno(), 2)
+    for n in range(count):
         data = make()
         if data is None:
             continue
         last.write_bytes(data)
-        if safeload.scan_bytes(data).verdict is not Verdict.SAFE:
-            continue
-        if loader == "stock":
+        written = os.fstat(2).st_size
+        safe = safeload.scan_bytes(data).verdict is Verdict.SAFE
+        if safe and loader == "safeload":
+            for framework in ("auto", "numpy"):
+                try:
+                    safeload.loads(data, framework=framework)
+                except SafeloadError:
+                    pass
+        if os.fstat(2).st_size != written:
+            kept = out / f"stderr-{kind}-{mode}-{seed}-{n}.bin"
+            kept.write_bytes(data)
+            print(f"STDERR: {kind} {mode} seed {seed}: {kept}", flush=True)
+        if safe and loader == "stock":
             try:
                 _stock_load(kind, data)
             except Exception:  # noqa: BLE001, S110 - only a crash of the process is a finding
-                pass
-            continue
-        for framework in ("auto", "numpy"):
-            try:
-                safeload.loads(data, framework=framework)
-            except SafeloadError:
                 pass
 
 
@@ -266,7 +281,7 @@ def main() -> int:
         return 0
     kinds = list(samples()) if args.kinds == "all" else args.kinds.split(",")
     modes = ["flip", "ops"] if args.mode == "both" else [args.mode]
-    deadline, seed, batches, crashes = time.monotonic() + args.seconds, args.seed, 0, 0
+    deadline, seed, batches, crashes, noisy = time.monotonic() + args.seconds, args.seed, 0, 0, 0
     while time.monotonic() < deadline:
         for kind in kinds:
             for mode in modes:
@@ -285,6 +300,10 @@ def main() -> int:
                 ]
                 proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                 batches += 1
+                for line in proc.stdout.splitlines():
+                    if line.startswith("STDERR"):
+                        noisy += 1
+                        print(line, flush=True)
                 if proc.returncode < 0:  # killed by a signal: the input it was on is the finding
                     crashes += 1
                     kept = args.out / f"crash-{kind}-{mode}-{seed}.bin"
@@ -295,8 +314,11 @@ def main() -> int:
                         f"error in batch {kind} {mode} seed {seed}: {proc.stderr.strip()[-300:]}", flush=True
                     )
         seed += 1
-    print(f"{batches} batches of {args.batch} inputs, seeds {args.seed}-{seed - 1}: {crashes} crashes")
-    return 1 if crashes else 0
+    print(
+        f"{batches} batches of {args.batch} inputs, seeds {args.seed}-{seed - 1}: {crashes} crashes, "
+        f"{noisy} inputs that made safeload write to stderr"
+    )
+    return 1 if crashes or noisy else 0
 
 
 if __name__ == "__main__":
