@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
+
+import msgspec
 
 from safeload.analysis.budget import ScanBudget
 from safeload.analysis.evaluate import evaluate_stream
@@ -50,22 +51,20 @@ PolicySpec = str | os.PathLike[str] | Policy
 SMALL_FILE_READ = 1 << 20
 
 
-@dataclass
-class StreamAnalysis:
+class StreamAnalysis(msgspec.Struct):
     stream: PickleStream
     walk: WalkResult
     names: dict[str, int | None]  # qualified names the walk imports -> offset of the first site
 
 
-@dataclass
-class Analysis:
+class Analysis(msgspec.Struct):
     """A scan's full result: the report, plus what the loader needs to go on from the same bytes."""
 
     report: ScanReport
     source: Source
     container: Container
     policy: Policy
-    streams: list[StreamAnalysis] = field(default_factory=list)
+    streams: list[StreamAnalysis] = msgspec.field(default_factory=list)
 
 
 def resolve_policy(policy: PolicySpec, allow: Iterable[str] = ()) -> Policy:
@@ -114,7 +113,7 @@ def analyse(
         findings.extend(recorded.kept(container.findings))
         for stream in container.streams:
             if pin_streams:
-                stream = dataclasses.replace(stream, data=memoryview(bytes(stream.data)))
+                stream = msgspec.structs.replace(stream, data=memoryview(bytes(stream.data)))
             walked = _walk(stream, policy, recorded)
             late = _joblib_after_all(stream, walked)
             pure = _pure_python_reading(stream, walked, policy) if late is None else None
@@ -350,7 +349,7 @@ def _joblib_after_all(stream: PickleStream, walked: WalkResult) -> PickleStream 
     breaks = [a.offset for a in walked.anomalies if a.code == "SL200"]
     if not wrappers or not breaks or min(breaks) < min(wrappers):
         return None
-    return dataclasses.replace(stream, role=StreamRole.JOBLIB, joblib_arrays=True, multi=False)
+    return msgspec.structs.replace(stream, role=StreamRole.JOBLIB, joblib_arrays=True, multi=False)
 
 
 def _pure_python_reading(
@@ -372,7 +371,7 @@ def _pure_python_reading(
         or any(a.code == "SL203" for a in walked.anomalies)
     ):
         return None
-    reading = dataclasses.replace(stream, pure_python=True, loadable=False, secondary=True, walked=None)
+    reading = msgspec.structs.replace(stream, pure_python=True, loadable=False, secondary=True, walked=None)
     pure = _walk(reading, policy)
     seen = {(i.offset, i.module, i.name) for i in walked.imports}
     if all((i.offset, i.module, i.name) in seen for i in pure.imports):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from safeload import __version__, build_id
 from safeload.audit_cache import AuditCache, cacheable, stat_key
@@ -40,8 +42,7 @@ __all__ = ["AuditError", "AuditOptions", "Progress", "audit"]
 COMPARED_POLICIES = ("strict", "default")
 
 
-@dataclass(frozen=True)
-class AuditOptions:
+class AuditOptions(msgspec.Struct, frozen=True):
     policy: PolicyName = "default"
     allow: tuple[str, ...] = ()
     jobs: int | None = None  # None: auto_jobs decides from the work and the CPUs
@@ -52,8 +53,7 @@ class AuditOptions:
     report: Path | None = None  # the file the report goes to: not audited where the walk meets it
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(msgspec.Struct, frozen=True):
     """One file finished (or, with path None, the total is known)."""
 
     done: int

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import platform
 import queue
 import signal
 import threading
@@ -16,15 +15,18 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safeload import __version__, build_id
+import msgspec
+
+from safeload import build_id
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import AuditError, reapply_waivers
 from safeload.gcpause import FrozenHeap
 from safeload.model import ResultError, ScanReport, decide, dump_json, load_json, make_finding, unread_report
+from safeload.versions import versions
 
 if TYPE_CHECKING:
     from safeload.policy import Policy
@@ -32,8 +34,7 @@ if TYPE_CHECKING:
 PolicyName = str | os.PathLike[str]
 
 
-@dataclass(frozen=True)
-class PoolConfig:
+class PoolConfig(msgspec.Struct, frozen=True):
     """What a worker needs to rebuild the parent's policy and cache (a policy is resolved, never pickled)."""
 
     policy: PolicyName
@@ -42,8 +43,7 @@ class PoolConfig:
     jobs: int
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     report: ScanReport
     cached: bool = False  # the result was found in the cache by the hash of the bytes read
     stat_key: str | None = None  # identity under which report.sha256 may be remembered
@@ -153,9 +153,12 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
 def unreadable(path: str, message: str, policy: Policy) -> ScanReport:
     """A file that could not be read. Built here, not by the api, so that a cached run never has to
     import the scanner."""
-    versions = {"safeload": __version__, "python": platform.python_version()}
     return unread_report(
-        path, make_finding("SL206", message), policy=policy.name, policy_hash=policy.hash, versions=versions
+        path,
+        make_finding("SL206", message),
+        policy=policy.name,
+        policy_hash=policy.hash,
+        versions=dict(versions()),
     )
 
 

@@ -7,8 +7,9 @@ but does not block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+
+import msgspec
 
 
 class Severity(str, Enum):
@@ -25,8 +26,7 @@ class Effect(str, Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(msgspec.Struct, frozen=True):
     code: str
     name: str
     title: str

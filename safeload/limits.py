@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import msgspec
 
 GiB = 1 << 30
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Limits:
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """Each limit is a positive int (``max_nesting`` may be 0). A policy file's ``[limits]`` sets
     some of them (validated in safeload.policy_files)."""
 
@@ -34,14 +33,14 @@ class Limits:
     """Digits of a LONG literal"""
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            least = least_value(f.name)
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            least = least_value(name)
             if type(value) is not int or value < least:
-                raise ValueError(f"{f.name} must be an int of at least {least}, not {value!r}")
+                raise ValueError(f"{name} must be an int of at least {least}, not {value!r}")
 
     def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in self.__struct_fields__}
 
 
 def least_value(name: str) -> int:

@@ -13,19 +13,19 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import date
 from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from safeload.errors import PolicyError
 from safeload.limits import Limits
 from safeload.text import escape
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "Decision",
@@ -51,15 +51,13 @@ _WILDCARD = ".*"
 # -- file content ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AllowEntry:
+class AllowEntry(msgspec.Struct, frozen=True):
     global_: str
     reason: str
     unsafe_wildcard: bool = False
 
 
-@dataclass(frozen=True)
-class WaiveEntry:
+class WaiveEntry(msgspec.Struct, frozen=True):
     sha256: str
     code: str
     global_: str | None
@@ -67,8 +65,7 @@ class WaiveEntry:
     expires: date
 
 
-@dataclass(frozen=True)
-class PolicyFile:
+class PolicyFile(msgspec.Struct, frozen=True):
     """A policy file's content, valid (checked by safeload.policy_files, or known to be)."""
 
     name: str | None
@@ -79,8 +76,7 @@ class PolicyFile:
     waive: tuple[WaiveEntry, ...]
 
 
-@dataclass(frozen=True)
-class FloorFile:
+class FloorFile(msgspec.Struct, frozen=True):
     modules: dict[str, str]
     names: dict[str, str]
     attributes: dict[str, str]
@@ -89,16 +85,14 @@ class FloorFile:
 # -- values --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     allowed: bool
     on_floor: bool
     reason: str  # the allow entry's reason / why it is on the floor / "not in policy NAME"
     source: str | None  # the policy file (or "allow=") that decided; "floor.toml" for the floor
 
 
-@dataclass(frozen=True)
-class Waiver:
+class Waiver(msgspec.Struct, frozen=True):
     sha256: str
     code: str
     global_name: str | None  # None: every finding of `code` in that file
@@ -106,8 +100,7 @@ class Waiver:
     expires: date
 
 
-@dataclass(frozen=True)
-class FloorHit:
+class FloorHit(msgspec.Struct, frozen=True):
     entry: str  # the floor entry that matched ("os", "builtins.eval", "__globals__")
     kind: Literal["module", "name", "attribute"]
     reason: str
@@ -116,8 +109,7 @@ class FloorHit:
         return f"{self.kind} {self.entry} is on the floor: {self.reason}"
 
 
-@dataclass(frozen=True, eq=False)
-class Floor:
+class Floor(msgspec.Struct, frozen=True, eq=False):
     """Modules (prefix match), names (the object and attributes below it) and attribute segments."""
 
     modules: Mapping[str, str]
@@ -166,8 +158,7 @@ def _is_qualname(name: str) -> bool:
 _DECISION_CACHE = 4096
 
 
-@dataclass(frozen=True, eq=False)
-class Policy:
+class Policy(msgspec.Struct, frozen=True, eq=False):
     """A resolved policy. Immutable; equal and hashable by content (``hash``)."""
 
     name: str
@@ -180,14 +171,14 @@ class Policy:
     hash: str  # sha256 hex of the canonical content (name, entries, reasons, limits, waivers, floor)
     wildcards: frozenset[str] = frozenset()  # module prefixes allowed with unsafe_wildcard = true
     # name (or "prefix.*") -> the file that allowed it, or "allow=" for call-site names
-    origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    origins: Mapping[str, str] = msgspec.field(default_factory=lambda: MappingProxyType({}))
     floor: Floor | None = None
     # (source, sha256 of the bytes parsed) for every file in `sources`: what a replayed audit
     # report (audit_memo) checks the files against, without loading the policy.
     source_digests: tuple[tuple[str, str], ...] = ()
     # Decisions already made (a policy serves many files naming the same few globals). Bounded:
     # names come from files, and a hostile one can name a million distinct globals.
-    _decided: dict[str, Decision] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _decided: dict[str, Decision] = msgspec.field(default_factory=dict)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Policy):
@@ -358,12 +349,33 @@ def _make_policy(
 
 
 @lru_cache(maxsize=1)
-def _rules_dir() -> Any:
-    return resources.files("safeload.rules")
+def _rules_dir() -> str | None:
+    """The folder of the safeload.rules package, where an install has one (a wheel's, an editable
+    install's), else None. importlib.resources also reads a package from a zip, but importing it
+    imports pathlib, tempfile and zipfile: about 10 ms of every scan's start."""
+    import safeload.rules
+
+    folder = os.path.dirname(safeload.rules.__file__ or "")
+    return folder if os.path.isdir(folder) else None
 
 
 def _read_builtin(filename: str) -> bytes:
-    return (_rules_dir() / filename).read_bytes()
+    folder = _rules_dir()
+    if folder is not None:
+        with open(os.path.join(folder, filename), "rb") as fh:
+            return fh.read()
+    from importlib import resources
+
+    return (resources.files("safeload.rules") / filename).read_bytes()
+
+
+def _builtin_filenames() -> list[str]:
+    folder = _rules_dir()
+    if folder is not None:
+        return os.listdir(folder)
+    from importlib import resources
+
+    return [item.name for item in resources.files("safeload.rules").iterdir()]
 
 
 def _read_user_file(path: Path) -> bytes:
@@ -410,8 +422,7 @@ def _validated(data: bytes, label: str, builtin: bool, floor_file: bool = False)
     return policy_files.validate_policy_file(raw, label)
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(msgspec.Struct, frozen=True):
     """The built-in files as the tests validated them (``rules/validated.json``, written by
     safeload.policy_files): each file's sha256, and its content as the models read it."""
 
@@ -428,7 +439,7 @@ class Manifest:
 @lru_cache(maxsize=1)
 def _manifest() -> Manifest:
     try:
-        return msgspec.json.decode((_rules_dir() / MANIFEST_FILE).read_bytes(), type=Manifest)
+        return msgspec.json.decode(_read_builtin(MANIFEST_FILE), type=Manifest)
     except (OSError, msgspec.DecodeError):
         return Manifest(sha256={}, policies={}, floor=None)  # every built-in file gets validated
 
@@ -474,8 +485,7 @@ def floor() -> Floor:
 # -- resolution -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Resolved:
+class _Resolved(msgspec.Struct, frozen=True):
     """A policy file with its extends applied, before call-site names."""
 
     name: str
@@ -511,6 +521,8 @@ def _resolve(key: _Key, stack: tuple[_Key, ...], seen: dict[_Key, _Resolved]) ->
         base_dir: Path | None = None
         default_name = ident
     else:
+        from pathlib import Path  # here: the built-in policies need no paths
+
         label = ident
         data = _read_user_file(Path(ident))
         base_dir = Path(ident).parent
@@ -622,8 +634,7 @@ def _build(resolved: _Resolved) -> Policy:
 @lru_cache(maxsize=1)
 def _builtin_names() -> tuple[str, ...]:
     names = []
-    for item in _rules_dir().iterdir():
-        filename = item.name
+    for filename in _builtin_filenames():
         if filename.endswith(".toml") and filename != FLOOR_FILE:
             names.append(filename[: -len(".toml")])
     return tuple(sorted(names))
@@ -639,8 +650,10 @@ def _builtin_policy(name: str) -> Policy:
     return _build(_resolve(("builtin", name), (), {}))
 
 
-def _load_file(path: Path) -> Policy:
-    key: _Key = ("file", str(path.resolve()))
+def _load_file(path: str) -> Policy:
+    from pathlib import Path
+
+    key: _Key = ("file", str(Path(path).resolve()))
     return _build(_resolve(key, (), {}))
 
 
@@ -655,12 +668,12 @@ def load_policy(spec: str | os.PathLike[str] | Policy = "default", allow: Iterab
     if isinstance(spec, Policy):
         policy = spec
     elif isinstance(spec, os.PathLike):
-        policy = _load_file(Path(os.fspath(spec)))
+        policy = _load_file(os.fspath(spec))
     elif isinstance(spec, str):
         if spec in builtin_policy_names():
             policy = _builtin_policy(spec)
         elif _is_path_like(spec):
-            policy = _load_file(Path(spec))
+            policy = _load_file(spec)
         else:
             raise PolicyError(
                 f"unknown policy {escape(spec)}: built-in policies are "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import fields
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -46,7 +45,10 @@ class _Model(BaseModel):
 _LimitsTable: type[BaseModel] = create_model(
     "Limits",
     __base__=_Model,
-    **{f.name: (int, Field(default=f.default, ge=least_value(f.name))) for f in fields(Limits)},  # type: ignore[call-overload]
+    **{
+        f.name: (int, Field(default=f.default, ge=least_value(f.name)))
+        for f in msgspec.structs.fields(Limits)
+    },  # type: ignore[call-overload]
 )
 
 

@@ -11,8 +11,9 @@ import mmap as mmap_module
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import IO, Any
+
+import msgspec
 
 from safeload.errors import LimitExceededError, ScanError
 
@@ -38,8 +39,7 @@ class _Descriptor:
             pass  # already closed: nothing holds it
 
 
-@dataclass
-class Source:
+class Source(msgspec.Struct):
     buffer: memoryview
     path: str  # for messages: the path, or a description of the object
     size: int
@@ -47,8 +47,8 @@ class Source:
     # The opened file's status (fstat) when the source is a path: which file was read, for callers
     # that check it did not change meanwhile.
     opened: os.stat_result | None = None
-    _holders: list[Any] = field(default_factory=list, repr=False)
-    _fd: int | None = field(default=None, repr=False)  # the mapped file, open for `peek`
+    _holders: list[Any] = msgspec.field(default_factory=list)
+    _fd: int | None = None  # the mapped file, open for `peek`
 
     def peek(self, offset: int, size: int) -> bytes | memoryview:
         """buffer[offset:offset + size] (shorter at the end), without mapping its page when the file

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from safeload.codes import Effect
 from safeload.model import Finding, ScanReport, Verdict
@@ -23,11 +24,10 @@ _REFUSED = "SL101"
 _FLOOR = "SL100"
 
 
-@dataclass
-class _Need:
+class _Need(msgspec.Struct):
     name: str
-    sites: list[str] = field(default_factory=list)
-    uses: set[str] = field(default_factory=set)
+    sites: list[str] = msgspec.field(default_factory=list)
+    uses: set[str] = msgspec.field(default_factory=set)
 
 
 def needed_names(report: ScanReport) -> list[str]:

@@ -10,7 +10,8 @@ one per file, stays small whatever a file holds. Every import site is still judg
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+
+import msgspec
 
 from safeload.analysis.evaluate import ImportRows
 from safeload.analysis.types import WalkResult
@@ -94,9 +95,9 @@ class ScanBudget:
         hostile zip's second member of 199,000 sites, or fifth at the opcode bound, used to be
         walked to its end first)."""
         if self.full:
-            return replace(limits, max_opcodes=1), 1  # take() refuses any stream now
+            return msgspec.structs.replace(limits, max_opcodes=1), 1  # take() refuses any stream now
         if self.opcodes < limits.max_opcodes:
-            limits = replace(limits, max_opcodes=self.opcodes + 1)
+            limits = msgspec.structs.replace(limits, max_opcodes=self.opcodes + 1)
         return limits, self.sites + 1
 
     def take(self, walked: WalkResult, stream: PickleStream) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from safeload.analysis.types import UNKNOWN, ImportSite, PersistentIdSite, WalkResult
 from safeload.formats.base import PersistentScheme
@@ -59,8 +60,7 @@ class PolicyLike(Protocol):
     def remedy(self, qualname: str) -> str: ...
 
 
-@dataclass
-class ImportRows:
+class ImportRows(msgspec.Struct):
     """One stream's import sites, each with its qualified name and whether the policy allows it.
 
     A report row (GlobalUse) is built only for the sites a report lists: a

@@ -18,7 +18,8 @@ replay so both skip the same bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 # The class whose BUILD makes joblib read array bytes (joblib.numpy_pickle.NumpyUnpickler.load_build).
 # Protocol 4 resolves dotted names by attribute walk, so the class is also reachable through its
@@ -48,8 +49,7 @@ def is_wrapper(module: str, name: str) -> bool:
     return (module, name) in WRAPPER_NAMES
 
 
-@dataclass(frozen=True)
-class ArrayRead:
+class ArrayRead(msgspec.Struct, frozen=True):
     """What joblib reads after the wrapper: padding (a length byte plus that many), then data."""
 
     padded: bool  # a padding-length byte comes first

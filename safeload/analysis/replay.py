@@ -41,8 +41,9 @@ from __future__ import annotations
 import copyreg
 import pickle
 import re
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from safeload.analysis import joblib_arrays as jl
 from safeload.analysis.isolate import MEMORY_BOUND, run_bounded
@@ -67,12 +68,11 @@ JOBLIB_READER = "joblib"
 PY_READER = "pickle.py"
 
 
-@dataclass
-class ReaderReplay:
+class ReaderReplay(msgspec.Struct):
     """What CPython's unpickler did through one reader kind."""
 
     reader: str
-    imports: list[tuple[str, str]] = field(default_factory=list)  # raw (module, name), in order
+    imports: list[tuple[str, str]] = msgspec.field(default_factory=list)  # raw (module, name), in order
     pickles: int = 0  # loads that reached STOP
     persistent_ids: int = 0
     skipped_bytes: int = 0  # payload bytes passed over without copying
@@ -115,9 +115,8 @@ class ReaderReplay:
 _Slot = tuple[int, "tuple[str, str] | None"]
 
 
-@dataclass
-class ReplayResult:
-    replays: list[ReaderReplay] = field(default_factory=list)
+class ReplayResult(msgspec.Struct):
+    replays: list[ReaderReplay] = msgspec.field(default_factory=list)
     skipped: str | None = None  # why no replay ran; None when the replays below ran
     # The walk the replays were checked against, and its import slots: differential() reuses them
     # for that same walk (building them costs a tenth of a hostile stream's scan).

@@ -18,14 +18,16 @@ Decisions, so that nothing is skipped silently:
 from __future__ import annotations
 
 import io
-import tarfile
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safeload.formats.base import Child, ReadContext, ReadResult
 from safeload.formats.compressed import IN_CHUNK, OUT_CHUNK, Meter
 from safeload.formats.spool import Spool, SpoolError
 from safeload.model import Finding, make_finding
+
+if TYPE_CHECKING:
+    import tarfile
 
 NAME = "archive"
 
@@ -145,6 +147,8 @@ def _nonzero_from(buf: memoryview, pos: int) -> int | None:
 
 
 def read_tar(buf: memoryview, ctx: ReadContext) -> ReadResult:
+    import tarfile  # here: most scans meet no tar, and its import costs a few ms of each start
+
     result = ReadResult(format="tar")
     names: Counter[str] = Counter()
     try:

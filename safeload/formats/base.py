@@ -7,9 +7,10 @@ it, so the loader unpickles exactly the bytes the scanner walked.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from safeload.limits import Limits
 from safeload.model import Finding
@@ -45,8 +46,7 @@ class StreamRole(str, Enum):
     EMBEDDED = "embedded"  # a pickle found inside another container member by content
 
 
-@dataclass(frozen=True)
-class PickleStream:
+class PickleStream(msgspec.Struct, frozen=True):
     member: str | None  # None: the whole file is this stream
     data: memoryview  # exactly the bytes a loader hands to its unpickler (may hold several pickles)
     file_offset: int | None  # where data[0] sits in the file; None when it was decompressed
@@ -74,27 +74,25 @@ class PickleStream:
     guessed: bool = False
     # The walker's result for exactly ``data`` under these settings, when a reader had to walk it
     # first (the legacy format's boundaries and storage ids): the scan does not walk it again.
-    walked: WalkResult | None = field(default=None, compare=False, repr=False)
+    walked: WalkResult | None = None
 
 
-@dataclass(slots=True)  # not frozen: a large checkpoint indexes thousands, and frozen ones cost 3x to build
-class StorageEntry:
+class StorageEntry(msgspec.Struct):  # a large checkpoint indexes thousands
     key: str
     data: memoryview  # the storage bytes (a slice of the buffer when stored, else decompressed)
     file_offset: int | None  # absolute offset when the bytes are stored uncompressed (for mmap)
 
 
-@dataclass
-class Container:
+class Container(msgspec.Struct):
     """Everything a reader learned from one buffer."""
 
-    formats: list[str] = field(default_factory=list)
-    streams: list[PickleStream] = field(default_factory=list)
+    formats: list[str] = msgspec.field(default_factory=list)
+    streams: list[PickleStream] = msgspec.field(default_factory=list)
     # Storage index for the loadable stream, keyed by the persistent id's key.
-    storages: dict[str, StorageEntry] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
+    storages: dict[str, StorageEntry] = msgspec.field(default_factory=dict)
+    findings: list[Finding] = msgspec.field(default_factory=list)
     # Format facts the loader needs (torch zip record prefix, byte order, legacy storage layout ...).
-    meta: dict[str, object] = field(default_factory=dict)
+    meta: dict[str, object] = msgspec.field(default_factory=dict)
 
 
 class Budget:
@@ -116,8 +114,7 @@ class Budget:
         return max(0, self.limit - self.used)
 
 
-@dataclass(slots=True)  # not frozen: one per scanned buffer, and frozen ones cost 4x to build
-class ReadContext:
+class ReadContext(msgspec.Struct):
     """Where a reader's buffer sits: its member path, its place in the file, the nesting depth."""
 
     path: str  # the file's path (for messages)
@@ -128,13 +125,13 @@ class ReadContext:
     budget: Budget
     encoding: tuple[str, ...] = ()
     # Parses several readers of the same buffer share (the zip directory: generic zip and npz).
-    shared: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    shared: dict[str, object] = msgspec.field(default_factory=dict)
     # For the file's own mapped buffer only: let go of pages of buf[start:end] a reader has read
     # through and will not need again (compressed input), so that memory does not grow with it.
-    release: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
+    release: Callable[[int, int], None] | None = None
     # For the file's own buffer only: buf[offset:offset + size] read without mapping its page (see
     # Source.peek), for the few bytes a reader takes from each of many far-apart pages.
-    peek_file: Callable[[int, int], bytes | memoryview] | None = field(default=None, compare=False, repr=False)
+    peek_file: Callable[[int, int], bytes | memoryview] | None = None
 
     def peek(self, buf: memoryview, offset: int, size: int) -> bytes | memoryview:
         """buf[offset:offset + size], shorter at the end; ``buf`` is this context's buffer."""
@@ -146,8 +143,7 @@ class ReadContext:
         return name if self.member is None else f"{self.member}{NEST_SEP}{name}"
 
 
-@dataclass(frozen=True)
-class Child:
+class Child(msgspec.Struct, frozen=True):
     """A member a wrapper (gzip, tar, zip, 7z ...) hands back to detection, to be read by content."""
 
     name: str
@@ -161,15 +157,14 @@ class Child:
     offset: int | None = None
 
 
-@dataclass
-class ReadResult:
+class ReadResult(msgspec.Struct):
     """What one reader produced for one buffer; detection merges these into a Container."""
 
     format: str
-    streams: list[PickleStream] = field(default_factory=list)
-    storages: dict[str, StorageEntry] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-    children: list[Child] = field(default_factory=list)
-    meta: dict[str, object] = field(default_factory=dict)
+    streams: list[PickleStream] = msgspec.field(default_factory=list)
+    storages: dict[str, StorageEntry] = msgspec.field(default_factory=dict)
+    findings: list[Finding] = msgspec.field(default_factory=list)
+    children: list[Child] = msgspec.field(default_factory=list)
+    meta: dict[str, object] = msgspec.field(default_factory=dict)
     # A zip reading: (where the archive's offsets count from, the end of its end record) in the buffer.
     archive_span: tuple[int, int] | None = None

@@ -26,8 +26,9 @@ import lzma
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 from safeload.formats.base import Child, ReadContext, ReadResult
 from safeload.formats.spool import Spool, SpoolError
@@ -300,8 +301,7 @@ def _lzma_auto() -> Decoder:
     return lzma.LZMADecompressor(lzma.FORMAT_AUTO, memlimit=LZMA_MEMLIMIT)
 
 
-@dataclass(frozen=True)
-class Codec:
+class Codec(msgspec.Struct, frozen=True):
     name: str
     new: Callable[[], Decoder]
     # Whether the bytes after one stream's end start another stream this format's reader reads.
@@ -433,10 +433,9 @@ class Meter:
         return True
 
 
-@dataclass
-class Inflated:
+class Inflated(msgspec.Struct):
     data: Spool
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[Finding] = msgspec.field(default_factory=list)
     streams: int = 0
     consumed: int = 0  # input bytes that belonged to complete streams (or were read before a stop)
     complete: bool = False  # every input byte was decompressed (or was padding)

@@ -16,10 +16,10 @@ legacy formats, then a plain pickle).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import ModuleType
+
+import msgspec
 
 from safeload.codes import Effect
 from safeload.formats import raw
@@ -98,8 +98,7 @@ _SUPERSEDES: dict[str, frozenset[str]] = {
 _TRANSPARENT = frozenset({"compressed"})
 
 
-@dataclass
-class _View:
+class _View(msgspec.Struct):
     """One reader's result for one buffer, and where it sits."""
 
     label: str
@@ -110,13 +109,12 @@ class _View:
     pickles: int = 0  # streams in this view and everything nested under it
 
 
-@dataclass
-class _State:
+class _State(msgspec.Struct):
     path: str
     limits: Limits
     budget: Budget
-    views: list[_View] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
+    views: list[_View] = msgspec.field(default_factory=list)
+    findings: list[Finding] = msgspec.field(default_factory=list)
     streams: int = 0  # pickle streams read so far, in the order _merge takes them
 
 
@@ -334,7 +332,7 @@ def _merge(state: _State) -> Container:
                 )
                 break
             if stream.loadable and (chosen is None or stream is not chosen[2]):
-                stream = dataclasses.replace(stream, loadable=False)
+                stream = msgspec.structs.replace(stream, loadable=False)
             container.streams.append(stream)
         else:
             continue

@@ -20,10 +20,10 @@ A raw-pickle reader also claims joblib files: detection should prefer this reade
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import pickletools
-from dataclasses import dataclass
+
+import msgspec
 
 from safeload.formats.base import PickleStream, ReadContext, ReadResult, StreamRole
 from safeload.formats.raw import is_opcode, scan_pickle
@@ -52,8 +52,7 @@ _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 _SILENT_OPS = {"PROTO", "FRAME", "MEMOIZE", *_PUT_OPS}
 
 
-@dataclass(frozen=True)
-class WrapperSite:
+class WrapperSite(msgspec.Struct, frozen=True):
     offset: int  # of the GLOBAL / INST / STACK_GLOBAL opcode
     opcode: str
     protocol: int | None
@@ -140,6 +139,6 @@ def plain_reading(stream: PickleStream) -> PickleStream:
     """The same bytes as pickle.load (or torch.load) reads them: one pickle, array bytes taken for
     opcodes. It breaks at the first array; whatever it would import before that is judged too, so
     array bytes crafted as opcodes cannot hide a payload from a plain loader."""
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         stream, role=StreamRole.RAW, joblib_arrays=False, multi=False, loadable=False, secondary=True
     )

@@ -20,11 +20,11 @@ that walk so that the scan does not repeat it. Nothing here unpickles.
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import struct
-import tarfile
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from safeload.analysis.types import ImportSite, WalkResult
 from safeload.analysis.walker import walk
@@ -39,6 +39,9 @@ from safeload.formats.base import (
 )
 from safeload.model import Finding, make_finding
 from safeload.text import escape
+
+if TYPE_CHECKING:
+    import tarfile
 
 NAME = "torch-legacy"
 TAR = "torch-legacy-tar"
@@ -104,6 +107,8 @@ def is_tar(buf: memoryview) -> bool:
 
     if not is_tar(buf):
         return False
+    import tarfile  # here: only for a buffer that starts with a tar header
+
     names: set[str] = set()
     try:
         with tarfile.open(fileobj=MemoryReader(buf), mode="r:") as tf:
@@ -158,7 +163,7 @@ def _read_sequences(buf: memoryview, ctx: ReadContext) -> ReadResult:
                 )
             )
             break
-        sub = dataclasses.replace(
+        sub = msgspec.structs.replace(
             ctx,
             member=ctx.child_member(f"<appended {count}>"),
             file_offset=None if ctx.file_offset is None else ctx.file_offset + pos,
@@ -168,7 +173,7 @@ def _read_sequences(buf: memoryview, ctx: ReadContext) -> ReadResult:
         )
         more = _Sequence(buf[pos:], sub).read()
         result.findings.extend(more.findings)
-        result.streams.extend(dataclasses.replace(s, loadable=False) for s in more.streams)
+        result.streams.extend(msgspec.structs.replace(s, loadable=False) for s in more.streams)
         step = more.meta.get("next")
         pos = pos + step if isinstance(step, int) else None
     return result
@@ -182,11 +187,14 @@ def _qualname(value: object) -> str | None:
     return value.qualname if isinstance(value, ImportSite) else None
 
 
-@dataclass
 class _Base:
-    buf: memoryview
-    ctx: ReadContext
-    result: ReadResult = field(init=False)
+    """One reading of a buffer: its reader's state (the result is begun by ``read``)."""
+
+    result: ReadResult
+
+    def __init__(self, buf: memoryview, ctx: ReadContext) -> None:
+        self.buf = buf
+        self.ctx = ctx
 
     def note(self, code: str, message: str, offset: int | None, member: str | None = None) -> None:
         self.result.findings.append(self._finding(code, message, offset, member))
@@ -336,6 +344,8 @@ class _Sequence(_Base):
 
 class _Tar(_Base):
     def read(self) -> ReadResult:
+        import tarfile
+
         from safeload.formats.archives import MemoryReader
 
         self.result = ReadResult(

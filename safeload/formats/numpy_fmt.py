@@ -40,13 +40,13 @@ dict with ``storage`` (its key in ``ReadResult.storages``; None for an empty dir
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 import math
 import struct
 import zlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from safeload.analysis.walker import walk
 from safeload.formats import raw, zipfile_view, zipread
@@ -78,8 +78,7 @@ class NpyError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class NpyHeader:
+class NpyHeader(msgspec.Struct, frozen=True):
     version: tuple[int, int]
     descr: object
     dtype: np.dtype
@@ -264,7 +263,7 @@ def _read_sequence(buf: memoryview, ctx: ReadContext) -> ReadResult:
         )
         if not first:
             result.findings.extend(into.findings)
-            result.streams.extend(dataclasses.replace(s, loadable=False) for s in into.streams)
+            result.streams.extend(msgspec.structs.replace(s, loadable=False) for s in into.streams)
         if end is None or pos + end >= len(buf):
             break
         pos += end
@@ -449,7 +448,7 @@ def read_npz(buf: memoryview, ctx: ReadContext) -> ReadResult:
         view = memoryview(extra.data)
         read_npy(view, reading, ctx, key=extra.name, member=extra.member, file_offset=None, encoding=())
         result.findings.extend(reading.findings)
-        result.streams.extend(dataclasses.replace(s, loadable=False) for s in reading.streams)
+        result.streams.extend(msgspec.structs.replace(s, loadable=False) for s in reading.streams)
     if npy_count and not result.streams:
         result.findings.append(
             make_finding("SL400", f"npz of {npy_count} arrays without objects: no pickle", member=ctx.member)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pickletools
 import re
 import struct
-from dataclasses import dataclass
+
+import msgspec
 
 from safeload.formats.base import PickleStream, ReadContext, ReadResult, StreamRole
 
@@ -34,8 +35,7 @@ _LENGTH_KINDS = {
 }
 
 
-@dataclass(frozen=True)
-class _Op:
+class _Op(msgspec.Struct, frozen=True):
     name: str
     kind: str
     size: int  # fixed argument size (kind _FIXED) else 0
@@ -111,8 +111,7 @@ class _Stop(Exception):
         self.acted = acted
 
 
-@dataclass(frozen=True)
-class OpScan:
+class OpScan(msgspec.Struct, frozen=True):
     """Result of an opcode-level scan of one pickle."""
 
     end: int | None  # offset just after STOP, None when no STOP was reached

@@ -13,7 +13,6 @@ bytes between the scan and the load; it disappears once the last view of the map
 from __future__ import annotations
 
 import mmap
-import tempfile
 from typing import IO
 
 __all__ = ["SPILL_AT", "Spool", "SpoolError"]
@@ -43,6 +42,8 @@ class Spool:
     def write(self, piece: bytes | bytearray | memoryview) -> None:
         try:
             if self._file is None and self._size + len(piece) > self._spill_at:
+                import tempfile  # here: most scans never spill, and its import costs a few ms of each
+
                 self._file = tempfile.TemporaryFile(prefix="safeload-")
                 self._file.write(self._memory)
                 self._memory = bytearray()

@@ -10,11 +10,12 @@ again: the two readers only part where zipread has a finding.
 
 from __future__ import annotations
 
-import lzma
-import zipfile
+import functools
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from safeload.formats import zipread
 from safeload.formats.archives import MemoryReader
@@ -22,27 +23,38 @@ from safeload.formats.base import ReadContext
 from safeload.model import Finding
 from safeload.text import escape
 
+if TYPE_CHECKING:
+    import zipfile
+
 _CHUNK = 1 << 20
-# What zipfile raises on a damaged archive or member. A CRC mismatch is raised only at a member's
-# end, after numpy's unpickler has read what came before: what was read so far is still handed on.
-_ZIPFILE_ERRORS = (
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    OSError,
-    EOFError,
-    ValueError,
-    NotImplementedError,
-    RuntimeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    zlib.error,
-    lzma.LZMAError,
-)
 
 
-@dataclass
-class ZipfileMember:
+@functools.cache
+def _zipfile_errors() -> tuple[type[Exception], ...]:
+    """What zipfile raises on a damaged archive or member. A CRC mismatch is raised only at a
+    member's end, after numpy's unpickler has read what came before: what was read so far is still
+    handed on. (zipfile is imported only for an archive zipread found something odd about: its
+    import, with shutil's and threading's, costs a few ms of every scan's start.)"""
+    import lzma
+    import zipfile
+
+    return (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        zlib.error,
+        lzma.LZMAError,
+    )
+
+
+class ZipfileMember(msgspec.Struct):
     name: str
     member: str  # as reports name it
     data: bytes  # the member's bytes as zipfile returns them, or only its head when not wanted whole
@@ -78,10 +90,12 @@ def members_only_zipfile_reads(
             )
         )
         return
+    import zipfile
+
     try:
         zf = zipfile.ZipFile(MemoryReader(buf))
         infos = zf.infolist()
-    except _ZIPFILE_ERRORS:
+    except _zipfile_errors():
         return  # numpy.load cannot open it, so nothing in it is unpickled that way
     read_by_zipread = {(e.header_offset, e.comp_size, e.size, e.method) for e in archive.entries}
     with zf:
@@ -155,6 +169,6 @@ def _read(
                 out += chunk
                 if len(out) == len(chunk) and not wanted(bytes(out)):
                     break
-    except _ZIPFILE_ERRORS as exc:
+    except _zipfile_errors() as exc:
         note("SL205", f"zipfile stops reading it: {type(exc).__name__}: {escape(str(exc))}")
     return bytes(out)

@@ -31,7 +31,8 @@ import lzma
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from safeload.formats.base import ReadContext
 from safeload.formats.compressed import IN_CHUNK, OUT_CHUNK, Decoder, ZlibDecoder
@@ -75,8 +76,7 @@ MAX_NOTES_PER_CODE = 100
 _HEAP_SORT_MAX = 50_000
 
 
-@dataclass(slots=True)
-class ZipEntry:
+class ZipEntry(msgspec.Struct):
     """One central-directory record, with what its local header says. Not changed once parsed (not
     frozen: a frozen dataclass costs four times as much to build, once per member of every archive)."""
 
@@ -101,8 +101,7 @@ class ZipEntry:
         return self.raw_name.endswith(b"/") or bool(self.external_attr & _DOS_DIRECTORY)
 
 
-@dataclass
-class ZipArchive:
+class ZipArchive(msgspec.Struct):
     entries: list[ZipEntry]
     findings: list[Finding]
     eocd_offset: int
@@ -112,10 +111,10 @@ class ZipArchive:
     shift: int  # 0: offsets read as absolute (torch); >0: zipfile-style shift for prepended data
     zip64: bool
     comment: bytes
-    extra_regions: list[tuple[int, int]] = field(default_factory=list)  # bytes outside every record
+    extra_regions: list[tuple[int, int]] = msgspec.field(default_factory=list)  # bytes outside every record
     _order: list[int] | None = None
-    _counted: list[ZipEntry] = field(default_factory=list)
-    _keys: list[bytes] = field(default_factory=list)
+    _counted: list[ZipEntry] = msgspec.field(default_factory=list)
+    _keys: list[bytes] = msgspec.field(default_factory=list)
     _unique: dict[bytes, ZipEntry] | None = None  # lower-cased name -> entry, when no name repeats
 
     def locate(self, name: bytes) -> ZipEntry | None:
@@ -150,8 +149,7 @@ class ZipArchive:
         return [e for e in self.entries if e.raw_name.lower() == low]
 
 
-@dataclass(slots=True)  # one per member read: slotted ones cost half as much to build
-class Extracted:
+class Extracted(msgspec.Struct):  # one per member read
     data: memoryview | None  # None: nothing could be read
     file_offset: int | None  # absolute offset when the bytes are stored in the file
     findings: list[Finding]

@@ -7,8 +7,9 @@ inside its storage, so no backend ever reads (or lets a caller write) outside th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from safeload.errors import LoadError
 from safeload.text import escape
@@ -20,8 +21,7 @@ if TYPE_CHECKING:
 INT64_MAX = (1 << 63) - 1
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(msgspec.Struct, frozen=True):
     """Where the object being loaded sits, for messages."""
 
     path: str

@@ -27,8 +27,9 @@ import io
 import pickle
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from safeload.analysis.text_numbers import float_arg, int_arg, long_arg
 from safeload.errors import InternalLoaderError, LoadError, SafeloadError, UnsafeModelError
@@ -182,16 +183,15 @@ def _restore(obj: Any, snap: Any) -> None:
 _MISSING = object()
 
 
-@dataclass
-class Gate:
+class Gate(msgspec.Struct):
     """What find_class needs for one stream: the policy resolver and the scan's view of the stream."""
 
     resolver: Resolver
     scanned: Mapping[str, int | None]  # qualified names the scan reported -> first offset
     where: Where
     fix_imports: bool = True
-    guard: GlobalsGuard = field(default_factory=GlobalsGuard)
-    handed_out: dict[int, object] = field(default_factory=dict)
+    guard: GlobalsGuard = msgspec.field(default_factory=GlobalsGuard)
+    handed_out: dict[int, object] = msgspec.field(default_factory=dict)
 
     def find(self, module: object, name: object, proto: int) -> object:
         if type(module) is not str or type(name) is not str:

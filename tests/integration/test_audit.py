@@ -328,7 +328,7 @@ def test_usage_errors(registry: Path) -> None:
     assert main(["audit", str(registry), "--jobs", "0", "--no-progress"]) == 3
     assert main(["audit", str(registry), "--policy", "no-such-policy", "--no-progress"]) == 3
     with pytest.raises(AuditError):
-        audit([str(registry)], replace(AuditOptions(), jobs=0))
+        audit([str(registry)], AuditOptions(jobs=0))
 
 
 # -- the pieces, without the scanner ---------------------------------------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import subprocess
+import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -54,7 +57,7 @@ def test_load_refusal_names_file_member_offset_global_and_remedy(tmp_path: Path,
     assert isinstance(err, pickle.UnpicklingError) and isinstance(err, UnsafeModelError)
     text = str(err)
     assert str(f) in text and "offset 2" in text and "mypkg.layers.Scale" in text
-    assert '[[allow]]' in text and 'global = "mypkg.layers.Scale"' in text
+    assert "[[allow]]" in text and 'global = "mypkg.layers.Scale"' in text
     assert err.global_name == "mypkg.layers.Scale" and err.offset == 2 and not err.on_floor
     assert err.report is not None and err.report.verdict is Verdict.UNSAFE
 
@@ -135,6 +138,53 @@ def test_report_versions_match_installed_metadata() -> None:
 
     from safeload.versions import installed_version as _installed_version
 
-    for dist in ("numpy", "pydantic", "fickling"):
+    for dist in ("numpy", "pydantic", "fickling", "msgspec", "typing-extensions", "typing_extensions"):
         assert _installed_version(dist) == metadata.version(dist)
     assert _installed_version("no-such-distribution-safeload-test") is None
+
+
+def test_report_versions_are_found_without_importing_importlib_metadata() -> None:
+    # importlib.metadata imports the email package: 28 ms of every scan's start, for three names.
+    code = (
+        "import sys; from safeload.versions import versions; v = dict(versions()); "
+        "import platform; assert v['python'] == platform.python_version(), v; "
+        "assert 'fickling' in v and 'numpy' in v, v; "
+        "assert 'importlib.metadata' not in sys.modules and 'email' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _metadata_folder(root: Path, folder: str, header: str) -> None:
+    (root / folder).mkdir(parents=True)
+    (root / folder / header).write_text("Metadata-Version: 2.1\nName: X\nVersion: 7.8.9\n\nVersion: 0\n")
+
+
+@pytest.mark.parametrize(
+    ("folder", "header"),
+    [("Fake.Dist_Pkg-7.8.9.dist-info", "METADATA"), ("fake_dist_pkg-7.8.9-py3.11.egg-info", "PKG-INFO")],
+)
+def test_installed_version_reads_a_metadata_folder_on_sys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str, header: str
+) -> None:
+    from importlib import metadata
+
+    from safeload.versions import installed_version
+
+    _metadata_folder(tmp_path, folder, header)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert installed_version("fake-dist-pkg") == "7.8.9" == metadata.version("fake-dist-pkg")
+
+
+def test_installed_version_leaves_a_zip_on_sys_path_to_importlib_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safeload.versions import installed_version
+
+    archive = tmp_path / "dists.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(
+            "zipped_dist-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: zipped-dist\nVersion: 1.0\n"
+        )
+    monkeypatch.syspath_prepend(str(archive))
+    assert installed_version("zipped-dist") == "1.0"
+    assert installed_version("numpy") is not None

@@ -29,6 +29,7 @@ def fresh_policies() -> Iterator[None]:
     def clear() -> None:
         policy._BUILTIN_RESOLVED.clear()
         policy._builtin_policy.cache_clear()
+        policy._builtin_names.cache_clear()
         policy.floor.cache_clear()
         policy._manifest.cache_clear()
 
@@ -153,9 +154,27 @@ def test_without_a_usable_manifest_every_builtin_file_is_validated(
         (rules / path.name).write_bytes(path.read_bytes())
     if manifest is not None:
         (rules / policy.MANIFEST_FILE).write_bytes(manifest)
-    monkeypatch.setattr(policy, "_rules_dir", lambda: rules)
+    monkeypatch.setattr(policy, "_rules_dir", lambda: str(rules))
     policy._manifest.cache_clear()
     assert policy._manifest().sha256 == {}
+    assert {name: load_policy(name).hash for name in expected} == expected
+
+
+def test_builtin_files_are_found_through_importlib_resources_where_no_folder_holds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_policies: None
+) -> None:
+    # A package imported from a zip has no rules folder on disk: importlib.resources reads it.
+    expected = {name: load_policy(name).hash for name in ("strict", "default")}
+    names = policy.builtin_policy_names()
+    assert policy._rules_dir() is not None  # this install has the folder
+    policy._BUILTIN_RESOLVED.clear()
+    policy._builtin_policy.cache_clear()
+    policy._builtin_names.cache_clear()
+    policy.floor.cache_clear()
+    policy._manifest.cache_clear()
+    monkeypatch.setattr(policy, "_rules_dir", lambda: None)
+    assert policy.builtin_policy_names() == names
+    assert policy._manifest().sha256  # the manifest was read, so built-in files skip validation
     assert {name: load_policy(name).hash for name in expected} == expected
 
 

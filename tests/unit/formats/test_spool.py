@@ -18,7 +18,7 @@ from safeload.errors import UnsafeModelError
 from safeload.formats import compressed, spool, zipread
 from safeload.formats.spool import Spool, SpoolError
 from safeload.model import Verdict
-from safeload.source import open_source
+from safeload.source import Source, open_source
 from tests.pickle_builder import exec_payload
 from tests.unit.formats._samples import codes, make_ctx
 
@@ -130,18 +130,20 @@ def test_release_lets_go_of_mapped_pages_and_reads_stay_right(tmp_path: Path) ->
     open_source(path, use_mmap=False, max_bytes=1 << 40).release(0, 10)
 
 
-def test_a_compressed_file_is_scanned_without_keeping_its_pages(tmp_path: Path) -> None:
+def test_a_compressed_file_is_scanned_without_keeping_its_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "big.pkl.gz"
     path.write_bytes(gzip.compress(pickle.dumps([os.urandom(1 << 20) for _ in range(48)], protocol=4), 1))
     seen: list[tuple[int, int]] = []
     source = open_source(path, use_mmap=True, max_bytes=1 << 40)
-    original = source.release
+    original = Source.release
 
-    def record(start: int, end: int) -> None:
+    def record(self: Source, start: int, end: int) -> None:
         seen.append((start, end))
-        original(start, end)
+        original(self, start, end)
 
-    source.release = record  # type: ignore[method-assign]
+    monkeypatch.setattr(Source, "release", record)
     from safeload.api import analyse, resolve_policy
 
     report = analyse(source, resolve_policy("default")).report
