@@ -1,8 +1,9 @@
 """`safeload audit`: scan a model registry once per distinct file, in parallel, with a cache.
 
 Logic only (no printing): walk the given trees (audit_walk), reuse cached results by content
-(audit_cache), scan the rest (audit_workers), then build the registry views (audit_views): globals
-inventory, which files block which policy and, with a baseline, only what is new.
+(audit_cache), scan the rest (audit_workers; in worker processes, audit_pool), then build the
+registry views (audit_views): globals inventory, which files block which policy and, with a
+baseline, only what is new.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from safeload.audit_views import (
     reapply_waivers,
 )
 from safeload.audit_walk import FileGroup, collect
-from safeload.audit_workers import Outcome, PolicyName, PoolConfig, Scanner, run_parallel, unreadable
+from safeload.audit_workers import Outcome, PolicyName, PoolConfig, Scanner, unreadable
 from safeload.gcpause import FrozenHeap
 from safeload.model import Finding, ScanReport, Verdict, decide
 from safeload.report.summary import count_globals, file_identity
@@ -143,6 +144,8 @@ def audit(
                     on_done(path, scanner.safe_process(path))
         else:
             config = PoolConfig(options.policy, options.allow, options.cache_dir, jobs)
+            from safeload.audit_pool import run_parallel  # here: a run of one job needs no processes
+
             run_parallel(tasks, config, policy, on_done)
     finally:
         if cache is not None:

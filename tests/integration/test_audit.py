@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from safeload import audit_walk, audit_workers, build_id
+from safeload import audit_pool, audit_walk, audit_workers, build_id
 from safeload.audit import AuditError, AuditOptions, Progress, audit
 from safeload.audit_cache import DB_NAME
 from safeload.audit_views import load_baseline, reapply_waivers
@@ -504,10 +504,10 @@ def test_a_killed_worker_costs_no_file_its_verdict(tmp_path: Path, monkeypatch: 
         return real_batch(self, tasks)
 
     # Forked workers inherit the patched method (a forkserver or spawn worker would not).
-    monkeypatch.setattr(audit_workers, "_pool_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(audit_pool, "_pool_context", lambda: multiprocessing.get_context("fork"))
     monkeypatch.setattr(audit_workers.Scanner, "batch", held_batch)
     isolated: list[int] = []
-    real_isolated = audit_workers._run_isolated
+    real_isolated = audit_pool._run_isolated
     seen: list[str] = []
     done_in_pool: list[int] = []
 
@@ -519,7 +519,7 @@ def test_a_killed_worker_costs_no_file_its_verdict(tmp_path: Path, monkeypatch: 
         gate.touch()
         return real_isolated(tasks, *args)
 
-    monkeypatch.setattr(audit_workers, "_run_isolated", spy)
+    monkeypatch.setattr(audit_pool, "_run_isolated", spy)
     killed: list[int] = []
 
     def kill_a_worker(event: Progress) -> None:
@@ -551,11 +551,11 @@ def test_workers_that_always_die_fail_closed(tmp_path: Path, monkeypatch: pytest
     def dying_pool(config: audit_workers.PoolConfig, policy: object, workers: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, initializer=os._exit, initargs=(3,))
 
-    monkeypatch.setattr(audit_workers, "_new_pool", dying_pool)
+    monkeypatch.setattr(audit_pool, "_new_pool", dying_pool)
     done: dict[str, object] = {}
     tasks = [str(p) for p in sorted(folder.iterdir())]
     config = audit_workers.PoolConfig("default", (), None, 2)
-    audit_workers.run_parallel(tasks, config, policy, lambda path, o: done.setdefault(path, o))
+    audit_pool.run_parallel(tasks, config, policy, lambda path, o: done.setdefault(path, o))
     assert set(done) == set(tasks)
     for outcome in done.values():
         assert outcome.report.verdict is Verdict.UNSCANNABLE  # type: ignore[attr-defined]
@@ -602,12 +602,10 @@ def test_a_pool_that_breaks_while_batches_are_handed_out(
         pools.append("round" if not pools else "isolated")
         return Breaking() if len(pools) == 1 else InProcess()
 
-    monkeypatch.setattr(audit_workers, "_new_pool", new_pool)
+    monkeypatch.setattr(audit_pool, "_new_pool", new_pool)
     done: dict[str, audit_workers.Outcome] = {}
     tasks = [str(p) for p in sorted(folder.iterdir())]
-    audit_workers.run_parallel(
-        tasks, audit_workers.PoolConfig("default", (), None, 2), policy, done.setdefault
-    )
+    audit_pool.run_parallel(tasks, audit_workers.PoolConfig("default", (), None, 2), policy, done.setdefault)
     assert pools[0] == "round" and "isolated" in pools
     assert set(done) == set(tasks)
     assert {o.report.verdict for o in done.values()} == {Verdict.SAFE}
@@ -637,12 +635,12 @@ def test_a_locked_cache_is_left_alone(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_workers_are_forked_only_while_no_other_thread_runs() -> None:
     # A fork starts at once with the scanner imported; with another thread running (rich's progress
     # refresher) a fork could copy a lock that thread holds, so a forkserver starts the workers.
-    assert audit_workers._pool_context().get_start_method() == "fork"
+    assert audit_pool._pool_context().get_start_method() == "fork"
     stop = threading.Event()
     other = threading.Thread(target=stop.wait)
     other.start()
     try:
-        assert audit_workers._pool_context().get_start_method() == "forkserver"
+        assert audit_pool._pool_context().get_start_method() == "forkserver"
     finally:
         stop.set()
         other.join()
@@ -672,14 +670,12 @@ def test_a_pool_whose_workers_all_vanished_unnoticed_fails_closed(
             pass
 
     folder = _many(tmp_path, 4)
-    monkeypatch.setattr(audit_workers, "_new_pool", lambda config, policy, workers: Silent())
-    monkeypatch.setattr(audit_workers, "STALL_CHECK_S", 0.05)
+    monkeypatch.setattr(audit_pool, "_new_pool", lambda config, policy, workers: Silent())
+    monkeypatch.setattr(audit_pool, "STALL_CHECK_S", 0.05)
     done: dict[str, object] = {}
     tasks = [str(p) for p in sorted(folder.iterdir())]
     config = audit_workers.PoolConfig("default", (), None, 2)
-    audit_workers.run_parallel(
-        tasks, config, load_policy("default"), lambda path, o: done.setdefault(path, o)
-    )
+    audit_pool.run_parallel(tasks, config, load_policy("default"), lambda path, o: done.setdefault(path, o))
     assert set(done) == set(tasks)
     for outcome in done.values():
         assert outcome.report.findings[0].code == "SL207"  # type: ignore[attr-defined]
@@ -748,7 +744,7 @@ def test_the_objects_forked_workers_share_are_frozen_while_they_run(tmp_path: Pa
             gc.freeze()
         during: list[int] = []
         try:
-            audit_workers.run_parallel(
+            audit_pool.run_parallel(
                 tasks, config, policy, lambda path, o, seen=during: seen.append(gc.get_freeze_count())
             )
             assert len(during) == len(tasks)

@@ -51,3 +51,24 @@ def test_a_one_file_scan_imports_nothing_it_does_not_use(tmp_path: Path) -> None
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
     )
     assert out.stdout.splitlines()[-1] == "[0, 0] []"
+
+
+def test_an_audit_with_one_job_starts_no_process_machinery(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save({"weight": torch.ones(3)}, models / "model.pt")
+    (models / "state.pkl").write_bytes(pickle.dumps({"step": 3}, protocol=4))
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from safeload.cli import main
+        code = main(["audit", "--jobs", "1", "--no-progress", "--cache", {str(tmp_path / "cache")!r},
+                     "--format", "json", "-o", {str(tmp_path / "report.json")!r}, {str(models)!r}])
+        print(code, sorted(m for m in {NOT_FOR_AN_ORDINARY_SCAN!r} if m in sys.modules))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    # sqlite3 is the cache's own store: the one heavy module an audit with --cache needs.
+    assert out.stdout.splitlines()[-1] == "0 ['sqlite3']"

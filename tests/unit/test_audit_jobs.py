@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import safeload.audit as audit_module
+import safeload.audit_pool as audit_pool
 from safeload.audit import (
     MAX_AUTO_JOBS,
     SMALL_PLAN_BYTES,
@@ -63,13 +63,13 @@ def test_an_audit_without_jobs_pools_only_a_tree_worth_it(
     for i in range(files):
         (tmp_path / f"m{i}.pkl").write_bytes(pickle.dumps({"step": i}, protocol=4))
     started: list[int] = []
-    real = audit_module.run_parallel
+    real = audit_pool.run_parallel
 
     def recording(tasks: list[str], config: Any, policy: Any, on_done: Any) -> None:
         started.append(config.jobs)
         real(tasks, config, policy, on_done)
 
-    monkeypatch.setattr(audit_module, "run_parallel", recording)
+    monkeypatch.setattr(audit_pool, "run_parallel", recording)
     run = audit([str(tmp_path)], AuditOptions(jobs=jobs))
     assert [r.verdict for r in run.reports] == [Verdict.SAFE] * files
     expected = min(usable_cpus(), MAX_AUTO_JOBS)

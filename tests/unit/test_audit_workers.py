@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safeload.audit_workers import Outcome, Scanner, _outcome
+from safeload.audit_workers import Outcome, Scanner, decode_outcome
 from safeload.model import ResultError, ScanReport, Verdict, load_json, make_finding, unread_report
 from safeload.policy import load_policy
 
@@ -22,7 +22,7 @@ def _report() -> ScanReport:
 
 def test_a_worker_report_round_trips() -> None:
     report = _report()
-    outcome = _outcome("a.pkl", (report.to_json(), False, "key", False), load_policy("default"))
+    outcome = decode_outcome("a.pkl", (report.to_json(), False, "key", False), load_policy("default"))
     assert outcome.report == report and outcome.stat_key == "key"
 
 
@@ -38,7 +38,7 @@ def test_a_worker_report_round_trips() -> None:
 def test_a_broken_worker_report_is_that_files_internal_error(text: str) -> None:
     with pytest.raises(ResultError):
         load_json(text, ScanReport)
-    outcome = _outcome("a.pkl", (text, True, "key", False), load_policy("default"))
+    outcome = decode_outcome("a.pkl", (text, True, "key", False), load_policy("default"))
     assert outcome.report.verdict is Verdict.UNSCANNABLE
     assert [f.code for f in outcome.report.findings] == ["SL207"]
     assert "report for this file is broken" in outcome.report.findings[0].message
@@ -65,7 +65,7 @@ def test_a_report_that_cannot_be_written_costs_only_its_file(
     monkeypatch.setattr(scanner, "safe_process", odd_report)
     results = scanner.batch([str(bad), str(good)])
     reports = [
-        _outcome(path, result, policy).report
+        decode_outcome(path, result, policy).report
         for path, result in zip([str(bad), str(good)], results, strict=True)
     ]
     assert [f.code for f in reports[0].findings] == ["SL207"]
