@@ -2,7 +2,7 @@
 a torch zip checkpoint, a raw pickle of large byte payloads, an npz, a joblib file, a legacy torch
 file, a zlib-compressed joblib file, a gzip-wrapped pickle, small pickles.
 
-    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--other-mb 256] [--small 1000] [--rounds 3]
+    python bench/bench_scan.py [--size-mb 1024] [--raw-mb 200] [--other-mb 256] [--small 1000] [--rounds 3] [--only TEXT]
 
 Prints seconds, MB/s, peak RSS, each peer's time as a ratio to safeload's (>1: safeload faster),
 whether each tool read every file to the end or stopped part way (a parse error, a skipped file),
@@ -175,6 +175,9 @@ def main() -> None:
         help="fresh processes per tool and case, taken in turn with the peers'; the best one counts "
         "(default 3: on shared or throttled machines a whole process can run at half speed)",
     )
+    ap.add_argument(
+        "--only", default="", help="run only the cases whose name contains this text (e.g. 'small', 'joblib')"
+    )
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     cases = []
@@ -215,6 +218,7 @@ def main() -> None:
     listing = make_small(OUT / "small", args.small)
     small_bytes = sum(Path(p).stat().st_size for p in listing.read_text().split("\n"))
     cases.append((f"{args.small} small pickles", "@" + str(listing), small_bytes, "small pickle"))
+    cases = [case for case in cases if args.only in case[0]]
 
     twins: dict[str, str] = {}
     for _, target, _, kind in cases:
