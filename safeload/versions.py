@@ -21,6 +21,8 @@ from safeload import __version__
 _VERSION_LINE = re.compile(r"^Version:[ \t]*(\S+)", re.MULTILINE)
 _SEPARATORS = re.compile(r"[-_.]+")
 LIBRARIES = ("fickling", "numpy", "torch")
+# The headers come first; a long description follows them. Read no more than this of the file.
+_HEADER_CHARS = 1 << 16
 
 
 @functools.cache
@@ -103,7 +105,7 @@ def _version_in(folder: str) -> str | None:
     for name in ("METADATA", "PKG-INFO"):  # a .dist-info's, an .egg-info's
         try:
             with open(os.path.join(folder, name), encoding="utf-8") as f:
-                text = f.read()
+                text = f.read(_HEADER_CHARS)
         except (OSError, UnicodeDecodeError):
             continue
         found = _VERSION_LINE.search(text.partition("\n\n")[0])
