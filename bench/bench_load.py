@@ -98,6 +98,7 @@ def measure(tool: str, path: Path, repeat: int, warm: Path) -> dict[str, float] 
         capture_output=True,
         text=True,
         timeout=1800,
+        cwd=OUT,  # not the repository root, whose safeload package `python -c` would import first
     )
     if proc.returncode != 0:
         return "error: " + ((proc.stderr.strip().splitlines() or ["failed"])[-1])[:70]

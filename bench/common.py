@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).resolve().parent / "out"
+# Tools run with bench/out as their working directory: `python -c` puts the working directory
+# first on sys.path, and from the repository root that imports the checkout's safeload package,
+# not the one installed (whose policies ship as safeload.rules, which the checkout lacks).
+TOOL_CWD = OUT
+OUT.mkdir(exist_ok=True)
 
 # Each peer is called through its Python API in a fresh interpreter; the import is not timed, the
 # scan is, and peak RSS covers the whole process (imports included, the same for every tool).
@@ -128,7 +133,11 @@ def detects(tool: str, path: str, timeout: float = 300) -> str:
     """"caught" or "MISSED" (the planted global), or the tool's error."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", DETECTOR, tool, path], capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-c", DETECTOR, tool, path],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=TOOL_CWD,
         )
     except subprocess.TimeoutExpired:
         return "timeout"
@@ -141,7 +150,7 @@ def detects(tool: str, path: str, timeout: float = 300) -> str:
 def walker_build() -> str:
     """Which walker this interpreter's safeload runs: compiled (the install's Cython build) or pure."""
     code = "import safeload.analysis.walker as w; print('compiled' if w.COMPILED else 'pure Python')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TOOL_CWD)
     return out.stdout.strip() or f"unknown ({out.stderr.strip().splitlines()[-1:]})"
 
 
@@ -152,6 +161,7 @@ def run_tool(tool: str, target: str, repeat: int = 5, timeout: float = 900) -> d
             capture_output=True,
             text=True,
             timeout=timeout,
+            cwd=TOOL_CWD,
         )
     except subprocess.TimeoutExpired:
         return "timeout"
