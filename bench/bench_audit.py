@@ -11,7 +11,8 @@ value, from an empty cache each time); then safeload runs again on the unchanged
 (the cached re-run: the tree is walked and stat'ed again, and the last report replayed). Printed:
 the best and the median time, files/s at the best, each peer's time as a ratio to safeload's first
 run with the most jobs, best to best and median to median (> 1: safeload faster), and the cached
-re-run as a share of the first run. On this project's VMs one command takes anything up to 1.6
+re-run as a share of the first run, and an interpreter's start-up alone (`python -c pass`: no CLI
+run is faster). On this project's VMs one command takes anything up to 1.6
 times as long from run to run (picklescan's first run of 5,000 files: 1.0 to 1.6 s in one
 session), so one timing says more about the VM than about the tools: compare medians.
 
@@ -97,6 +98,10 @@ def timed(cmd: list[str], timeout: float) -> float | str:
     return elapsed
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+
+
 def _summary(times: list[float | str]) -> tuple[float, float] | str:
     """(best, median) of the timings, or the first failure."""
     failed = [t for t in times if isinstance(t, str)]
@@ -161,7 +166,14 @@ def bench_tree(
             first = results[tool.replace(" (cached re-run)", "")]
             if not isinstance(first, str):
                 share = f"{100 * best / first[0]:.1f}% (median {100 * median / first[1]:.1f}%)"
-        rows.append([name, tool, f"{best:.2f}", f"{median:.2f}", f"{files / best:.0f}", ratio, share])
+        rows.append([name, tool, _seconds(best), _seconds(median), f"{files / best:.0f}", ratio, share])
+    # What no command-line run beats: this interpreter started with nothing to do. On a small tree
+    # it is most of a cached re-run, and so the floor of its share of the first run.
+    idle = _summary([timed([sys.executable, "-c", "pass"], timeout) for _ in range(max(1, reruns))])
+    if not isinstance(idle, str):
+        rows.append(
+            [name, "python -c pass (start-up floor)", _seconds(idle[0]), _seconds(idle[1]), "-", "-", "-"]
+        )
     return rows
 
 

@@ -13,8 +13,9 @@ someone with root or raw disk access. An inode number reused by a new file comes
 `--rehash` ignores the remembered hashes (every file is read and hashed again; results are still
 reused by content).
 
-The same file keeps the last few whole reports for replay (see audit_memo): a tree in which no
-file's identity changed, audited the same way, gets its report back without a scan.
+The same directory keeps the last few whole reports for replay (audit_memo, stored by audit_runs):
+a tree in which no file's identity changed, audited the same way, gets its report back without a
+scan.
 
 The cache directory must be as trusted as safeload itself: whoever can write it can mark a file
 SAFE. Entries are validated, and one that does not parse or does not match its key is a miss; a
@@ -36,7 +37,9 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 
-from safeload.atomic import write_atomic
+from safeload.audit_walk import stat_key
+
+__all__ = ["AuditCache", "cacheable", "result_key", "stat_key"]
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
@@ -54,17 +57,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS hashes (stat_key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, "
     "policy_hash TEXT NOT NULL, version TEXT NOT NULL, report TEXT NOT NULL)",
-    # Whole audit reports for replay (audit_memo); each report's UTF-8 text is the file runs/<key>.
-    "CREATE TABLE IF NOT EXISTS runs (key TEXT PRIMARY KEY, stored REAL NOT NULL, valid_until TEXT, "
-    "sources TEXT NOT NULL, exit_code INTEGER NOT NULL, summary TEXT NOT NULL, length INTEGER NOT NULL)",
 )
-# Replayable reports kept (the most recent): one per tree and way of auditing it.
-KEEP_RUNS = 8
-
-
-def stat_key(st: os.stat_result) -> str:
-    """What identifies a file's bytes without reading them (see the module docstring for why)."""
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 # Keys in one SELECT ... IN (...): well under SQLite's limit on bound parameters.
@@ -215,118 +208,6 @@ class AuditCache:
             text = dump_json(report)
         self._results.append((key, report.sha256, report.policy_hash, version, text))
         self._maybe_flush()
-
-    # -- whole reports ---------------------------------------------------------------------------
-
-    def get_run(self, key: str) -> tuple[str | None, str, int, str, int] | None:
-        """(valid_until, sources, exit_code, summary, length of the report) stored under ``key``."""
-        db = self._connect()
-        if db is None:
-            return None
-        try:
-            row = db.execute(
-                "SELECT valid_until, sources, exit_code, summary, length FROM runs WHERE key = ?", (key,)
-            ).fetchone()
-        except sqlite3.Error:
-            return None
-        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
-
-    def read_run(self, key: str, length: int) -> bytes | None:
-        """The report stored under ``key``, if it is whole (``length`` bytes)."""
-        try:
-            with open(self._run_file(key), "rb") as f:
-                report = f.read(length + 1)
-        except OSError:
-            return None
-        return report if len(report) == length else None
-
-    def run_is_whole(self, key: str, length: int) -> bool:
-        """Whether the report stored under ``key`` is there and ``length`` bytes long, unread."""
-        try:
-            return os.stat(self._run_file(key)).st_size == length
-        except OSError:
-            return False
-
-    def touch_run(self, key: str, summary: str | None = None) -> None:
-        """Mark a stored report as just used: the KEEP_RUNS kept are the most recently used, and a
-        miss is explained against the report the last audit gave. ``summary``: a new one."""
-        db = self._connect()
-        if db is None:
-            return
-        try:
-            with _transaction(db):
-                if summary is None:
-                    db.execute("UPDATE runs SET stored = ? WHERE key = ?", (time.time(), key))
-                else:
-                    db.execute(
-                        "UPDATE runs SET stored = ?, summary = ? WHERE key = ?", (time.time(), summary, key)
-                    )
-        except sqlite3.Error:
-            pass  # a read-only cache still replays
-
-    def get_manifest(self, command: str) -> tuple[str, bytes] | None:
-        """(run key, manifest) of the most recent kept report of ``command``, if any."""
-        db = self._connect()
-        if db is None:
-            return None
-        try:
-            keys = [row[0] for row in db.execute("SELECT key FROM runs ORDER BY stored DESC")]
-        except sqlite3.Error:
-            return None
-        for key in keys:
-            try:
-                with open(self._manifest_file(key, command), "rb") as f:
-                    return key, f.read()
-            except OSError:
-                continue
-        return None
-
-    def put_run(
-        self,
-        key: str,
-        *,
-        valid_until: str | None,
-        sources: str,
-        exit_code: int,
-        summary: str,
-        report: bytes,
-        manifest: tuple[str, bytes] | None = None,
-    ) -> None:
-        """Store a report for replay now (not buffered), keeping the KEEP_RUNS most recent. The text
-        is a file of its own (a large blob costs SQLite several times the write), whole or absent:
-        it is renamed into place before its row is committed. ``manifest``: (command, bytes) that
-        say what the report was made from, for explaining a later miss (get_manifest)."""
-        db = self._connect()
-        if db is None:
-            return
-        target = self._run_file(key)
-        try:
-            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            if manifest is not None:
-                write_atomic(self._manifest_file(key, manifest[0]), manifest[1], mode=0o600)
-            write_atomic(target, report, mode=0o600)
-            with _transaction(db):
-                db.execute(
-                    "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, time.time(), valid_until, sources, exit_code, summary, len(report)),
-                )
-                db.execute(
-                    "DELETE FROM runs WHERE key NOT IN (SELECT key FROM runs ORDER BY stored DESC LIMIT ?)",
-                    (KEEP_RUNS,),
-                )
-                kept = {row[0] for row in db.execute("SELECT key FROM runs")}
-            for name in os.listdir(os.path.dirname(target)):
-                # <key> and <key>.<command>.manifest go with their row
-                if name.split(".", 1)[0] not in kept and not name.startswith("."):
-                    os.unlink(os.path.join(os.path.dirname(target), name))
-        except (OSError, sqlite3.Error):
-            pass  # not kept (write_atomic removed its temporary file): the next run audits as usual
-
-    def _run_file(self, key: str) -> str:
-        return os.path.join(self.root, "runs", key)
-
-    def _manifest_file(self, key: str, command: str) -> str:
-        return os.path.join(self.root, "runs", f"{key}.{command}.manifest")
 
     # -- writing ---------------------------------------------------------------------------------
 

@@ -10,9 +10,10 @@ was unreadable. "The same way" is everything else a report depends on, all in th
   (SARIF paths are relative to it); the baseline file's bytes;
 - every built-in rules file, byte for byte.
 
-Stored beside the report and checked on replay: the sha256 of each policy file the audit's policies
-were built from (as the loader read them), and the day the first unexpired waiver lapses (from then
-on the report would differ). Any difference is a miss, and the audit runs as usual.
+Stored beside the report (audit_runs) and checked on replay: the sha256 of each policy file the
+audit's policies were built from (as the loader read them; the built-in ones are in the key), and
+the day the first unexpired waiver lapses (from then on the report would differ). Any difference is
+a miss, and the audit runs as usual.
 
 The report file (``-o``) is judged like the tree: where its status is that of the file the last
 run of the key wrote (or found holding the report), it is left unread and the stored report too.
@@ -29,7 +30,6 @@ rules or safeload itself. Without it a registry's re-run is slow for no reason a
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import marshal
 import os
@@ -39,15 +39,17 @@ from stat import S_ISREG
 
 from safeload import __version__, build_id
 from safeload import rules as rules_package
-from safeload.audit_cache import AuditCache, stat_key
-from safeload.audit_walk import Entry, FileGroup, group, walk
+from safeload.audit_runs import RunRecord, RunStore
+from safeload.audit_walk import Entry, FileGroup, group, stat_key, walk
+from safeload.keyhash import blake2b, digest
 from safeload.text import escape
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     from datetime import date
+    from hashlib import _Hash as Hash
 
-_KEY_FORMAT = 3
+_KEY_FORMAT = 4
 _NOT_YET = object()
 _MANIFEST_FORMAT = 1
 # Past this many walked paths a manifest keeps the key's parts only (a miss then says "files").
@@ -113,17 +115,18 @@ class Replay:
 class RunMemo:
     """Walks the tree once (the audit reuses the walk on a miss) and looks the run up."""
 
-    def __init__(self, cache: AuditCache, spec: RunSpec, exclude: Sequence[str], report: str | None) -> None:
-        self.cache = cache
+    def __init__(self, runs: RunStore, spec: RunSpec, exclude: Sequence[str], report: str | None) -> None:
+        self.runs = runs
         self.spec = spec
         self.entries = walk(spec.paths, exclude, report)
         self.parts = _parts(spec)
         self.key = run_key(spec, self.entries, self.parts)
         # The same command in the same directory: what a miss compares with.
-        self.command = hashlib.sha256(repr((os.getcwd(), spec.values())).encode()).hexdigest()[:32]
+        self.command = digest(repr((os.getcwd(), spec.values())).encode("utf-8", "surrogatepass"))
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
         self._path_states: object = _NOT_YET
         self._groups: list[FileGroup] | None = None
+        self._record: RunRecord | None = None  # the one lookup read
 
     @property
     def groups(self) -> list[FileGroup]:
@@ -137,51 +140,57 @@ class RunMemo:
         is the very file (by status, as the hash cache judges files) that a run of this key wrote
         or found holding the report, it is not read again: the replay then has no report to write.
         Call ``replayed`` once the report is written."""
-        row = self.cache.get_run(self.key)
-        if row is None:
+        record = self.runs.get(self.key)
+        if record is None:
             self.miss = self._what_changed()
             return None
-        valid_until, sources, exit_code, summary, length = row
-        try:
-            if valid_until is not None and _today() >= valid_until:
-                self.miss = f"a waiver in force at the last audit lapsed on {valid_until}"
+        if record.valid_until is not None and _today() >= record.valid_until:
+            self.miss = f"a waiver in force at the last audit lapsed on {escape(record.valid_until)}"
+            return None
+        for label, known in record.sources:
+            # Built-in rules files are in the key (every one, byte for byte): policy files are not.
+            if os.path.isabs(label) and source_digest(label) != known:
+                self.miss = f"the policy file {escape(label)} changed"
                 return None
-            for label, digest in json.loads(sources):
-                if source_digest(label) != digest:
-                    self.miss = f"the policy file {escape(label)} changed"
-                    return None
-            counts = json.loads(summary)
+        counts = record.summary
+        try:
             replay = Replay(
                 report=None,
-                exit_code=int(exit_code),
-                paths=int(counts["paths"]),
-                files=int(counts["files"]),
-                skipped=int(counts["skipped"]),
+                exit_code=record.exit_code,
+                paths=int(counts["paths"]),  # type: ignore[call-overload]
+                files=int(counts["files"]),  # type: ignore[call-overload]
+                skipped=int(counts["skipped"]),  # type: ignore[call-overload]
                 summary=counts,
             )
-            length = int(length)
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError):
             self.miss = "the stored report is damaged or missing"
             return None  # not what this module stores: audit as usual
         state = _output_state(output) if output is not None else None
-        if state is not None and counts.get("output") == state and self.cache.run_is_whole(self.key, length):
+        if (
+            state is not None
+            and counts.get("output") == state
+            and self.runs.report_is_whole(self.key, record.length)
+        ):
             return replay
-        replay.report = self.cache.read_run(self.key, length)
+        replay.report = self.runs.read_report(self.key, record.length)
         if replay.report is None:
             self.miss = "the stored report is damaged or missing"
             return None
+        self._record = record
         return replay
 
     def replayed(self, replay: Replay, output: str | None) -> None:
         """Mark the stored report as used, and remember the output file that now holds it."""
         state = _output_state(output) if output is not None else None
-        if state is None or replay.summary.get("output") == state:
-            self.cache.touch_run(self.key)
+        record = self.runs.get(self.key) if self._record is None else self._record
+        if state is None or replay.summary.get("output") == state or record is None:
+            self.runs.touch(self.key)
         else:
-            self.cache.touch_run(self.key, json.dumps({**replay.summary, "output": state}))
+            record.summary = {**replay.summary, "output": state}
+            self.runs.touch(self.key, record)
 
     def _what_changed(self) -> str:
-        found = self.cache.get_manifest(self.command)
+        found = self.runs.latest_manifest(self.command)
         if found is None:
             return (
                 "no report of this audit is stored (the first audit with this cache and command, "
@@ -249,15 +258,15 @@ class RunMemo:
         state = _output_state(output) if output is not None else None
         if state is not None:
             summary["output"] = state
-        self.cache.put_run(
-            self.key,
+        report = text.encode("utf-8")
+        record = RunRecord(
             valid_until=None if valid_until is None else valid_until.isoformat(),
-            sources=json.dumps(list(sources)),
+            sources=list(sources),
             exit_code=exit_code,
-            summary=json.dumps(summary),
-            report=text.encode("utf-8"),
-            manifest=(self.command, self.manifest()),
+            summary=summary,
+            length=len(report),
         )
+        self.runs.put(self.key, record, report, manifest=(self.command, self.manifest()))
 
 
 def _parts(spec: RunSpec) -> dict[str, str]:
@@ -323,7 +332,7 @@ def run_key(spec: RunSpec, entries: Sequence[Entry], parts: dict[str, str] | Non
     # back-references or interning flags, so the bytes depend on the values alone, not on which
     # objects hold them (text built in Python costs twice as much on a tree of thousands of files).
     # BLAKE2b: a key into a trusted cache, hashed at twice sha256's speed on CPUs without SHA-NI.
-    return hashlib.blake2b(marshal.dumps(rows, 0), digest_size=32).hexdigest()
+    return blake2b(marshal.dumps(rows, 0), digest_size=32).hexdigest()
 
 
 def _output_state(path: str) -> list[str] | None:
@@ -342,38 +351,39 @@ def _today() -> str:
 
 
 def source_digest(label: str) -> str | None:
-    """sha256 of a policy source as the loader names it: a built-in file name, or an absolute path."""
-    if os.path.isabs(label):
-        return _file_digest(label, _MAX_POLICY_BYTES)
-    return _rules_files().get(label)
+    """sha256 of a policy file as the policy loader names and hashes it (an absolute path)."""
+    import hashlib  # only for a user's policy file: a replay with built-in policies needs no sha256
+
+    return _file_digest(label, _MAX_POLICY_BYTES, hashlib.sha256())
 
 
 def _rules_digest() -> str:
-    return hashlib.sha256(repr(sorted(_rules_files().items())).encode()).hexdigest()
+    return digest(repr(sorted(_rules_files().items())).encode())
 
 
 @functools.cache
 def _rules_files() -> dict[str, str]:
-    """sha256 of every built-in rules file, by name. The package directory is read directly when
+    """A digest of every built-in rules file, by name. The package directory is read directly when
     there is one (importlib.resources costs more to start than the whole lookup)."""
     folder = os.path.dirname(rules_package.__file__ or "")
     out: dict[str, str] = {}
     if folder and os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.endswith(".toml"):
-                out[name] = _file_digest(os.path.join(folder, name), None) or ""
+                out[name] = _file_digest(os.path.join(folder, name), None, blake2b()) or ""
         return out
     from importlib import resources  # a zipped install: slow to import, so only then
 
     for item in resources.files("safeload.rules").iterdir():
         if item.name.endswith(".toml"):
-            out[item.name] = hashlib.sha256(item.read_bytes()).hexdigest()
+            out[item.name] = blake2b(item.read_bytes()).hexdigest()
     return out
 
 
-def _file_digest(path: str, limit: int | None) -> str | None:
-    """sha256 of a file read in pieces (a baseline may be large); None past ``limit`` bytes."""
-    digest = hashlib.sha256()
+def _file_digest(path: str, limit: int | None, digest: Hash | None = None) -> str | None:
+    """The digest (BLAKE2b unless given another) of a file read in pieces (a baseline may be
+    large); None past ``limit`` bytes."""
+    digest = blake2b() if digest is None else digest
     read = 0
     try:
         with open(path, "rb") as f:

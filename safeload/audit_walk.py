@@ -64,6 +64,11 @@ class FileGroup:
 Entry = tuple[str, bool, bool, "os.stat_result | None", "str | None"]
 
 
+def stat_key(st: os.stat_result) -> str:
+    """What identifies a file's bytes without reading them (audit_cache says why that is enough)."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
 def collect(paths: Sequence[str], exclude: Sequence[str] = (), report: str | None = None) -> list[FileGroup]:
     """Every file under the given paths, grouped by the file it reaches. Never raises for a bad path."""
     return group(walk(paths, exclude, report))

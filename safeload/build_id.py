@@ -14,11 +14,11 @@ time. The built-in rules are left out: audit keys digest them by content already
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 
 from safeload import __version__
+from safeload.keyhash import digest
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _SKIPPED_DIRS = frozenset({"__pycache__", "rules"})
@@ -32,7 +32,7 @@ def code_fingerprint(folder: str = _PACKAGE) -> str:
     rows: list[tuple[str, int, int]] = []
     _list(folder, "", rows)
     rows.sort()
-    return hashlib.sha256(repr(rows).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return digest(repr(rows).encode("utf-8", "surrogateescape"))[:16]
 
 
 def _list(folder: str, prefix: str, rows: list[tuple[str, int, int]]) -> None:
@@ -53,7 +53,7 @@ def _list(folder: str, prefix: str, rows: list[tuple[str, int, int]]) -> None:
 def install_fingerprint() -> str:
     """This install's code_fingerprint and the running Python, taken once per process."""
     python = f"{sys.implementation.name} {sys.version_info[:3]}"
-    return hashlib.sha256(f"{code_fingerprint()} {python}".encode()).hexdigest()[:16]
+    return digest(f"{code_fingerprint()} {python}".encode())[:16]
 
 
 def scanner_id() -> str:

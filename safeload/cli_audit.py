@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _memo(args: argparse.Namespace, fmt: str) -> Any:
-    from safeload.audit_cache import AuditCache
     from safeload.audit_memo import RunMemo, RunSpec
+    from safeload.audit_runs import RunStore
 
     spec = RunSpec(
         paths=tuple(args.paths),
@@ -181,7 +181,7 @@ def _memo(args: argparse.Namespace, fmt: str) -> Any:
         verbose=args.verbose,
         baseline=args.baseline,
     )
-    return RunMemo(AuditCache(args.cache), spec, exclude=[args.cache], report=args.output)
+    return RunMemo(RunStore(args.cache), spec, exclude=[args.cache], report=args.output)
 
 
 def _write(output: str | None, report: str | bytes) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from safeload import audit_memo, build_id
-from safeload.audit_cache import AuditCache
+from safeload.audit_runs import RunStore
 from safeload.cli import main
 from tests.pickle_builder import exec_payload
 
@@ -85,13 +85,13 @@ def test_a_replay_leaves_the_report_it_wrote_and_restores_one_that_changed(
     assert _audit(capsys, *args)[0] == 1
     first, written = out.read_bytes(), out.stat()
     reads: list[str] = []
-    read_run = AuditCache.read_run
+    read_report = RunStore.read_report
 
-    def counted(self: AuditCache, key: str, length: int) -> bytes | None:
+    def counted(self: RunStore, key: str, length: int) -> bytes | None:
         reads.append(key)
-        return read_run(self, key, length)
+        return read_report(self, key, length)
 
-    monkeypatch.setattr(AuditCache, "read_run", counted)
+    monkeypatch.setattr(RunStore, "read_report", counted)
     for _ in range(2):
         assert REPLAYED in _audit(capsys, *args)[1]
         assert reads == [] and out.read_bytes() == first
@@ -307,18 +307,20 @@ def test_a_damaged_stored_run_is_a_miss(
     err = _audit(capsys, *args)[1]
     assert REPLAYED not in err and _why(err) == "the stored report is damaged or missing"
     assert REPLAYED in _audit(capsys, *args)[1]  # stored whole again by that audit
-    db = AuditCache(cache)._connect()
-    assert db is not None
-    db.execute("UPDATE runs SET sources = 'not json', summary = '{}'")
-    db.close()
-    code, err = _audit(capsys, *args)
-    assert code == 1 and REPLAYED not in err
+    # A record that is no record, or one of another shape: a miss that says so, then stored anew.
+    (record,) = (cache / "runs").glob("*.json")
+    for damaged in (b"not json", b'{"sources": "x", "summary": {}}', record.read_bytes()[:-2]):
+        record.write_bytes(damaged)
+        code, err = _audit(capsys, *args)
+        assert code == 1 and REPLAYED not in err
+        assert _why(err) == "the stored report is damaged or missing"
+        assert REPLAYED in _audit(capsys, *args)[1]
 
 
 def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -> None:
     """What makes a replay fast: no pydantic, no scanner, no renderer, not even the rule catalogue,
-    the error classes (and pickle with them), dataclasses, tempfile, pathlib, typing, shutil or
-    threading (checked in a fresh process; an editable install's import hook loads pathlib at
+    the error classes (and pickle with them), dataclasses, tempfile, pathlib, typing, shutil,
+    threading, the cache's database or OpenSSL's hashes (checked in a fresh process; an editable install's import hook loads pathlib at
     start-up, so the check forgets it first: an import by safeload loads it anew)."""
     args = [
         "audit",
@@ -332,7 +334,7 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
     script = (
         "import sys; names = ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html', "
         "'safeload.codes', 'safeload.errors', 'pickle', 'dataclasses', 'tempfile', 'pathlib', 'typing', "
-        "'shutil', 'threading'); "
+        "'shutil', 'threading', 'sqlite3', 'hashlib', '_hashlib', 'safeload.audit_cache'); "
         "[sys.modules.pop(m, None) for m in names]; "
         "from safeload.cli import main; code = main(sys.argv[1:]); "
         "print(code, [m for m in names if m in sys.modules])"
@@ -351,7 +353,7 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
 def test_only_the_most_recent_reports_are_kept(
     tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from safeload.audit_cache import KEEP_RUNS
+    from safeload.audit_runs import KEEP_RUNS
 
     cache = tmp_path / "c"
     formats = ["text", "json", "markdown", "html", "sarif"]
