@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -13,7 +12,12 @@ from safeload.text import escape
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
+
+    from safeload.audit_argv import AuditArgs
+
+    Args = argparse.Namespace | AuditArgs
 
 EXIT_USAGE = 3
 # Only when --format is not given: the output file's name says what the user wants written.
@@ -104,7 +108,7 @@ def output_format(fmt: str | None, output: str | None) -> str:
 # acyclic objects that each trigger young collections and, as they pile up, full ones (0.1 s of a
 # 2 s audit of 5,000 files, 7% of its cached re-run).
 @fewer_collections
-def run(args: argparse.Namespace) -> int:
+def run(args: Args) -> int:
     fmt = output_format(args.format, args.output)
     started = time.monotonic()
     # A usage error is reported whether or not a report could be replayed (audit() says which).
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _memo(args: argparse.Namespace, fmt: str) -> Any:
+def _memo(args: Args, fmt: str) -> Any:
     from safeload.audit_memo import RunMemo, RunSpec
     from safeload.audit_runs import RunStore
 

@@ -320,7 +320,7 @@ def test_a_damaged_stored_run_is_a_miss(
 def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -> None:
     """What makes a replay fast: no pydantic, no scanner, no renderer, not even the rule catalogue,
     the error classes (and pickle with them), dataclasses, tempfile, pathlib, typing, shutil,
-    threading, the cache's database or OpenSSL's hashes (checked in a fresh process; an editable install's import hook loads pathlib at
+    threading, the cache's database, OpenSSL's hashes or argparse (checked in a fresh process; an editable install's import hook loads pathlib at
     start-up, so the check forgets it first: an import by safeload loads it anew)."""
     args = [
         "audit",
@@ -334,7 +334,8 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
     script = (
         "import sys; names = ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html', "
         "'safeload.codes', 'safeload.errors', 'pickle', 'dataclasses', 'tempfile', 'pathlib', 'typing', "
-        "'shutil', 'threading', 'sqlite3', 'hashlib', '_hashlib', 'safeload.audit_cache'); "
+        "'shutil', 'threading', 'sqlite3', 'hashlib', '_hashlib', 'safeload.audit_cache', 'argparse', "
+        "'gettext'); "
         "[sys.modules.pop(m, None) for m in names]; "
         "from safeload.cli import main; code = main(sys.argv[1:]); "
         "print(code, [m for m in names if m in sys.modules])"

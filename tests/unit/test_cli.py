@@ -252,13 +252,13 @@ def test_help_is_wrapped_as_argparse_wraps_it(columns: str, monkeypatch: pytest.
     """safeload's help formatter takes the terminal width without shutil: the text must not change."""
     import argparse
 
-    from safeload import cli
+    from safeload import cli_parser
 
     monkeypatch.setenv("COLUMNS", columns)
     for command in (None, "scan", "audit", "policy"):
-        ours = cli.build_parser(command)
-        monkeypatch.setattr(cli, "_Formatter", argparse.HelpFormatter)
-        stock = cli.build_parser(command)
+        ours = cli_parser.build_parser(command)
+        monkeypatch.setattr(cli_parser, "_Formatter", argparse.HelpFormatter)
+        stock = cli_parser.build_parser(command)
         monkeypatch.undo()
         monkeypatch.setenv("COLUMNS", columns)
         helps = [p.format_help() for p in (ours, stock)]
