@@ -126,7 +126,7 @@ class RunMemo:
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
         self._path_states: object = _NOT_YET
         self._groups: list[FileGroup] | None = None
-        self._record: RunRecord | None = None  # the one lookup read
+        self._record: RunRecord | None = None  # what lookup read
 
     @property
     def groups(self) -> list[FileGroup]:
@@ -147,9 +147,12 @@ class RunMemo:
         if record.valid_until is not None and _today() >= record.valid_until:
             self.miss = f"a waiver in force at the last audit lapsed on {escape(record.valid_until)}"
             return None
+        self._record = record
         for label, known in record.sources:
-            # Built-in rules files are in the key (every one, byte for byte): policy files are not.
-            if os.path.isabs(label) and source_digest(label) != known:
+            # Built-in rules files are in the key (every one, byte for byte); a user's policy file
+            # (the loader names it by its absolute path) is not. Any other label: not ours to trust.
+            builtin = not os.path.isabs(label) and label in _rules_files()
+            if not builtin and source_digest(label) != known:
                 self.miss = f"the policy file {escape(label)} changed"
                 return None
         counts = record.summary
@@ -176,13 +179,12 @@ class RunMemo:
         if replay.report is None:
             self.miss = "the stored report is damaged or missing"
             return None
-        self._record = record
         return replay
 
     def replayed(self, replay: Replay, output: str | None) -> None:
         """Mark the stored report as used, and remember the output file that now holds it."""
         state = _output_state(output) if output is not None else None
-        record = self.runs.get(self.key) if self._record is None else self._record
+        record = self._record
         if state is None or replay.summary.get("output") == state or record is None:
             self.runs.touch(self.key)
         else:
@@ -351,7 +353,8 @@ def _today() -> str:
 
 
 def source_digest(label: str) -> str | None:
-    """sha256 of a policy file as the policy loader names and hashes it (an absolute path)."""
+    """sha256 of a user's policy file as the policy loader names and hashes it (an absolute path;
+    a relative one would be read from the working directory, which the key holds too)."""
     import hashlib  # only for a user's policy file: a replay with built-in policies needs no sha256
 
     return _file_digest(label, _MAX_POLICY_BYTES, hashlib.sha256())

@@ -1,4 +1,5 @@
-"""Command line. The only module that reads argv, prints or exits.
+"""Command line. The only module that reads argv, prints or exits (cli_parser builds its parser,
+audit_argv reads a plainly written audit without one).
 
 Exit codes: 0 clean, 1 unsafe (wins over 2), 2 something could not be fully analysed,
 3 usage or policy error.

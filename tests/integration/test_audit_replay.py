@@ -4,6 +4,7 @@ report again without a scan; any change that could change the report audits afre
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -244,6 +245,23 @@ def test_a_user_policy_edited_in_place_is_no_replay(
     policy.write_text(policy.read_text() + '[[allow]]\nglobal = "collections.Counter"\nreason = "r"\n')
     err = _audit(capsys, *args)[1]
     assert REPLAYED not in err and _why(err) == f"the policy file {policy} changed"
+    assert REPLAYED in _audit(capsys, *args)[1]
+
+
+def test_a_stored_source_that_is_neither_built_in_nor_a_file_is_no_replay(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Built-in rules files are checked through the key; any other label is checked as a file, so
+    a record naming a source the key does not cover never replays."""
+    cache = tmp_path / "c"
+    args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.md"))
+    assert _audit(capsys, *args)[0] == 1
+    (record,) = (cache / "runs").glob("*.json")
+    data = json.loads(record.read_bytes())
+    assert data["sources"] and all(label.endswith(".toml") for label, _ in data["sources"])
+    record.write_text(json.dumps({**data, "sources": [*data["sources"], ["other.toml", "0" * 64]]}))
+    err = _audit(capsys, *args)[1]
+    assert REPLAYED not in err and _why(err) == "the policy file other.toml changed"
     assert REPLAYED in _audit(capsys, *args)[1]
 
 
