@@ -12,7 +12,6 @@ after validating each; ``--check-manifest`` says whether the manifest is current
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import date
@@ -197,6 +196,8 @@ def manifest_text(rules_dir: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # here: the module is imported to validate policy files, seldom run
+
     from safeload.policy import MANIFEST_FILE
 
     parser = argparse.ArgumentParser(prog="python -m safeload.policy_files")

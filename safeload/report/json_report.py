@@ -7,7 +7,6 @@ The schema in ``schema/scanrun.schema.json`` (repo root) is regenerated with
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +67,8 @@ def write_schema(path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import argparse  # here: every JSON report imports this module; few run it
+
     parser = argparse.ArgumentParser(prog="python -m safeload.report.json_report")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write-schema", nargs="?", const=str(SCHEMA_FILE), metavar="PATH")
