@@ -383,10 +383,10 @@ def _rules_files() -> dict[str, str]:
     return out
 
 
-def _file_digest(path: str, limit: int | None, digest: Hash | None = None) -> str | None:
-    """The digest (BLAKE2b unless given another) of a file read in pieces (a baseline may be
-    large); None past ``limit`` bytes."""
-    digest = blake2b() if digest is None else digest
+def _file_digest(path: str, limit: int | None, hasher: Hash | None = None) -> str | None:
+    """The digest (BLAKE2b unless given another hasher) of a file read in pieces (a baseline may
+    be large); None past ``limit`` bytes."""
+    hasher = blake2b() if hasher is None else hasher
     read = 0
     try:
         with open(path, "rb") as f:
@@ -394,7 +394,7 @@ def _file_digest(path: str, limit: int | None, digest: Hash | None = None) -> st
                 read += len(chunk)
                 if limit is not None and read > limit:
                     return None
-                digest.update(chunk)
+                hasher.update(chunk)
     except OSError as exc:
         return f"unreadable: {exc.errno}"
-    return digest.hexdigest()
+    return hasher.hexdigest()
