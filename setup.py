@@ -9,6 +9,10 @@ The compiled module is ``safeload.analysis._walker_c``, made from a copy of ``wa
 records the source's SHA-256. ``walker.py`` uses it only while that digest matches its own source,
 so an edited walker in an editable install runs as Python until it is rebuilt, never stale.
 
+On Linux, ``safeload.audit_treewalk_c`` (from ``audit_treewalk.pyx``, C-level code) lists and
+stat's an audited tree for the replay's key without a Python object per file. Where it is not
+built, audit_walk computes the same key in Python.
+
 Without Cython or a C compiler, or with ``SAFELOAD_PURE_PYTHON=1``, the package is pure Python:
 slower, the same results. ``SAFELOAD_REQUIRE_COMPILED=1`` makes a failed compile fail the build.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -24,6 +29,7 @@ from setuptools import Extension, setup
 ROOT = Path(__file__).resolve().parent
 WALKER = ROOT / "safeload" / "analysis" / "walker.py"
 GENERATED = ROOT / "build" / "cython" / "_walker_c.py"
+TREEWALK = Path("safeload") / "audit_treewalk.pyx"
 
 
 def _flag(name: str) -> bool:
@@ -44,11 +50,13 @@ def _extensions() -> list[Extension]:
     GENERATED.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(source).hexdigest()
     GENERATED.write_bytes(source + f'\nSOURCE_SHA256 = "{digest}"\n'.encode())
-    extension = Extension(
-        "safeload.analysis._walker_c", [str(GENERATED.relative_to(ROOT))], optional=not required
-    )
+    extensions = [
+        Extension("safeload.analysis._walker_c", [str(GENERATED.relative_to(ROOT))], optional=not required)
+    ]
+    if sys.platform.startswith("linux"):  # it reads struct stat's Linux field names
+        extensions.append(Extension("safeload.audit_treewalk_c", [str(TREEWALK)], optional=not required))
     return cythonize(
-        [extension],
+        extensions,
         language_level=3,
         quiet=True,
         # Annotations stay documentation: typed arguments would add type checks plain Python lacks.

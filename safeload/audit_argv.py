@@ -13,7 +13,9 @@ on generated command lines): the same values, defaults included, under the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 # option -> (attribute, kind); kinds: "value" (the last one given wins), "append", "int", "flag"
 _OPTIONS = {

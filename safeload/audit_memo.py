@@ -29,27 +29,25 @@ rules or safeload itself. Without it a registry's re-run is slow for no reason a
 
 from __future__ import annotations
 
-import functools
-import json
 import marshal
 import os
 import time
-from collections.abc import Sequence
 from stat import S_ISREG
 
 from safeload import __version__, build_id
 from safeload import rules as rules_package
 from safeload.audit_runs import RunRecord, RunStore
-from safeload.audit_walk import Entry, FileGroup, group, stat_key, walk
+from safeload.audit_walk import Entry, FileGroup, fast_key_records, group, key_records, stat_key, walk
 from safeload.keyhash import blake2b, digest
 from safeload.text import escape
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from datetime import date
     from hashlib import _Hash as Hash
 
-_KEY_FORMAT = 4
+_KEY_FORMAT = 5
 _NOT_YET = object()
 _MANIFEST_FORMAT = 1
 # Past this many walked paths a manifest keeps the key's parts only (a miss then says "files").
@@ -100,7 +98,7 @@ class Replay:
         paths: int,
         files: int,
         skipped: int,
-        summary: dict[str, object],
+        summary: dict[str, int | list[str]],
     ) -> None:
         # UTF-8, as the audit wrote it (written back as it is); None where the output file holds it
         # already (see RunMemo.lookup)
@@ -113,20 +111,37 @@ class Replay:
 
 
 class RunMemo:
-    """Walks the tree once (the audit reuses the walk on a miss) and looks the run up."""
+    """Keys the run by a walk of the tree and looks it up. The compiled walk (audit_treewalk) keys
+    it where it can; on a miss, the audit walks the tree in Python for its files, and the key is
+    taken again from that walk, so that a report is stored under the state it was made from."""
 
     def __init__(self, runs: RunStore, spec: RunSpec, exclude: Sequence[str], report: str | None) -> None:
         self.runs = runs
         self.spec = spec
-        self.entries = walk(spec.paths, exclude, report)
+        self._exclude, self._report = list(exclude), report
         self.parts = _parts(spec)
-        self.key = run_key(spec, self.entries, self.parts)
+        self._entries: list[Entry] | None = None
+        # With no run stored, the audit's own walk is the only one: nothing can be replayed.
+        records = fast_key_records(spec.paths, exclude, report) if runs.any_stored() else None
+        if records is None:
+            self._entries = walk(spec.paths, exclude, report)
+            records = key_records(self._entries)
+        self.key = run_key(spec, records, self.parts)
         # The same command in the same directory: what a miss compares with.
         self.command = digest(repr((os.getcwd(), spec.values())).encode("utf-8", "surrogatepass"))
         self.miss: str | None = None  # after a lookup that found nothing to replay: why
         self._path_states: object = _NOT_YET
         self._groups: list[FileGroup] | None = None
         self._record: RunRecord | None = None  # what lookup read
+
+    @property
+    def entries(self) -> list[Entry]:
+        """The walk's entries, as the audit takes them (walked in Python on first use)."""
+        if self._entries is None:
+            self._entries = walk(self.spec.paths, self._exclude, self._report)
+            # What changed since the compiled walk changed the key too (the same one otherwise).
+            self.key = run_key(self.spec, key_records(self._entries), self.parts)
+        return self._entries
 
     @property
     def groups(self) -> list[FileGroup]:
@@ -201,6 +216,8 @@ class RunMemo:
         key, raw = found
         if key == self.key:
             return "the stored report is damaged or missing"
+        import json  # here: json imports re, and a replayed audit needs neither
+
         try:
             manifest = json.loads(raw)
             if manifest.get("format") != _MANIFEST_FORMAT:
@@ -238,6 +255,8 @@ class RunMemo:
         return self._path_states  # type: ignore[return-value]
 
     def manifest(self) -> bytes:
+        import json
+
         return json.dumps(
             {"format": _MANIFEST_FORMAT, "parts": self.parts, "files": self._states()},
             separators=(",", ":"),
@@ -256,7 +275,7 @@ class RunMemo:
         output: str | None = None,
     ) -> None:
         """``output``: the file the report was just written to, if any."""
-        summary: dict[str, object] = {"paths": paths, "files": files, "skipped": skipped}
+        summary: dict[str, int | list[str]] = {"paths": paths, "files": files, "skipped": skipped}
         state = _output_state(output) if output is not None else None
         if state is not None:
             summary["output"] = state
@@ -311,10 +330,11 @@ def _tree_changes(before: dict[str, str], now: list[tuple[str, str]]) -> str:
     return f"{total} {noun} changed since the stored audit: {', '.join(shown)}{more}"
 
 
-def run_key(spec: RunSpec, entries: Sequence[Entry], parts: dict[str, str] | None = None) -> str:
+def run_key(spec: RunSpec, records: bytes, parts: dict[str, str] | None = None) -> str:
     """The run's identity: the command, everything besides the files that decides the report, and
-    every walked path with the file it reached. The grouping by file is a function of these (and of
-    the content of files small enough to be refs, which their status covers), so it is left out."""
+    every walked path with the file it reached (``records``: audit_walk.key_records). The grouping
+    by file is a function of these (and of the content of files small enough to be refs, which
+    their status covers), so it is left out."""
     parts = parts if parts is not None else _parts(spec)
     head = (
         ("safeload audit run", _KEY_FORMAT, parts["version"], parts["build"]),
@@ -323,18 +343,13 @@ def run_key(spec: RunSpec, entries: Sequence[Entry], parts: dict[str, str] | Non
         parts["baseline"],
         parts["rules"],
     )
-    rows: list[object] = [head]
-    add = rows.append
-    for path, named, is_link, st, error in entries:
-        if st is None:
-            add((path, named, is_link, error))
-        else:
-            add((path, named, is_link, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    # marshal is C and round-trips, so no two walks give the same bytes; format 0 writes no
-    # back-references or interning flags, so the bytes depend on the values alone, not on which
-    # objects hold them (text built in Python costs twice as much on a tree of thousands of files).
+    # marshal round-trips, so no two heads give the same bytes, and its data says where it ends, so
+    # the records after it cannot be read as part of it; format 0 writes no back-references or
+    # interning flags, so the bytes depend on the values alone, not on which objects hold them.
     # BLAKE2b: a key into a trusted cache, hashed at twice sha256's speed on CPUs without SHA-NI.
-    return blake2b(marshal.dumps(rows, 0), digest_size=32).hexdigest()
+    hasher = blake2b(marshal.dumps(head, 0), digest_size=32)
+    hasher.update(records)
+    return hasher.hexdigest()
 
 
 def _output_state(path: str) -> list[str] | None:
@@ -364,22 +379,28 @@ def _rules_digest() -> str:
     return digest(repr(sorted(_rules_files().items())).encode())
 
 
-@functools.cache
+_rules_read: dict[str, str] | None = None
+
+
 def _rules_files() -> dict[str, str]:
-    """A digest of every built-in rules file, by name. The package directory is read directly when
-    there is one (importlib.resources costs more to start than the whole lookup)."""
+    """A digest of every built-in rules file, by name, read once per process. The package directory
+    is read directly when there is one (importlib.resources costs more to start than the lookup)."""
+    global _rules_read
+    if _rules_read is not None:
+        return _rules_read
     folder = os.path.dirname(rules_package.__file__ or "")
     out: dict[str, str] = {}
     if folder and os.path.isdir(folder):
         for name in os.listdir(folder):
             if name.endswith(".toml"):
                 out[name] = _file_digest(os.path.join(folder, name), None, blake2b()) or ""
-        return out
-    from importlib import resources  # a zipped install: slow to import, so only then
+    else:
+        from importlib import resources  # a zipped install: slow to import, so only then
 
-    for item in resources.files("safeload.rules").iterdir():
-        if item.name.endswith(".toml"):
-            out[item.name] = blake2b(item.read_bytes()).hexdigest()
+        for item in resources.files("safeload.rules").iterdir():
+            if item.name.endswith(".toml"):
+                out[item.name] = blake2b(item.read_bytes()).hexdigest()
+    _rules_read = out
     return out
 
 

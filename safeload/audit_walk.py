@@ -7,12 +7,12 @@ are one group, reported under the links. Nothing here reads a model file.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Sequence
 from stat import S_ISREG
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from safeload.model import ScanReport
 
 
@@ -81,20 +81,8 @@ def walk(paths: Sequence[str], exclude: Sequence[str] = (), report: str | None =
     writes, is not listed where a directory walk meets it (nor its temporary twins): each run
     replaces it, and it is no part of the registry. Named on the command line, it is audited.
     """
-    skip_dirs = set()
-    for path in exclude:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        skip_dirs.add((st.st_dev, st.st_ino))
-    skip_files: set[tuple[int, int, str]] = set()
-    if report is not None:
-        try:
-            parent = os.stat(os.path.dirname(os.path.abspath(report)))
-            skip_files.add((parent.st_dev, parent.st_ino, os.path.basename(report)))
-        except OSError:
-            pass
+    skip_dirs, report_place = _skipped(exclude, report)
+    skip_files = set() if report_place is None else {report_place}
     entries: list[Entry] = []
     for given in paths:
         if os.path.isdir(given):
@@ -102,6 +90,73 @@ def walk(paths: Sequence[str], exclude: Sequence[str] = (), report: str | None =
         else:
             entries.append(_entry(given, True, os.path.islink(given), None))
     return entries
+
+
+def _skipped(
+    exclude: Sequence[str], report: str | None
+) -> tuple[set[tuple[int, int]], tuple[int, int, str] | None]:
+    """(device, inode) of each excluded directory; (device, inode) of the report's folder and its
+    name, or None."""
+    skip_dirs = set()
+    for path in exclude:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        skip_dirs.add((st.st_dev, st.st_ino))
+    place = None
+    if report is not None:
+        try:
+            parent = os.stat(os.path.dirname(os.path.abspath(report)))
+            place = (parent.st_dev, parent.st_ino, os.path.basename(report))
+        except OSError:
+            pass
+    return skip_dirs, place
+
+
+def key_records(entries: Sequence[Entry]) -> bytes:
+    """The walk as bytes for a key: one record per entry, in the order of their bytes, so that
+    they depend on what the walk found and not on the order it found it in. (The order carries
+    nothing more: the walk's is a function of the paths, depth first in name order.)
+
+    A file: its path (os.fsencode), NUL, "F", named, link, then device, inode, size, and mtime and
+    ctime as seconds and nanoseconds, little-endian; a path that could not be audited: its path,
+    NUL, "E", named, link, and why, length first. No path holds a NUL, so records never run
+    together. audit_treewalk makes the same bytes in C for a replay; keep the two alike.
+    """
+    import struct  # here: a replay whose walk is compiled never needs it
+
+    file_fields = struct.Struct("<??QQqqIqI").pack
+    error_fields = struct.Struct("<??I").pack
+    fsencode = os.fsencode
+    records = []
+    add = records.append
+    for path, named, is_link, st, error in entries:
+        if st is not None:
+            msec, mnsec = divmod(st.st_mtime_ns, 1_000_000_000)
+            csec, cnsec = divmod(st.st_ctime_ns, 1_000_000_000)
+            fields = file_fields(named, is_link, st.st_dev, st.st_ino, st.st_size, msec, mnsec, csec, cnsec)
+            add(fsencode(path) + b"\0F" + fields)
+        else:
+            why = (error or "").encode("utf-8", "surrogateescape")
+            add(fsencode(path) + b"\0E" + error_fields(named, is_link, len(why)) + why)
+    records.sort()
+    return b"".join(records)
+
+
+def fast_key_records(
+    paths: Sequence[str], exclude: Sequence[str] = (), report: str | None = None
+) -> bytes | None:
+    """key_records(walk(paths, exclude, report)), from the compiled walk (no Python object per
+    file: a third of a replayed audit); None without it, or where the tree holds a path that the
+    walk reports instead of listing (a tree that has no report to replay)."""
+    try:
+        from safeload.audit_treewalk_c import tree_records  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    skip_dirs, place = _skipped(exclude, report)
+    report_place = None if place is None else (place[0], place[1], os.fsencode(place[2]))
+    return tree_records([os.fsencode(p) for p in paths], skip_dirs, report_place)  # type: ignore[no-any-return]
 
 
 def _entry(path: str, named: bool, is_link: bool, st: os.stat_result | None) -> Entry:
@@ -148,7 +203,7 @@ def group(entries: Sequence[Entry]) -> list[FileGroup]:
     return list(groups.values())
 
 
-_REF = re.compile(rb"[0-9a-f]{40}\n?")
+_HEX_DIGITS = b"0123456789abcdef"
 
 
 # Non-blocking: the walk saw a regular file, and a FIFO swapped in since must not make it wait.
@@ -165,11 +220,17 @@ def is_ref(path: str, st: os.stat_result) -> bool:
     except OSError:
         return False
     try:
-        return S_ISREG(os.fstat(fd).st_mode) and _REF.fullmatch(os.read(fd, 42)) is not None
+        return S_ISREG(os.fstat(fd).st_mode) and _is_ref_text(os.read(fd, 42))
     except OSError:
         return False
     finally:
         os.close(fd)
+
+
+def _is_ref_text(data: bytes) -> bool:
+    """40 lowercase hex digits, then a newline or nothing (no re: a replayed audit never imports it)."""
+    digits = data[:-1] if len(data) == 41 and data.endswith(b"\n") else data
+    return len(digits) == 40 and not digits.translate(None, _HEX_DIGITS)
 
 
 def _walk(

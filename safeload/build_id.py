@@ -13,7 +13,6 @@ time. The built-in rules are left out: audit keys digest them by content already
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -49,11 +48,16 @@ def _list(folder: str, prefix: str, rows: list[tuple[str, int, int]]) -> None:
             rows.append((prefix + entry.name, st.st_size, st.st_mtime_ns))
 
 
-@functools.cache
+_fingerprint: str | None = None
+
+
 def install_fingerprint() -> str:
     """This install's code_fingerprint and the running Python, taken once per process."""
-    python = f"{sys.implementation.name} {sys.version_info[:3]}"
-    return digest(f"{code_fingerprint()} {python}".encode())[:16]
+    global _fingerprint
+    if _fingerprint is None:
+        python = f"{sys.implementation.name} {sys.version_info[:3]}"
+        _fingerprint = digest(f"{code_fingerprint()} {python}".encode())[:16]
+    return _fingerprint
 
 
 def scanner_id() -> str:

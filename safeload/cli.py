@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
 
 from safeload import __version__
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Iterator, Sequence
     from typing import NoReturn
 
 

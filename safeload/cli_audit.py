@@ -197,6 +197,11 @@ def _write(output: str | None, report: str | bytes) -> None:
         sys.stdout.write(report)
 
 
+# Plain progress lines are written together, at most this often: a write each costs a registry
+# of small files a few percent of its audit (stderr is line-buffered), and a log reads the same.
+_PLAIN_EVERY_S = 0.1
+
+
 class _ProgressDisplay:
     """A rich progress bar on a terminal, one plain line per file otherwise, nothing when disabled."""
 
@@ -204,6 +209,8 @@ class _ProgressDisplay:
         self.enabled = enabled
         self.bar: Any = None
         self.task: Any = None
+        self._lines: list[str] = []
+        self._written = time.monotonic()
 
     def __enter__(self) -> Any:
         if not self.enabled:
@@ -233,12 +240,22 @@ class _ProgressDisplay:
             return
         if event.path is not None:
             cached = " (cached)" if event.cached else ""
-            print(
+            self._lines.append(
                 f"[{event.done}/{event.total}] {'skipped' if event.skipped else event.verdict.value:<11} "
-                f"{escape(event.path)}{cached}",
-                file=sys.stderr,
+                f"{escape(event.path)}{cached}\n"
             )
+            now = time.monotonic()
+            if now - self._written >= _PLAIN_EVERY_S or event.done == event.total:
+                self._write_lines(now)
+
+    def _write_lines(self, now: float) -> None:
+        if self._lines:
+            sys.stderr.write("".join(self._lines))
+            sys.stderr.flush()
+            self._lines = []
+        self._written = now
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+        self._write_lines(time.monotonic())  # what is left, even when interrupted

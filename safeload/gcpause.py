@@ -14,12 +14,11 @@ thresholds are restored when the last concurrent scan ends.
 from __future__ import annotations
 
 import _thread
-import functools
 import gc
-from collections.abc import Callable
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import ParamSpec, TypeVar
 
     _P = ParamSpec("_P")
@@ -59,7 +58,6 @@ def _leave() -> None:
 def fewer_collections(func: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``func`` with a raised young-generation threshold (restored afterwards, even on error)."""
 
-    @functools.wraps(func)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         _enter()
         try:
@@ -67,6 +65,12 @@ def fewer_collections(func: Callable[_P, _R]) -> Callable[_P, _R]:
         finally:
             _leave()
 
+    # What functools.wraps copies, without functools: it imports collections, and a replayed
+    # audit (cli_audit.run is wrapped) imports neither.
+    for name in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(wrapper, name, getattr(func, name))
+    wrapper.__dict__.update(func.__dict__)
+    wrapper.__wrapped__ = func  # type: ignore[attr-defined]
     return wrapper
 
 

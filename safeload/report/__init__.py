@@ -6,13 +6,13 @@ it knows whether it will render anything (a replayed audit report renders nothin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from safeload.model import ScanRun
 
-Renderer = Callable[..., str]
+    Renderer = Callable[..., str]
 
 FORMATS: tuple[str, ...] = ("text", "json", "sarif", "html", "markdown")
 

@@ -3,8 +3,8 @@ report again without a scan; any change that could change the report audits afre
 
 from __future__ import annotations
 
+import importlib.util
 import io
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from safeload import audit_memo, build_id
-from safeload.audit_runs import RunStore
+from safeload.audit_runs import RunRecord, RunStore
 from safeload.cli import main
 from tests.pickle_builder import exec_payload
 
@@ -51,13 +51,21 @@ def tree(tmp_path: Path, marker: Path) -> Path:
     return root
 
 
+@pytest.fixture(params=["walk as installed", "python walk"])
+def walks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The replay's key from the compiled walk (where the install has it) or from the Python one."""
+    if request.param == "python walk":
+        monkeypatch.setattr(audit_memo, "fast_key_records", lambda *args, **kwargs: None)
+    return str(request.param)
+
+
 def _audit(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     code = main(["audit", *args, "--no-progress"])
     return code, capsys.readouterr().err
 
 
 def test_an_unchanged_tree_replays_the_same_report(
-    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], marker: Path
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], marker: Path, walks: str
 ) -> None:
     cache, out = tmp_path / "cache", tmp_path / "report.json"
     args = (str(tree), "--cache", str(cache), "-o", str(out), "--jobs", "2")
@@ -183,6 +191,7 @@ def test_any_change_audits_afresh(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    walks: str,
 ) -> None:
     cache, out = tmp_path / "cache", tmp_path / "report.txt"
     base = [str(tree), "--cache", str(cache), "-o", str(out), "--format", "text"]
@@ -256,10 +265,11 @@ def test_a_stored_source_that_is_neither_built_in_nor_a_file_is_no_replay(
     cache = tmp_path / "c"
     args = (str(tree), "--cache", str(cache), "-o", str(tmp_path / "r.md"))
     assert _audit(capsys, *args)[0] == 1
-    (record,) = (cache / "runs").glob("*.json")
-    data = json.loads(record.read_bytes())
-    assert data["sources"] and all(label.endswith(".toml") for label, _ in data["sources"])
-    record.write_text(json.dumps({**data, "sources": [*data["sources"], ["other.toml", "0" * 64]]}))
+    (record,) = (cache / "runs").glob("*.record")
+    data = RunRecord.from_bytes(record.read_bytes())
+    assert data.sources and all(label.endswith(".toml") for label, _ in data.sources)
+    data.sources.append(("other.toml", "0" * 64))
+    record.write_bytes(data.to_bytes())
     err = _audit(capsys, *args)[1]
     assert REPLAYED not in err and _why(err) == "the policy file other.toml changed"
     assert REPLAYED in _audit(capsys, *args)[1]
@@ -326,8 +336,10 @@ def test_a_damaged_stored_run_is_a_miss(
     assert REPLAYED not in err and _why(err) == "the stored report is damaged or missing"
     assert REPLAYED in _audit(capsys, *args)[1]  # stored whole again by that audit
     # A record that is no record, or one of another shape: a miss that says so, then stored anew.
-    (record,) = (cache / "runs").glob("*.json")
-    for damaged in (b"not json", b'{"sources": "x", "summary": {}}', record.read_bytes()[:-2]):
+    (record,) = (cache / "runs").glob("*.record")
+    shape = record.read_bytes().replace(b"\nsource ", b"\nsource x ", 1)
+    assert shape != record.read_bytes()
+    for damaged in (b"not a record", shape, record.read_bytes()[:-2]):
         record.write_bytes(damaged)
         code, err = _audit(capsys, *args)
         assert code == 1 and REPLAYED not in err
@@ -338,7 +350,8 @@ def test_a_damaged_stored_run_is_a_miss(
 def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -> None:
     """What makes a replay fast: no pydantic, no scanner, no renderer, not even the rule catalogue,
     the error classes (and pickle with them), dataclasses, tempfile, pathlib, typing, shutil,
-    threading, the cache's database, OpenSSL's hashes or argparse (checked in a fresh process; an editable install's import hook loads pathlib at
+    threading, the cache's database, OpenSSL's hashes, argparse, json, re, enum, functools or
+    collections (checked in a fresh process; an editable install's import hook loads pathlib at
     start-up, so the check forgets it first: an import by safeload loads it anew)."""
     args = [
         "audit",
@@ -353,11 +366,14 @@ def test_a_replay_loads_neither_models_nor_scanner(tree: Path, tmp_path: Path) -
         "import sys; names = ('pydantic', 'safeload.model', 'safeload.api', 'safeload.report.html', "
         "'safeload.codes', 'safeload.errors', 'pickle', 'dataclasses', 'tempfile', 'pathlib', 'typing', "
         "'shutil', 'threading', 'sqlite3', 'hashlib', '_hashlib', 'safeload.audit_cache', 'argparse', "
-        "'gettext'); "
+        "'gettext', 'json', 're', 'enum', 'functools', 'collections', 'collections.abc'); "
         "[sys.modules.pop(m, None) for m in names]; "
         "from safeload.cli import main; code = main(sys.argv[1:]); "
         "print(code, [m for m in names if m in sys.modules])"
     )
+    if importlib.util.find_spec("safeload.audit_treewalk_c") is not None:
+        # the compiled walk makes the key's records: key_records (and struct) are for a miss
+        script = script.replace("'gettext', ", "'gettext', 'struct', ")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     outs = [
         subprocess.run(
@@ -401,7 +417,7 @@ def test_only_the_most_recent_reports_are_kept(
 
 
 def test_a_report_written_inside_the_tree_is_no_part_of_it(
-    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], walks: str
 ) -> None:
     """Each run replaces its report (a new inode): were it walked, no run would ever replay, and
     every report would list the previous one as a skipped file."""

@@ -26,7 +26,11 @@ for n in names:
     p = load_policy(n)
     assert p.allowed, n
 import safeload.analysis.walker as w
-print("OK", len(names), "compiled" if w.COMPILED else "pure")
+from safeload.audit_walk import fast_key_records, key_records, walk
+here = [str(pathlib.Path(safeload.__file__).parent)]
+fast = fast_key_records(here)
+assert fast is None or fast == key_records(walk(here)), "the compiled walk differs"
+print("OK", len(names), "compiled" if w.COMPILED else "pure", "walk-compiled" if fast else "walk-python")
 """
 PURE = os.environ.get("SAFELOAD_PURE_PYTHON", "").strip() not in ("", "0")
 
@@ -44,6 +48,10 @@ def test_wheel_installs_and_loads_every_builtin_policy(tmp_path: Path) -> None:
     compiled = [n for n in names if n.startswith("safeload/analysis/_walker_c.") and n.endswith(".so")]
     assert len(compiled) == (0 if PURE else 1), compiled
     assert not [n for n in names if n.endswith("_walker_c.py")], "the generated source stays in build/"
+    # The replay's compiled walk (Linux only): its binary, not its source.
+    treewalk = [n for n in names if n.startswith("safeload/audit_treewalk_c.") and n.endswith(".so")]
+    assert len(treewalk) == (0 if PURE or not sys.platform.startswith("linux") else 1), treewalk
+    assert not [n for n in names if n.endswith((".pyx", ".c"))]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -54,6 +62,8 @@ def test_wheel_installs_and_loads_every_builtin_policy(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "OK"
     # Installed, the compiled walker is current with the walker.py beside it, so it is the one used.
-    assert out.stdout.split()[-1] == ("pure" if PURE else "compiled")
+    assert out.stdout.split()[-2] == ("pure" if PURE else "compiled")
+    linux = sys.platform.startswith("linux")
+    assert out.stdout.split()[-1] == ("walk-compiled" if linux and not PURE else "walk-python")
     cli = subprocess.run([str(env_dir / "bin" / "safeload"), "policy", "list"], capture_output=True, text=True)
     assert cli.returncode == 0 and "strict" in cli.stdout

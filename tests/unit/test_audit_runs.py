@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -49,37 +48,81 @@ def test_a_report_cut_short_is_no_report(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("line", "replacement"),
     [
-        {"exit_code": "1"},
-        {"exit_code": True},
-        {"length": -1},
-        {"length": 1.5},
-        {"valid_until": 20300101},
-        {"sources": "x"},
-        {"sources": [["only a label"]]},
-        {"sources": [["label", 7]]},
-        {"summary": []},
+        ("exit_code 1", "exit_code one"),
+        ("exit_code 1", "exit_code +1"),
+        ("exit_code 1", "exit_code 1_0"),
+        ("exit_code 1", "exit_code"),
+        ("exit_code 1", ""),
+        ("exit_code 1", "exit_code 1\nexit_code 2"),
+        ("length 1", "length -1"),
+        ("length 1", "length 1.5"),
+        ("length 1", "length \u0661"),
+        ("safeload-run-record 1", "safeload-run-record 2"),
+        ("valid_until ", "valid_until zz"),
+        ("source ", "source 6f6e6c79 "),
+        ("\nend\n", "\n"),
+        ("source ", "sources "),
+        ("summary-int ", "summary-int 7061746873 x"),
+        ("summary-int ", "summary-other "),
     ],
 )
-def test_a_record_of_another_shape_is_a_miss(tmp_path: Path, change: dict[str, object]) -> None:
+def test_a_record_of_another_shape_is_a_miss(tmp_path: Path, line: str, replacement: str) -> None:
     store = RunStore(tmp_path)
     store.put("k1", _record(b"r"), b"r")
-    record = tmp_path / "runs" / "k1.json"
-    data = json.loads(record.read_bytes())
-    assert store.get("k1") is not None
-    record.write_text(json.dumps({**data, **change}))
+    record = tmp_path / "runs" / "k1.record"
+    text = record.read_text()
+    assert store.get("k1") is not None and line in text
+    record.write_text(text.replace(line, replacement, 1))
     assert store.get("k1") is None
     with pytest.raises(ValueError):
-        RunRecord.from_json(record.read_bytes())
+        RunRecord.from_bytes(record.read_bytes())
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"[]", b"{}", b'{"sources": []}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not a record", b"\xff\xfe", b'{"exit_code": 1, "length": 1}', b"safeload-run-record 1"],
+)
 def test_a_record_that_is_no_record_is_a_miss(tmp_path: Path, raw: bytes) -> None:
     store = RunStore(tmp_path)
     store.put("k1", _record(b"r"), b"r")
-    (tmp_path / "runs" / "k1.json").write_bytes(raw)
+    record = tmp_path / "runs" / "k1.record"
+    assert store.get("k1") is not None
+    record.write_bytes(raw)
     assert store.get("k1") is None
+
+
+def test_every_prefix_of_a_record_is_a_miss(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    store.put("k1", _record(b"r"), b"r")
+    record = tmp_path / "runs" / "k1.record"
+    whole = record.read_bytes()
+    for cut in range(len(whole)):
+        record.write_bytes(whole[:cut])
+        assert store.get("k1") is None
+    record.write_bytes(whole)
+    assert store.get("k1") is not None
+
+
+def test_any_text_survives_a_record(tmp_path: Path) -> None:
+    """Labels and the output file are paths: spaces, newlines, undecodable bytes, any script."""
+    odd = "/tmp/a b\nc\td\udcff\u00e9\U0001f600 policy.toml"
+    record = RunRecord(
+        valid_until=None,
+        sources=[(odd, "ab" * 32), ("default.toml", "")],
+        exit_code=-1,
+        summary={"paths": 0, "output": [odd, "1:2:3:4:5"], "empty": []},
+        length=0,
+    )
+    back = RunRecord.from_bytes(record.to_bytes())
+    assert (back.valid_until, back.sources, back.exit_code, back.summary, back.length) == (
+        None,
+        record.sources,
+        -1,
+        record.summary,
+        0,
+    )
 
 
 def test_the_most_recently_used_runs_are_kept(tmp_path: Path) -> None:
@@ -118,7 +161,7 @@ def test_files_of_no_kept_run_are_removed_and_writes_in_progress_left(tmp_path: 
     (runs / "old.cmd.manifest").write_bytes(b"{}")
     (runs / ".k2.123.tmp").write_bytes(b"another audit's write in progress")
     RunStore(tmp_path).put("k1", _record(b"r"), b"r")
-    assert sorted(p.name for p in runs.iterdir()) == [".k2.123.tmp", "k1", "k1.json"]
+    assert sorted(p.name for p in runs.iterdir()) == [".k2.123.tmp", "k1", "k1.record"]
 
 
 def test_a_cache_that_cannot_be_written_stores_nothing_and_raises_nothing(tmp_path: Path) -> None:
