@@ -302,6 +302,8 @@ def tree_records(list roots, skip_dirs, report):
     walk.skip_dirs = skip_dirs
     walk.report = report
     for root in roots:
+        if b"\0" in root:
+            return None  # no path holds one (os.stat refuses it); C would read it as its end
         # os.path.isdir: a directory, links followed; anything else is a file named by the user.
         if stat(root, &st) == 0 and S_ISDIR(st.st_mode):
             if walk.tree(root) != 0:

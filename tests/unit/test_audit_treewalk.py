@@ -148,6 +148,12 @@ def test_what_the_python_walk_reports_instead_of_listing_gives_none(tmp_path: Pa
 
 
 @needs_compiled
+def test_a_root_with_a_nul_is_never_cut_short(tmp_path: Path) -> None:
+    _file(tmp_path / "m.pt")
+    assert fast_key_records([str(tmp_path / "m.pt") + "\0ignored"]) is None
+
+
+@needs_compiled
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_random_trees(tmp_path_factory: pytest.TempPathFactory, seed: int) -> None:
