@@ -151,12 +151,30 @@ def fast_key_records(
     file: a third of a replayed audit); None without it, or where the tree holds a path that the
     walk reports instead of listing (a tree that has no report to replay)."""
     try:
-        from safeload.audit_treewalk_c import tree_records  # type: ignore[import-not-found]
+        from safeload import audit_treewalk_c  # type: ignore[attr-defined]
     except ImportError:
         return None
+    if not built_after(audit_treewalk_c.__file__, os.path.join(os.path.dirname(__file__), _TREEWALK_SOURCE)):
+        return None
+    tree_records = audit_treewalk_c.tree_records
     skip_dirs, place = _skipped(exclude, report)
     report_place = None if place is None else (place[0], place[1], os.fsencode(place[2]))
     return tree_records([os.fsencode(p) for p in paths], skip_dirs, report_place)  # type: ignore[no-any-return]
+
+
+_TREEWALK_SOURCE = "audit_treewalk.pyx"
+
+
+def built_after(binary: str | None, source: str) -> bool:
+    """Whether a compiled module is no older than its source beside it (an editable install
+    whose .pyx was edited since the build runs the Python walk until it is built again). An
+    installed package ships no source: its binary is what was built."""
+    try:
+        return binary is not None and os.stat(binary).st_mtime_ns >= os.stat(source).st_mtime_ns
+    except FileNotFoundError:
+        return binary is not None
+    except OSError:
+        return False
 
 
 def _entry(path: str, named: bool, is_link: bool, st: os.stat_result | None) -> Entry:

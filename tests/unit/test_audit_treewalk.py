@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from safeload import audit_memo
 from safeload.audit_runs import RunRecord, RunStore
-from safeload.audit_walk import fast_key_records, key_records, walk
+from safeload.audit_walk import built_after, fast_key_records, key_records, walk
 
 try:
     from safeload import audit_treewalk_c  # type: ignore[attr-defined]  # noqa: F401
@@ -36,6 +36,19 @@ def same(roots: list[str], exclude: list[str] | None = None, report: str | None 
     return compiled
 
 
+def _files(records: bytes) -> list[tuple[bytes, bool, bool]]:
+    """(path, named, link) of each file record, read by the layout key_records documents."""
+    out, pos = [], 0
+    while pos < len(records):
+        nul = records.index(b"\0", pos)
+        kind, named, link = records[nul + 1 : nul + 4]
+        assert kind == ord("F")
+        out.append((records[pos:nul], bool(named), bool(link)))
+        pos = nul + 4 + 48  # device, inode, size: 8 bytes each; each time: 8 and 4
+    assert pos == len(records)
+    return out
+
+
 def _file(path: Path, data: bytes = b"x") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -55,7 +68,7 @@ def test_a_tree_of_links_loops_and_copies(tmp_path: Path) -> None:
     (root / "rel").symlink_to("a/b/c")
     os.link(root / "z.pkl", root / "hard.pkl")
     records = same([str(root)])
-    assert records.count(b"\0F") == len(walk([str(root)]))
+    assert len(_files(records)) == len(walk([str(root)])) == 5
     # Two roots walk apart (each its own loop check); the same root twice is listed twice.
     same([str(root / "a"), str(root)])
     same([str(root), str(root)])
@@ -97,8 +110,8 @@ def test_named_files_and_links_to_them(tmp_path: Path) -> None:
     model = _file(tmp_path / "m.pt")
     (tmp_path / "ln").symlink_to(model)
     records = same([str(model), str(tmp_path / "ln"), "./" + os.path.relpath(model)])
-    assert records.count(b"\0F\x01\x01") == 1  # named, through a link
-    assert records.count(b"\0F\x01\x00") == 2
+    flags = sorted((named, link) for _, named, link in _files(records))
+    assert flags == [(True, False), (True, False), (True, True)]  # the link named as a link
 
 
 @needs_compiled
@@ -204,3 +217,14 @@ def test_a_change_after_the_key_is_taken_is_in_the_key_the_report_is_stored_unde
     assert len(memo.groups) == 1
     assert memo.key != before
     assert memo.key == audit_memo.RunMemo(store, spec, exclude=[], report=None).key
+
+
+def test_a_binary_older_than_its_source_is_not_used(tmp_path: Path) -> None:
+    binary, source = _file(tmp_path / "walk.so"), _file(tmp_path / "walk.pyx")
+    os.utime(source, ns=(10**18, 10**18))
+    os.utime(binary, ns=(10**18 + 1, 10**18 + 1))
+    assert built_after(str(binary), str(source))
+    os.utime(source, ns=(10**18 + 2, 10**18 + 2))  # edited since the build
+    assert not built_after(str(binary), str(source))
+    assert built_after(str(binary), str(tmp_path / "no source, as installed"))
+    assert not built_after(None, str(source))
