@@ -66,6 +66,11 @@ _READ_EXISTING = (
 )
 
 
+# The existing file is compared a piece at a time: a registry's report is megabytes, and reading
+# it whole would take as much new memory again.
+_COMPARE_CHUNK = 1 << 20
+
+
 def _holds(path: str, payload: bytes) -> bool:
     try:
         fd = os.open(path, _READ_EXISTING)
@@ -75,8 +80,16 @@ def _holds(path: str, payload: bytes) -> bool:
         st = os.fstat(fd)
         if not S_ISREG(st.st_mode) or st.st_size != len(payload):
             return False
-        with open(fd, "rb", closefd=False) as f:
-            return f.read(len(payload) + 1) == payload
+        expected = memoryview(payload)
+        chunk = bytearray(min(len(payload), _COMPARE_CHUNK) or 1)
+        pos = 0
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            while got := f.readinto(chunk):
+                # startswith compares bytes as they are (a memoryview's == goes element by element).
+                if pos + got > len(payload) or not chunk.startswith(expected[pos : pos + got]):
+                    return False
+                pos += got
+        return pos == len(payload)
     except OSError:
         return False
     finally:

@@ -22,6 +22,7 @@ from safeload.audit_cache import AuditCache, cacheable, stat_key
 from safeload.audit_model import AuditRun, AuditStats, RunCounts
 from safeload.audit_views import (
     AuditError,
+    Identity,
     apply_baseline,
     global_names,
     load_baseline,
@@ -74,12 +75,16 @@ def audit(
     progress: ProgressFn | None = None,
     *,
     groups: list[FileGroup] | None = None,
+    wait_for_cache: bool = True,
 ) -> AuditRun:
     """Audit files and directory trees. Raises AuditError or PolicyError for usage problems only;
     every file problem becomes a finding in the report.
 
     groups: the tree as ``collect(paths, [cache_dir], report)`` walked it just now (audit_memo
     walks first, to look for a report to replay); otherwise it is walked here.
+    wait_for_cache: False lets the cache's last commit go on after the audit returns (while the
+    report is written); ``audit_cache.wait_for_commits`` waits for it. An interrupted audit
+    always waits.
     """
     # Not safeload.api: a fully cached run then never imports the scanner (most of its start-up).
     from safeload.policy import load_policy
@@ -134,6 +139,7 @@ def audit(
     # hashes those bytes and reuses a result cached for them, or scans them.
     tasks = [path for path, _ in plan]
     jobs = options.jobs if options.jobs is not None else auto_jobs(plan)
+    interrupted = True  # until the run is built: then the cache may finish committing on its own
     try:
         if jobs == 1 or len(tasks) <= 1:
             if tasks:
@@ -147,10 +153,28 @@ def audit(
             from safeload.audit_pool import run_parallel  # here: a run of one job needs no processes
 
             run_parallel(tasks, config, policy, on_done)
+        if cache is not None:
+            cache.start_closing()  # the last commit goes on while the registry views are built
+        run = _registry_run(paths, options, policy, groups, known, scanned, hash_hits)
+        interrupted = False
+        return run
     finally:
         if cache is not None:
             # Even when interrupted: what was learned stays learned, committed whole.
-            cache.close()
+            cache.close(wait=wait_for_cache or interrupted)
+
+
+def _registry_run(
+    paths: Sequence[str],
+    options: AuditOptions,
+    policy: Policy,
+    groups: list[FileGroup],
+    known: set[Identity] | None,
+    scanned: int,
+    hash_hits: int,
+) -> AuditRun:
+    """The audit's result from the groups' reports: the registry views, the exit code, the counts."""
+    from safeload.policy import load_policy
 
     reports, skipped = _expand(groups)
     compared = [policy] + [load_policy(n) for n in options.compare if n != policy.name]
@@ -187,7 +211,7 @@ def audit(
             scanned=scanned,
             from_cache=sum(1 for g in groups if g.cached),
             hash_cache_hits=hash_hits,
-            replayable=cache is not None
+            replayable=options.cache_dir is not None
             and all(g.error is None and (g.report is None or cacheable(g.report)) for g in groups),
             policy_sources=tuple(dict.fromkeys(d for p in compared for d in p.source_digests)),
             changes_on=min(in_force) + timedelta(days=1) if in_force else None,

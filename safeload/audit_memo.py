@@ -264,7 +264,7 @@ class RunMemo:
 
     def store(
         self,
-        text: str,
+        report: bytes,
         *,
         exit_code: int,
         paths: int,
@@ -279,7 +279,6 @@ class RunMemo:
         state = _output_state(output) if output is not None else None
         if state is not None:
             summary["output"] = state
-        report = text.encode("utf-8")
         record = RunRecord(
             valid_until=None if valid_until is None else valid_until.isoformat(),
             sources=list(sources),

@@ -132,7 +132,8 @@ def run(args: Args) -> int:
     from pathlib import Path
 
     from safeload.audit import COMPARED_POLICIES, AuditError, AuditOptions, audit
-    from safeload.report import render
+    from safeload.audit_cache import wait_for_commits
+    from safeload.report import render_bytes
 
     options = AuditOptions(
         policy=args.policy,
@@ -146,24 +147,33 @@ def run(args: Args) -> int:
     )
     try:
         with _ProgressDisplay(enabled=not args.no_progress) as progress:
-            result = audit(args.paths, options, progress=progress, groups=memo.groups if memo else None)
+            result = audit(
+                args.paths,
+                options,
+                progress=progress,
+                groups=memo.groups if memo else None,
+                wait_for_cache=False,  # its last commit goes on while the report is written
+            )
     except AuditError as exc:
         print(f"safeload audit: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    text = render(result, fmt, verbose=args.verbose)
-    _write(args.output, text)
-    s, c = result.stats, result.counts
-    if memo is not None and c.replayable:
-        memo.store(
-            text,
-            exit_code=result.exit_code,
-            paths=s.paths,
-            files=s.files,
-            skipped=len(result.skipped),
-            sources=c.policy_sources,
-            valid_until=c.changes_on,
-            output=args.output,
-        )
+    try:
+        report = render_bytes(result, fmt, verbose=args.verbose)
+        _write(args.output, report)
+        s, c = result.stats, result.counts
+        if memo is not None and c.replayable:
+            memo.store(
+                report,
+                exit_code=result.exit_code,
+                paths=s.paths,
+                files=s.files,
+                skipped=len(result.skipped),
+                sources=c.policy_sources,
+                valid_until=c.changes_on,
+                output=args.output,
+            )
+    finally:
+        wait_for_commits()  # the run is over once the cache holds what it learned
     print(
         f"safeload audit: {s.paths} paths, {s.files} distinct files, {c.scanned} scanned, {c.from_cache} from cache, "
         f"{len(result.skipped)} skipped in {time.monotonic() - started:.1f}s; exit {result.exit_code}",

@@ -253,13 +253,19 @@ def dump_json(value: object, *, indent: int | None = None) -> str:
     bytes that are not UTF-8 is decoded with surrogateescape, and JSON cannot hold those
     characters: such a string is written with each of those bytes as ``\\xNN`` (any other lone
     surrogate as ``\\uXXXX``) and its backslashes doubled."""
+    return dump_json_bytes(value, indent=indent).decode("utf-8")
+
+
+def dump_json_bytes(value: object, *, indent: int | None = None) -> bytes:
+    """dump_json's text as UTF-8, for a file (a registry's report: megabytes not decoded to be
+    encoded again)."""
     try:
         data = _ENCODER.encode(value)
     except UnicodeEncodeError:
         data = _ENCODER.encode(_json_safe(msgspec.to_builtins(value)))
     if indent is not None:
         data = msgspec.json.format(data, indent=indent)
-    return data.decode("utf-8")
+    return data
 
 
 def load_json(text: str | bytes, kind: type[_T]) -> _T:

@@ -45,3 +45,13 @@ def renderer(fmt: str) -> Renderer:
 
 def render(run: ScanRun, fmt: str, *, verbose: bool = False) -> str:
     return renderer(fmt)(run, verbose=verbose)
+
+
+def render_bytes(run: ScanRun, fmt: str, *, verbose: bool = False) -> bytes:
+    """The report as UTF-8, for a file. JSON is encoded straight to bytes: a registry's report is
+    megabytes, and text would be decoded only to be encoded again for each file it goes to."""
+    if fmt == "json":
+        from safeload.report.json_report import render_json_bytes
+
+        return render_json_bytes(run, verbose=verbose)
+    return render(run, fmt, verbose=verbose).encode("utf-8")

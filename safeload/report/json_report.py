@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from safeload.atomic import write_atomic
-from safeload.model import SCHEMA_VERSION, ScanRun, dump_json
+from safeload.model import SCHEMA_VERSION, ScanRun, dump_json_bytes
 
 SCHEMA_FILE = Path("schema") / "scanrun.schema.json"
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -21,7 +21,12 @@ _DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 def render_json(run: ScanRun, *, verbose: bool = False) -> str:
     """The whole run, every field (verbose changes nothing: JSON is for machines)."""
-    return dump_json(run, indent=2) + "\n"
+    return render_json_bytes(run, verbose=verbose).decode("utf-8")
+
+
+def render_json_bytes(run: ScanRun, *, verbose: bool = False) -> bytes:
+    """render_json's text as UTF-8."""
+    return dump_json_bytes(run, indent=2) + b"\n"
 
 
 def json_schema() -> dict[str, Any]:

@@ -85,6 +85,22 @@ def test_other_bytes_are_replaced_whole(tmp_path: Path, old: str) -> None:
     assert target.stat().st_ino != inode  # a new file renamed into place, as write_atomic does
 
 
+@pytest.mark.parametrize("where", [0, (1 << 20) - 1, 1 << 20, (5 << 20) // 2, (3 << 20) - 1])
+def test_files_of_several_pieces_are_compared_to_the_last_byte(tmp_path: Path, where: int) -> None:
+    """The existing file is read a piece (1 MiB) at a time: a difference in any piece, at either
+    edge of one, or in the last byte is found; a file holding every byte is left alone."""
+    payload = bytes(range(256)) * ((3 << 20) // 256)
+    target = tmp_path / "report.json"
+    target.write_bytes(payload)
+    inode = target.stat().st_ino
+    assert write_if_changed(target, payload) is False and target.stat().st_ino == inode
+    changed = bytearray(payload)
+    changed[where] ^= 0xFF
+    target.write_bytes(changed)
+    assert write_if_changed(target, payload) is True
+    assert target.read_bytes() == payload
+
+
 def test_a_link_to_the_same_bytes_is_still_replaced(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("{}")
