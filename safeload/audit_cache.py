@@ -47,14 +47,13 @@ from collections.abc import Iterable, Iterator
 import msgspec
 
 from safeload.audit_walk import stat_key
+from safeload.model import ResultError, ScanReport, dump_json, load_json
 
 __all__ = ["AuditCache", "cacheable", "result_key", "stat_key", "wait_for_commits"]
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: a replayed audit never needs it
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
     import threading
-
-    from safeload.model import ScanReport
 
 CACHE_FORMAT = 2
 DB_NAME = "cache.sqlite3"
@@ -192,9 +191,6 @@ class AuditCache:
 
     def get_reports(self, shas: Iterable[str], policy_hash: str, version: str) -> dict[str, ScanReport]:
         """The cached, valid reports among ``shas`` (one query per few hundred, not one each)."""
-        # Here, not at the top: a replayed run (audit_memo) opens the cache without the models.
-        from safeload.model import ResultError, ScanReport, load_json
-
         db = self._connect()
         if db is None:
             return {}
@@ -245,8 +241,6 @@ class AuditCache:
             return
         key = result_key(report.sha256, report.policy_hash, version)
         if text is None:
-            from safeload.model import dump_json  # here: a replayed run never imports the models
-
             text = dump_json(report)
         self._results.append((key, report.sha256, report.policy_hash, version, text))
         self._maybe_flush()

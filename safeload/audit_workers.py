@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -15,6 +16,7 @@ import msgspec
 from safeload import build_id
 from safeload.audit_cache import AuditCache, stat_key
 from safeload.audit_views import reapply_waivers
+from safeload.errors import SafeloadError
 from safeload.model import ResultError, ScanReport, decide, dump_json, load_json, make_finding, unread_report
 from safeload.versions import versions
 
@@ -74,16 +76,14 @@ class Scanner:
     def _scan_once(self, path: str) -> tuple[ScanReport, str, os.stat_result | None]:
         """(report, how, the opened file's status): how is "scanned", "reused" (bytes seen earlier
         in this run) or "cached"; the status is None where the file could not be read."""
-        from safeload.api import analyse, open_scan_source, unreadable_report
-        from safeload.errors import SafeloadError
-
+        api = _api or _import_api()
         try:
             # The walk saw a regular file; one swapped for a FIFO since must not block the audit.
-            source = open_scan_source(path, self.policy, regular_only=True)
+            source = api.open_scan_source(path, self.policy, regular_only=True)
         except SafeloadError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 return unreadable(path, "vanished before it was scanned", self.policy), "scanned", None
-            return unreadable_report(path, exc, self.policy), "scanned", None
+            return api.unreadable_report(path, exc, self.policy), "scanned", None
         opened = source.opened
         # The hash is taken from the buffer the scan then walks: what is reused is for these bytes.
         digest = source.sha256()
@@ -94,7 +94,7 @@ class Scanner:
             hit = self.cache.get_report(digest, self.policy.hash, build_id.scanner_id())
             if hit is not None:
                 return replace(reapply_waivers(hit, self.policy), path=path), "cached", opened
-        report = analyse(source, self.policy, sha256=digest).report
+        report = api.analyse(source, self.policy, sha256=digest).report
         if len(self.seen) >= _SEEN_MAX:
             del self.seen[next(iter(self.seen))]  # the oldest: memory stays bounded
         self.seen[digest] = report
@@ -128,6 +128,20 @@ class Scanner:
                 continue
             out.append((text, o.cached, o.stat_key, o.reused))
         return out
+
+
+# safeload.api, imported by the first scan (a run whose files are all cached never imports the
+# scanner) and kept: an import statement run for each file costs microseconds (the module is
+# searched for a __path__, and not finding one formats an AttributeError).
+_api: ModuleType | None = None
+
+
+def _import_api() -> ModuleType:
+    global _api
+    import safeload.api
+
+    _api = safeload.api
+    return _api
 
 
 Task = str  # a path to scan (its hash is looked up in the cache from the bytes read)

@@ -132,12 +132,17 @@ def from_bytes(data: bytes | bytearray | memoryview, name: str) -> Source:
     return Source(buffer=view, path=name, size=len(view), mapped=False, _holders=[data])
 
 
+# Looked up once: a getattr that fails formats an AttributeError, a microsecond per file scanned.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
 def _from_path(
     path: str, *, use_mmap: bool, max_bytes: int, read_below: int = 0, regular_only: bool = False
 ) -> Source:
-    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+    flags = _READ_FLAGS
     if regular_only:
-        flags |= getattr(os, "O_NONBLOCK", 0)  # no effect on a regular file's reads
+        flags |= _NONBLOCK  # no effect on a regular file's reads
     try:
         fd = os.open(path, flags)
     except OSError as exc:

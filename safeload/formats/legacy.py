@@ -29,6 +29,8 @@ import msgspec
 from safeload.analysis.types import ImportSite, WalkResult
 from safeload.analysis.walker import walk
 from safeload.formats import raw
+from safeload.formats.archives import MemoryReader
+from safeload.formats.archives import is_tar as _is_tar_archive
 from safeload.formats.base import (
     PersistentScheme,
     PickleStream,
@@ -103,9 +105,7 @@ def is_sequence(buf: memoryview) -> bool:
 
 def is_tar(buf: memoryview) -> bool:
     """A tar whose first members are torch's legacy ones, with the object pickle among them."""
-    from safeload.formats.archives import MemoryReader, is_tar
-
-    if not is_tar(buf):
+    if not _is_tar_archive(buf):
         return False
     import tarfile  # here: only for a buffer that starts with a tar header
 
