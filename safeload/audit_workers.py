@@ -22,6 +22,7 @@ from safeload.versions import versions
 
 if TYPE_CHECKING:
     from safeload.policy import Policy
+    from safeload.source import Source
 
 PolicyName = str | os.PathLike[str]
 
@@ -56,49 +57,54 @@ class Scanner:
         self._cached_loaded = False
 
     def scan(self, path: str) -> Outcome:
-        report, how, opened = self._scan_once(path)
+        report, how, opened, after = self._scan_once(path)
         if opened is None:
             return Outcome(report)  # never read: nothing to remember
-        try:
-            after = os.stat(path)
-        except OSError:
-            # removed after it was read: the report stands for the bytes that were read
+        if after is None:
             return Outcome(report, cached=how == "cached", reused=how == "reused")
         if _identity(after) != _identity(opened):
-            # Written to, or another file put in its place, since it was opened.
+            # Written to while it was read (or, mapped, while it was scanned).
             changed = make_finding("SL206", "the file changed while it was being scanned; scan it again")
             findings = (*report.findings, changed)
             return Outcome(replace(report, findings=findings, verdict=decide(findings)))
-        # The auditing process stores the result (workers only read the cache).
+        # The auditing process stores the result (workers only read the cache). The key is the
+        # identity of the inode that was read: the path may name another file by now, whose own
+        # identity a later run looks up (and misses).
         key = stat_key(after) if report.sha256 else None
         return Outcome(report, cached=how == "cached", stat_key=key, reused=how == "reused")
 
-    def _scan_once(self, path: str) -> tuple[ScanReport, str, os.stat_result | None]:
-        """(report, how, the opened file's status): how is "scanned", "reused" (bytes seen earlier
-        in this run) or "cached"; the status is None where the file could not be read."""
+    def _scan_once(self, path: str) -> tuple[ScanReport, str, os.stat_result | None, os.stat_result | None]:
+        """(report, how, the opened file's status, its status once scanned): how is "scanned",
+        "reused" (bytes seen earlier in this run) or "cached"; the statuses are None where the file
+        could not be read (the second also where fstat failed)."""
         api = _api or _import_api()
         try:
             # The walk saw a regular file; one swapped for a FIFO since must not block the audit.
             source = api.open_scan_source(path, self.policy, regular_only=True)
         except SafeloadError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
-                return unreadable(path, "vanished before it was scanned", self.policy), "scanned", None
-            return api.unreadable_report(path, exc, self.policy), "scanned", None
+                return unreadable(path, "vanished before it was scanned", self.policy), "scanned", None, None
+            return api.unreadable_report(path, exc, self.policy), "scanned", None, None
         opened = source.opened
         # The hash is taken from the buffer the scan then walks: what is reused is for these bytes.
         digest = source.sha256()
         known = self.seen.get(digest)
         if known is not None:
-            return replace(known, path=path), "reused", opened
+            return replace(known, path=path), "reused", opened, _status(source)
         if self.cache is not None and self._may_be_cached(self.cache, digest):
             hit = self.cache.get_report(digest, self.policy.hash, build_id.scanner_id())
             if hit is not None:
-                return replace(reapply_waivers(hit, self.policy), path=path), "cached", opened
+                return (
+                    replace(reapply_waivers(hit, self.policy), path=path),
+                    "cached",
+                    opened,
+                    _status(source),
+                )
         report = api.analyse(source, self.policy, sha256=digest).report
         if len(self.seen) >= _SEEN_MAX:
             del self.seen[next(iter(self.seen))]  # the oldest: memory stays bounded
         self.seen[digest] = report
-        return report, "scanned", opened
+        return report, "scanned", opened, _status(source)
 
     def _may_be_cached(self, cache: AuditCache, digest: str) -> bool:
         if not self._cached_loaded:
@@ -148,6 +154,15 @@ Task = str  # a path to scan (its hash is looked up in the cache from the bytes 
 Result = tuple[str, bool, str | None, bool]  # (report JSON, cached, stat key, reused)
 # Reports a scanner remembers by hash to reuse for copies of the same bytes.
 _SEEN_MAX = 4096
+
+
+def _status(source: Source) -> os.stat_result | None:
+    """The source's file once it was hashed and scanned: fstat on what was opened, never the path
+    again (a path lookup costs several times as much, and names whatever is there by now)."""
+    try:
+        return source.status_now()
+    except OSError:
+        return None
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

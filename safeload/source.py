@@ -45,10 +45,20 @@ class Source(msgspec.Struct):
     size: int
     mapped: bool  # buffer is a read-only mapping of the file (pages load on touch)
     # The opened file's status (fstat) when the source is a path: which file was read, for callers
-    # that check it did not change meanwhile.
+    # that check it did not change meanwhile (status_now).
     opened: os.stat_result | None = None
     _holders: list[Any] = msgspec.field(default_factory=list)
     _fd: int | None = None  # the mapped file, open for `peek`
+    _read_status: os.stat_result | None = None  # a file read whole: its status once it was read
+
+    def status_now(self) -> os.stat_result | None:
+        """The opened file's status as far as this source is concerned: a mapped file's now (its
+        pages are read as the scan touches them), a file read whole as it was right after the
+        read (what happens to it later changes nothing in these bytes). None for no file. Raises
+        OSError only where fstat does."""
+        if self._fd is not None:
+            return os.fstat(self._fd)
+        return self._read_status
 
     def peek(self, offset: int, size: int) -> bytes | memoryview:
         """buffer[offset:offset + size] (shorter at the end), without mapping its page when the file
@@ -170,6 +180,7 @@ def _from_path(
                     mapped=False,
                     opened=info,
                     _holders=[data],
+                    _read_status=os.fstat(fd),
                 )
         if regular and use_mmap and info.st_size > 0:
             # Copy-on-write, as torch.load(mmap=True) maps: loaded tensors stay writable and writes
@@ -195,7 +206,15 @@ def _from_path(
             else:
                 holder = _read_bounded(raw, max_bytes, path, None)
                 view = memoryview(holder)
-        return Source(buffer=view, path=path, size=len(view), mapped=False, opened=info, _holders=[holder])
+        return Source(
+            buffer=view,
+            path=path,
+            size=len(view),
+            mapped=False,
+            opened=info,
+            _holders=[holder],
+            _read_status=os.fstat(fd),
+        )
     except OSError as exc:
         raise ScanError(f"cannot read: {exc.strerror or exc}", path=path) from exc
     finally:
