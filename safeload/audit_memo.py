@@ -255,12 +255,17 @@ class RunMemo:
         return self._path_states  # type: ignore[return-value]
 
     def manifest(self) -> bytes:
-        import json
+        content = {"format": _MANIFEST_FORMAT, "parts": self.parts, "files": self._states()}
+        try:
+            # msgspec: imported by every audit that stores a run (it scanned), and a few times
+            # faster than json for thousands of paths.
+            import msgspec
 
-        return json.dumps(
-            {"format": _MANIFEST_FORMAT, "parts": self.parts, "files": self._states()},
-            separators=(",", ":"),
-        ).encode("utf-8", "surrogatepass")
+            return msgspec.json.encode(content)
+        except UnicodeEncodeError:  # a path that was not UTF-8: json escapes its lone surrogates
+            import json
+
+            return json.dumps(content, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
     def store(
         self,
@@ -304,13 +309,17 @@ def _parts(spec: RunSpec) -> dict[str, str]:
 def _file_states(groups: Sequence[FileGroup]) -> list[tuple[str, str]] | None:
     """Each walked path with what it reached (the file's stat key, or why it was unreadable)."""
     out: list[tuple[str, str]] = []
+    add = out.append
     for g in groups:
         state = stat_key(g.st) if g.st is not None else f"unreadable: {g.error}"
+        if len(g.paths) == 1 and not g.links:  # most files: one path, reached directly
+            add((g.paths[0], state))
+            continue
         for path in dict.fromkeys(g.paths + g.links):
-            out.append((path, state))
+            add((path, state))
         if len(out) > MANIFEST_MAX_PATHS:
             return None
-    return out
+    return None if len(out) > MANIFEST_MAX_PATHS else out
 
 
 def _tree_changes(before: dict[str, str], now: list[tuple[str, str]]) -> str:

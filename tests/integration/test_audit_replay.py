@@ -489,6 +489,21 @@ def test_a_miss_names_what_changed_since_the_stored_report(
     for i in range(5):
         (tree / "b" / f"more{i}.pt").write_bytes(_torch_bytes(5.0 + i))
     assert _why(_audit(capsys, *args)[1]).endswith(" (new) and 2 more")
+    # A name that is not UTF-8 (kept by the manifest, which then goes through json's escapes)
+    # is named in the next miss as the bytes it has.
+    odd = os.fsdecode(str(tree / "a").encode() + b"/\xffodd.pt")
+    with open(os.fsencode(odd), "wb") as f:
+        f.write(_torch_bytes(9.0))
+    assert (
+        _why(_audit(capsys, *args)[1]) == f"1 path changed since the stored audit: {tree}/a/\\xffodd.pt (new)"
+    )
+    with open(os.fsencode(odd), "wb") as f:  # read back from that manifest: this name changed
+        f.write(_torch_bytes(10.0))
+    assert (
+        _why(_audit(capsys, *args)[1])
+        == f"1 path changed since the stored audit: {tree}/a/\\xffodd.pt (changed)"
+    )
+    os.unlink(os.fsencode(odd))
     # Past the bound a manifest keeps no paths: the miss is still told, without names.
     monkeypatch.setattr(audit_memo, "MANIFEST_MAX_PATHS", 2)
     (tree / "b" / "more0.pt").unlink()
