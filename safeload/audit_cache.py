@@ -357,8 +357,12 @@ _PENDING: list[threading.Thread] = []
 
 def wait_for_commits() -> None:
     """Wait for the commits that caches closed with ``wait=False`` left in flight."""
-    while _PENDING:
-        _PENDING.pop().join()
+    while True:
+        try:
+            committing = _PENDING.pop()  # one pop: another thread may be waiting for them too
+        except IndexError:
+            return
+        committing.join()
 
 
 def _result_row(report: ScanReport, version: str, text: str | None) -> tuple[str, str, str, str, str]:
