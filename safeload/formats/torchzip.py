@@ -148,6 +148,13 @@ def _read_torch(
         "torch_opens": torch_opens,
     }
     meta.update(_records(buf, archive, prefix, ctx, result))
+    refusal = archive.miniz_refusal or _serialization_id_refusal(buf, archive, prefix, ctx, result)
+    if refusal is not None:
+        why, offset = refusal
+        meta["torch_refuses"] = {
+            "why": why,
+            "file_offset": None if ctx.file_offset is None else ctx.file_offset + offset,
+        }
     result.meta = meta
 
     storage_dir = prefix + b"/" + _DATA_DIR
@@ -217,6 +224,29 @@ def _records(
     meta["format_version"] = _int(record(b".format_version"))
     meta["storage_alignment"] = _int(record(b".storage_alignment"))
     return meta
+
+
+def _serialization_id_refusal(
+    buf: memoryview, archive: ZipArchive, prefix: bytes, ctx: ReadContext, result: ReadResult
+) -> tuple[str, int] | None:
+    """torch.load hands the archive's serialization id record to Python as a str: one that is not
+    UTF-8 fails the load (UnicodeDecodeError) before data.pkl is read."""
+    entry = archive.locate(prefix + b"/.data/serialization_id")
+    if entry is None:
+        return None
+    got = zipread.extract(buf, entry, ctx)
+    result.findings.extend(got.findings)
+    if got.data is None:
+        return None
+    try:
+        bytes(got.data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (
+            f"its serialization id record ({escape(entry.name)}) is not UTF-8 text (byte {exc.start} "
+            "of it), and torch.load fails as it decodes it",
+            entry.header_offset,
+        )
+    return None
 
 
 def _torchscript(archive: ZipArchive, prefix: bytes) -> ZipEntry | None:

@@ -112,6 +112,10 @@ class ZipArchive(msgspec.Struct):
     zip64: bool
     comment: bytes
     extra_regions: list[tuple[int, int]] = msgspec.field(default_factory=list)  # bytes outside every record
+    # Why miniz (torch's reader) refuses to open the archive where Python's zipfile reads it, and
+    # at which byte: torch.load fails before it reads any member, so no loader takes the archive
+    # for a checkpoint. None: miniz opens it as far as these records go.
+    miniz_refusal: tuple[str, int] | None = None
     _order: list[int] | None = None
     _counted: list[ZipEntry] = msgspec.field(default_factory=list)
     _keys: list[bytes] = msgspec.field(default_factory=list)
@@ -249,6 +253,35 @@ def _central_at(buf: memoryview, offset: int, total: int) -> bool:
     return 0 <= offset <= len(buf) - 4 and bytes(buf[offset : offset + 4]) == CENTRAL_SIG
 
 
+def _miniz_zip64_refusal(
+    locator: tuple, record: tuple, record_at: int, locator_at: int
+) -> tuple[str, int] | None:
+    """Why miniz refuses an archive whose ZIP64 end record it found where the locator points, for
+    a field Python's zipfile does not check (zipfile takes a total of 0 or 1 disks, and any record
+    size); None when these fields pass. miniz checks them in this order."""
+    size_of_record, on_disk, total, cd_size = record[1], record[6], record[7], record[8]
+    if size_of_record < _ZIP64_EOCD.size - 12:
+        return (
+            f"the ZIP64 end record gives its own size as {size_of_record}, under the {_ZIP64_EOCD.size - 12} "
+            "bytes every such record has",
+            record_at,
+        )
+    disks = locator[3]
+    if disks != 1:
+        return (f"the ZIP64 locator counts {disks} disks: miniz reads single-disk archives only", locator_at)
+    if total > _U32 or on_disk > _U32:
+        return (
+            f"the ZIP64 end record counts {max(total, on_disk)} entries, over miniz's 2**32 - 1",
+            record_at,
+        )
+    if cd_size > _U32:
+        return (
+            f"the ZIP64 end record gives a central directory of {cd_size} bytes, over miniz's 4 GiB",
+            record_at,
+        )
+    return None
+
+
 def _directory_shift(buf: memoryview, eocd: int, cd_offset: int, cd_size: int, total: int) -> int | None:
     """0 when the directory is where the offsets say (torch's reading); the shift Python's zipfile
     applies when bytes were put in front of the archive; None when neither finds it."""
@@ -279,6 +312,7 @@ class _Reader:
         self.noted: dict[str, int] = {}  # findings of each code, listed or not
         # ctx.peek without its dispatch, once per member (local headers, data descriptors).
         self.peek: Callable[[int, int], bytes | memoryview] = ctx.peek_file or self._slice
+        self.refusal: tuple[str, int] | None = None  # ZipArchive.miniz_refusal: the first one found
 
     def _slice(self, offset: int, size: int) -> memoryview:
         return self.buf[offset : offset + size]
@@ -334,6 +368,8 @@ class _Reader:
             # locator. When those differ the two readers may see different archives.
             z64_offset, expected = loc[2], eocd - _LOCATOR.size - _ZIP64_EOCD.size
             rec = self._zip64_record(z64_offset)
+            if rec is not None:
+                self.refusal = _miniz_zip64_refusal(loc, rec, z64_offset, eocd - _LOCATOR.size)
             if z64_offset != expected and rec is None and self._displaced(eocd, z64_offset, expected):
                 # The whole archive sits further on (a checkpoint stored in a tar, a stub put in
                 # front): the locator's offset counts from the archive's start, as all its offsets
@@ -348,6 +384,11 @@ class _Reader:
                 if z64_offset > len(self.buf) - _ZIP64_EOCD.size:
                     # miniz refuses the archive (torch cannot open it); zipfile's view is the one left.
                     rec = rec or self._zip64_record(expected)
+                    self.refusal = (
+                        f"the ZIP64 locator points to offset {z64_offset}, too near the end of the "
+                        "file for a ZIP64 end record",
+                        eocd - _LOCATOR.size,
+                    )
             if rec is None:
                 # miniz then reads the EOCD's own values, whatever lies right before the locator.
                 self.note(
@@ -382,7 +423,9 @@ class _Reader:
         shift = _directory_shift(self.buf, eocd, cd_offset, cd_size, total)
         if shift is None:
             self.note("SL205", "the central directory is not where the end record says", offset=eocd)
-            return ZipArchive([], self.findings, eocd, end, cd_offset, cd_size, 0, zip64, comment)
+            return ZipArchive(
+                [], self.findings, eocd, end, cd_offset, cd_size, 0, zip64, comment, miniz_refusal=self.refusal
+            )
         if shift:
             self.note(
                 "SL305",
@@ -394,7 +437,9 @@ class _Reader:
         if cd_start + cd_size > len(self.buf):
             self.note("SL205", "the central directory runs past the end of the file", offset=cd_start)
         entries = self._central(cd_start, cd_size, total, shift, disk)
-        archive = ZipArchive(entries, self.findings, eocd, end, cd_start, cd_size, shift, zip64, comment)
+        archive = ZipArchive(
+            entries, self.findings, eocd, end, cd_start, cd_size, shift, zip64, comment, miniz_refusal=self.refusal
+        )
         self._check_layout(archive)
         return archive
 
@@ -450,6 +495,13 @@ class _Reader:
             if name_at + nlen + xlen + clen > nbuf:
                 self.note("SL205", "central directory record runs past the end of the file", offset=pos)
                 break
+            if name_at + nlen + xlen + clen > start + size and len(entries) < total and self.refusal is None:
+                # zipfile reads the record's name and extra fields cut short at the directory's end.
+                self.refusal = (
+                    f"central directory record {len(entries)} runs past the end of the directory "
+                    f"({start + size}), by its name, extra field and comment lengths",
+                    pos,
+                )
             if comp == _U32 or usize == _U32 or hoff == _U32:
                 extra = bytes(buf[name_at + nlen : name_at + nlen + xlen])
                 usize, comp, hoff = self._zip64_extra(extra, usize, comp, hoff, raw_name, pos)

@@ -212,6 +212,15 @@ class _Load:
 
     def _torch_zip(self) -> object:
         meta = self.container.meta
+        refused = meta.get("torch_refuses")
+        if isinstance(refused, dict):
+            raise LoadError(
+                f"torch.load refuses this archive, and so does safeload: {refused.get('why')}",
+                path=self.path,
+                file_offset=refused.get("file_offset"),
+                remedy="ask its source for a checkpoint torch.load opens (torch.save writes one); "
+                "safeload scanned every pickle in it either way",
+            )
         version = meta.get("version")
         if not isinstance(version, int) or not MIN_ZIP_VERSION <= version <= MAX_ZIP_VERSION:
             shown = "missing or not a number" if not isinstance(version, int) else f"{version}"

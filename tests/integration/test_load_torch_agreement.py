@@ -143,6 +143,70 @@ def test_zip_version_record_torch_refuses_is_refused(tmp_path: Path, version: by
         safeload.load(path)
 
 
+@pytest.mark.parametrize("serialization_id", [b"\xff" * 40, b"12345\xc3", b"\xed\xa0\x80"], ids=repr)
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_zip_serialization_id_torch_cannot_decode_is_refused(
+    tmp_path: Path, serialization_id: bytes, framework: str
+) -> None:
+    path = tmp_path / "s.pt"
+    path.write_bytes(_zip_with({"w": torch.arange(3.0)}, ".data/serialization_id", serialization_id))
+    with pytest.raises(UnicodeDecodeError):
+        torch.load(path, weights_only=True)
+    assert safeload.scan(path).verdict.value == "SAFE"  # nothing in it runs: a loader question only
+    with pytest.raises(LoadError, match="serialization id record") as refused:
+        safeload.load(path, framework=framework)
+    assert refused.value.file_offset is not None
+
+
+@pytest.mark.parametrize("serialization_id", [b"\xc3\xa9t\xc3\xa9", b"\x00" * 8, b""], ids=repr)
+def test_zip_serialization_id_torch_decodes_loads(tmp_path: Path, serialization_id: bytes) -> None:
+    path = tmp_path / "s.pt"
+    path.write_bytes(_zip_with({"w": torch.arange(3.0)}, ".data/serialization_id", serialization_id))
+    ref, out, _ = _load_all(path)
+    assert_same(ref, out)
+
+
+def _zip64_edited(field: str, value: int) -> bytes:
+    """torch.save's archive (it always ends in ZIP64 records) with one field of those records set."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(3.0)}, buf)
+    data = bytearray(buf.getvalue())
+    locator = data.rfind(b"PK\x06\x07")
+    record = struct.unpack_from("<Q", data, locator + 8)[0]
+    assert locator > 0 and data[record : record + 4] == b"PK\x06\x06"
+    if field == "disks":
+        struct.pack_into("<I", data, locator + 16, value)  # the locator's total number of disks
+    else:
+        struct.pack_into("<Q", data, record + 4, value)  # the ZIP64 end record's size of itself
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("field", "value"), [("disks", 0), ("disks", 2), ("size", 0), ("size", 43)])
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_zip64_records_miniz_refuses_are_refused(
+    tmp_path: Path, field: str, value: int, framework: str
+) -> None:
+    path = tmp_path / "z.pt"
+    path.write_bytes(_zip64_edited(field, value))
+    if (field, value) != ("disks", 2):  # Python's zipfile refuses more than one disk as well
+        assert zipfile.ZipFile(path).testzip() is None  # it reads the rest: torch's reader alone fails
+    with pytest.raises(RuntimeError, match="failed reading zip archive"):
+        torch.load(path, weights_only=True)
+    assert safeload.scan(path).verdict.value == "SAFE"
+    with pytest.raises(LoadError, match="ZIP64") as refused:
+        safeload.load(path, framework=framework)
+    record_at = path.read_bytes().rfind(b"PK\x06\x07" if field == "disks" else b"PK\x06\x06")
+    assert refused.value.file_offset == record_at
+
+
+@pytest.mark.parametrize(("field", "value"), [("disks", 1), ("size", 44), ("size", 1000)])
+def test_zip64_records_miniz_reads_load(tmp_path: Path, field: str, value: int) -> None:
+    path = tmp_path / "z.pt"
+    path.write_bytes(_zip64_edited(field, value))
+    ref, out, _ = _load_all(path)
+    assert_same(ref, out)
+
+
 def _neg_view_with(edit: tuple[bytes, bytes]) -> bytes:
     """torch.save of a neg view (its metadata is {'neg': True}) with the metadata's bytes edited."""
     tensor = torch.tensor([1.5, -2.0])._neg_view()

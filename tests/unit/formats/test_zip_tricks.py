@@ -334,6 +334,64 @@ def test_zip64_record_disagrees_with_eocd(sources: dict[str, bytes]) -> None:
     assert "SL306" not in codes(scan(data))
 
 
+# ZIP64 end record fields (offset in the record) miniz checks against its limits.
+_Z64_ON_DISK, _Z64_TOTAL, _Z64_CD_SIZE = 24, 32, 40
+
+
+@pytest.mark.parametrize(
+    ("at", "value", "why"),
+    [
+        (_Z64_TOTAL, 2**32, "entries, over miniz's"),
+        (_Z64_ON_DISK, 2**32, "entries, over miniz's"),
+        (_Z64_CD_SIZE, 2**32, "central directory of 4294967296 bytes"),
+        (4, 43, "gives its own size as 43"),
+    ],
+)
+def test_zip64_values_miniz_refuses_mark_the_archive_as_one_torch_refuses(
+    sources: dict[str, bytes], at: int, value: int, why: str
+) -> None:
+    data = sources["good"]
+    z64 = data.rfind(b"PK\x06\x06")
+    assert "torch_refuses" not in scan(data).meta
+    refused = scan(patch(data, z64 + at, struct.pack("<Q", value))).meta["torch_refuses"]
+    assert why in refused["why"] and refused["file_offset"] == z64
+
+
+@pytest.mark.parametrize(("disks", "refused"), [(0, True), (1, False), (2, True), (2**32 - 1, True)])
+def test_zip64_locator_disk_count_other_than_one_is_one_torch_refuses(
+    sources: dict[str, bytes], disks: int, refused: bool
+) -> None:
+    data = sources["good"]
+    locator = data.rfind(b"PK\x06\x07")
+    meta = scan(patch(data, locator + 16, struct.pack("<I", disks))).meta
+    assert ("torch_refuses" in meta) is refused
+    if refused:
+        assert f"counts {disks} disks" in meta["torch_refuses"]["why"]
+        assert meta["torch_refuses"]["file_offset"] == locator
+
+
+def test_zip64_locator_pointing_past_any_record_is_one_torch_refuses(sources: dict[str, bytes]) -> None:
+    data = sources["good"]
+    locator = data.rfind(b"PK\x06\x07")
+    c = scan(patch(data, locator + 8, struct.pack("<Q", len(data) - 10)))
+    assert "SL306" in codes(c)
+    assert "too near the end of the file" in c.meta["torch_refuses"]["why"]
+
+
+def test_central_record_running_past_the_directory_is_one_torch_refuses(sources: dict[str, bytes]) -> None:
+    """miniz sizes each central record against what is left of the directory; zipfile reads the
+    last record's extra field cut short there (here into the ZIP64 end record after it)."""
+    data = sources["good"]
+    last = central_records(data)[-1]
+    bad = patch(data, last.offset + 30, struct.pack("<H", 86))  # the extra field's length
+    assert zipfile.ZipFile(io.BytesIO(bad)).testzip() is None
+    with pytest.raises(RuntimeError, match="failed reading zip archive"):
+        torch.load(io.BytesIO(bad), weights_only=True)
+    refused = scan(bad).meta["torch_refuses"]
+    assert "runs past the end of the directory" in refused["why"] and refused["file_offset"] == last.offset
+    assert "torch_refuses" not in scan(data).meta
+
+
 def test_zip64_locator_pointing_at_no_record(
     tricks: dict[str, bytes], sources: dict[str, bytes], in_marker_dir: Path
 ) -> None:
