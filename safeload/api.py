@@ -6,7 +6,7 @@ import os
 import pickle
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
@@ -42,7 +42,7 @@ from safeload.model import (
     unread_report,
 )
 from safeload.policy import Policy, load_policy
-from safeload.source import Source, from_bytes, open_source
+from safeload.source import Source, describe, from_bytes, open_source
 from safeload.versions import versions
 
 PolicySpec = str | os.PathLike[str] | Policy
@@ -438,7 +438,7 @@ def unreadable_report(path: str, exc: SafeloadError, policy: Policy) -> ScanRepo
 
 
 def scan(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | IO[bytes],
     *,
     policy: PolicySpec = "default",
     allow: Iterable[str] = (),
@@ -447,6 +447,8 @@ def scan(
 ) -> ScanReport:
     """Scan a file without importing or running anything it names.
 
+    path: a path, or a binary file object (an upload stream, say), read from where it stands to
+    its end, at most ``limits.max_file_bytes``; the report names it by its ``name``.
     regular_only: for a file found by walking a directory: anything that is not a regular file
     when it is opened (a FIFO swapped in would block the scan) is reported unreadable.
     """
@@ -454,15 +456,18 @@ def scan(
     try:
         source = open_scan_source(path, resolved, regular_only=regular_only)
     except SafeloadError as exc:
-        return unreadable_report(os.fsdecode(path), exc, resolved)
+        return unreadable_report(describe(path), exc, resolved)
     return analyse(source, resolved, sha256=sha256).report
 
 
-def open_scan_source(path: str | os.PathLike[str], policy: Policy, *, regular_only: bool = False) -> Source:
+def open_scan_source(
+    path: str | os.PathLike[str] | IO[bytes], policy: Policy, *, regular_only: bool = False
+) -> Source:
     """The file read once for a scan (mapped, or read when small). Raises SafeloadError."""
     return open_source(
         path,
-        use_mmap=True,
+        # A file object is read to its end: nothing to map.
+        use_mmap=isinstance(path, (str, os.PathLike)),
         max_bytes=policy.limits.max_file_bytes,
         read_below=SMALL_FILE_READ,
         regular_only=regular_only,

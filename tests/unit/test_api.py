@@ -92,6 +92,35 @@ def test_file_object_and_mmap_rules(tmp_path: Path) -> None:
         safeload.load(io.BytesIO(data), pickle_module=pickle)
 
 
+def test_scan_of_a_file_object_reads_it_from_where_it_stands(tmp_path: Path, marker: Path) -> None:
+    evil = system_payload(marker)
+    f = tmp_path / "upload.bin"
+    f.write_bytes(b"HEAD" + evil)
+    by_path = safeload.scan_bytes(evil, name=str(f))
+    with open(f, "rb") as handle:
+        handle.seek(4)
+        report = safeload.scan(handle, sha256=True)
+    assert report.verdict is Verdict.UNSAFE and report.path == str(f)
+    assert report.globals == by_path.globals and "os.system" in report.globals
+    assert [x.code for x in report.findings] == [x.code for x in by_path.findings]
+    assert report.sha256 == hashlib.sha256(evil).hexdigest() and report.size == len(evil)
+    benign = safeload.scan(io.BytesIO(pickle.dumps({"a": [1, 2]})), policy="strict")
+    assert benign.verdict is Verdict.SAFE and benign.path == "<BytesIO>"
+
+
+def test_scan_of_an_unreadable_file_object_is_a_report_not_a_crash(tmp_path: Path) -> None:
+    text = io.StringIO("not bytes")
+    report = safeload.scan(text)  # type: ignore[arg-type]
+    assert report.verdict is Verdict.UNSCANNABLE and report.findings[0].code == "SL206"
+    assert "binary mode" in report.findings[0].message
+    policy = tmp_path / "tiny.toml"
+    policy.write_text(
+        'schema_version = 1\nname = "tiny"\ndescription = "d"\nextends = ["strict"]\n[limits]\nmax_file_bytes = 10\n'
+    )
+    big = safeload.scan(io.BytesIO(pickle.dumps(list(range(100)))), policy=str(policy))
+    assert big.verdict is Verdict.UNSCANNABLE and big.findings[0].code == "SL203"
+
+
 def test_internal_error_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **k: object) -> None:
         raise RuntimeError("walker bug")
