@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import IO, Any
 
@@ -114,7 +114,8 @@ def analyse(
         for stream in container.streams:
             if pin_streams:
                 stream = msgspec.structs.replace(stream, data=memoryview(bytes(stream.data)))
-            walked = _walk(stream, policy, recorded)
+            let_go = _stream_release(release, stream) if source.mapped else None
+            walked = _walk(stream, policy, recorded, let_go)
             late = _joblib_after_all(stream, walked)
             pure = _pure_python_reading(stream, walked, policy) if late is None else None
             if pure is not None:
@@ -133,7 +134,7 @@ def analyse(
                 # fickling decompiles the bytes, not a reading of them: one explanation for all.
                 explain_this = budget if not explained else None
                 analysed, stream_findings, report = _analyse_stream(
-                    one, policy, explain_this, walk_result, recorded
+                    one, policy, explain_this, walk_result, recorded, let_go
                 )
                 if len(pairs) == 1 and (no_pickle := _not_a_pickle(one, analysed.walk)) is not None:
                     findings.extend(recorded.kept([no_pickle]))
@@ -177,8 +178,9 @@ def _analyse_stream(
     explain_budget: ExplainBudget | None,
     walked: WalkResult | None = None,
     budget: ScanBudget | None = None,
+    release: Callable[[int, int], None] | None = None,
 ) -> tuple[StreamAnalysis, list[Finding], StreamReport]:
-    result = walked if walked is not None else _walk(stream, policy)
+    result = walked if walked is not None else _walk(stream, policy, release=release)
     if budget is not None:
         budget.take(result, stream)
     if stream.secondary:
@@ -193,6 +195,7 @@ def _analyse_stream(
             joblib_arrays=stream.joblib_arrays,
             pure_python=stream.pure_python,
             walk=result,
+            release=release,
         )
         result.anomalies.extend(differential(result, replays))
         del replays  # what the readers imported: as many entries as the stream has import sites
@@ -317,7 +320,22 @@ def _forget(container: Container, stream: PickleStream) -> None:
 _EXPECTED_IN_SECONDARY = frozenset({"SL200", "SL201", "SL202"})
 
 
-def _walk(stream: PickleStream, policy: Policy, budget: ScanBudget | None = None) -> WalkResult:
+def _stream_release(
+    release: Callable[[int, int], None] | None, stream: PickleStream
+) -> Callable[[int, int], None] | None:
+    """``release`` (Source.release, in file offsets) in the offsets of a stream stored in the file."""
+    base = stream.file_offset
+    if release is None or base is None:
+        return None
+    return lambda start, end: release(base + start, base + end)
+
+
+def _walk(
+    stream: PickleStream,
+    policy: Policy,
+    budget: ScanBudget | None = None,
+    release: Callable[[int, int], None] | None = None,
+) -> WalkResult:
     if stream.walked is not None:
         # Walked by its reader with the scan's limits: a copy, as the scan adds to its anomalies.
         return stream.walked.with_own_anomalies()
@@ -332,6 +350,7 @@ def _walk(stream: PickleStream, policy: Policy, budget: ScanBudget | None = None
         pure_python=stream.pure_python,
         fold_values=False,
         max_sites=sites,
+        release=release,
     )
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import bisect
 import io
 import re
+from collections.abc import Callable
 from typing import Any
+
+from safeload.analysis.walk_args import RELEASE_EVERY
 
 _NL = re.compile(b"\n")
 
@@ -117,10 +120,16 @@ class WholeBuffer:
     ``readinto``; payloads sit outside frames, so no frame is ever split by a window end.
     """
 
-    def __init__(self, view: memoryview, payloads: Payloads) -> None:
+    def __init__(
+        self, view: memoryview, payloads: Payloads, release: Callable[[int, int], None] | None = None
+    ) -> None:
         self._view = view
         self._pos = 0
         self._payloads = payloads
+        # Drops pages of a mapped file the replay has read past (see walker.walk), at payloads:
+        # between them the unpickler holds the window it peeked.
+        self._release = release
+        self._released = 0
 
     def at_end(self) -> bool:
         return self._pos >= len(self._view)
@@ -142,6 +151,9 @@ class WholeBuffer:
         n = max(0, min(len(b), len(self._view) - self._pos))
         self._pos += n
         self._payloads.skipped += n
+        if self._release is not None and self._pos - self._released >= RELEASE_EVERY:
+            self._release(self._released, self._pos)
+            self._released = self._pos
         return n
 
     def readline(self, limit: int = -1) -> bytes:
@@ -152,9 +164,12 @@ class WholeBuffer:
         return out
 
 
-def open_reader(reader: str, view: memoryview, payloads: Payloads) -> Any:
+def open_reader(
+    reader: str, view: memoryview, payloads: Payloads, release: Callable[[int, int], None] | None = None
+) -> Any:
+    """``release``: see WholeBuffer (the in-process reader); the others run in a child process."""
     if reader == "file":
         return BufferedFile(view, payloads)
     if reader == "bytes":
-        return WholeBuffer(view, payloads)
+        return WholeBuffer(view, payloads, release)
     return MemoryFile(view, payloads)

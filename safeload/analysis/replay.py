@@ -41,6 +41,7 @@ from __future__ import annotations
 import copyreg
 import pickle
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -282,6 +283,7 @@ def replay_imports(
     pure_python: bool = False,
     walk: WalkResult | None = None,
     max_pickles: int = DEFAULT_LIMITS.max_streams,
+    release: Callable[[int, int], None] | None = None,
 ) -> ReplayResult:
     """Replay ``data`` through CPython's unpickler with recorders, once per reader kind; through
     pickle.py's alone for a stream read the joblib way (``joblib_arrays``) or as pickle.py reads it
@@ -289,6 +291,8 @@ def replay_imports(
 
     ``walk``: the walker's result for the same bytes, used to refuse replays that could hang or
     crash the process; walked here when not given. Never raises on bad input.
+    ``release``: drops pages of ``data`` (a mapped file's) the in-process replay has read past,
+    as walker.walk does.
     """
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     if walk is None:
@@ -306,7 +310,7 @@ def replay_imports(
             result.replays.append(_replay_one(reader, view, payloads, multi, max_pickles))
             return result
         # The in-memory reader is the cheapest: zero-copy, and a handful of Python-level calls.
-        first = _replay_one("bytes", view, payloads, multi, max_pickles)
+        first = _replay_one("bytes", view, payloads, multi, max_pickles, release)
         result.replays.append(first)
         lying = any(a.code == "SL107" for a in walk.anomalies)
         result.walk, result.slots = walk, _slots(walk)
@@ -322,14 +326,19 @@ def replay_imports(
 
 
 def _replay_one(
-    reader: str, view: memoryview, spans: list[tuple[int, int]], multi: bool, max_pickles: int
+    reader: str,
+    view: memoryview,
+    spans: list[tuple[int, int]],
+    multi: bool,
+    max_pickles: int,
+    release: Callable[[int, int], None] | None = None,
 ) -> ReaderReplay:
     replay = ReaderReplay(reader=reader)
     log = _Log(replay)
     payloads = Payloads(spans)
     pure = reader in (JOBLIB_READER, PY_READER)
     # pickle.py reads exactly what it needs, so for its readers any file object will do.
-    f: Any = open_reader("file" if pure else reader, view, payloads)
+    f: Any = open_reader("file" if pure else reader, view, payloads, release)
     try:
         while True:
             unpickler = _PyRecorder(f, log, reader == JOBLIB_READER) if pure else _CRecorder(f, log)

@@ -18,6 +18,10 @@ from safeload.limits import Limits
 # Past these, replaying the stream through CPython could crash (recursive tuple hashing) or fail
 # to allocate, whatever the policy's limits say.
 HAZARD_TUPLE_DEPTH = 2_000
+# A walk over a mapped file lets go of the pages it has read past this often. On kernels that
+# map a page cache folio whole (up to 2 MiB) at a fault, a walk that hops from opcode to opcode
+# over large payloads would otherwise map as much of the file as it spans.
+RELEASE_EVERY = 16 << 20
 _HAZARD_ALLOC = 1 << 40
 _HAZARD_BYTEARRAY = 1 << 30
 
@@ -42,6 +46,8 @@ class Arguments:
     result: WalkResult
     last_offset: int
     find_nl: Callable[[int], int]
+    release: Callable[[int, int], None] | None
+    released: int
 
     def _periodic(
         self, ops: int, pos: int, stack: list[object], marks: list[int], memo: dict[int, object]
@@ -56,6 +62,9 @@ class Arguments:
             raise Stop("SL203", pos, f"more than {limits.max_nesting_depth} nested MARKs")
         if len(memo) > limits.max_memo:
             raise Stop("SL203", pos, f"more than {limits.max_memo} memo entries")
+        if self.release is not None and pos - self.released >= RELEASE_EVERY:
+            self.release(self.released, pos)
+            self.released = pos
 
     def _deep(self, depth: int, offset: int) -> None:
         if depth > self.limits.max_nesting_depth:

@@ -68,6 +68,7 @@ def walk(
     pure_python: bool = False,
     fold_values: bool = True,
     max_sites: int = MAX_IMPORT_SITES,
+    release: Callable[[int, int], None] | None = None,
 ) -> WalkResult:
     """Walk every pickle in ``data``; never raises on bad input.
 
@@ -84,10 +85,19 @@ def walk(
     ``max_sites``: import sites after which the walk stops (SL203); at most MAX_IMPORT_SITES. A scan
     passes what its file may still take (analysis.budget), so that a stream past it is not walked
     to its end only to be refused.
+    ``release``: drops the pages of ``data`` (a mapped file's) between two offsets; called for
+    what the walk has read past, every RELEASE_EVERY bytes. The walk never reads back: the values
+    it keeps are copies, and offsets.
     """
     buf = _as_buffer(data)
     walker = _Walker(
-        buf, limits, joblib_arrays, fold_values, pure_python or joblib_arrays, min(max_sites, MAX_IMPORT_SITES)
+        buf,
+        limits,
+        joblib_arrays,
+        fold_values,
+        pure_python or joblib_arrays,
+        min(max_sites, MAX_IMPORT_SITES),
+        release if isinstance(buf, memoryview) else None,  # a bytes copy maps nothing
     )
     try:
         walker.run(multi)
@@ -125,8 +135,11 @@ class _Walker(Semantics):
         fold_values: bool = True,
         pure: bool = False,
         max_sites: int = MAX_IMPORT_SITES,
+        release: Callable[[int, int], None] | None = None,
     ) -> None:
         self.buf = buf
+        self.release = release
+        self.released = 0  # offset up to which release() was called
         self.n = len(buf)
         self.limits = limits
         self.joblib = joblib
