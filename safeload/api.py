@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 from collections.abc import Callable, Iterable
@@ -42,7 +43,7 @@ from safeload.model import (
     unread_report,
 )
 from safeload.policy import Policy, load_policy
-from safeload.source import Source, describe, from_bytes, open_source
+from safeload.source import Source, describe, from_bytes, open_source, release_pages
 from safeload.versions import versions
 
 PolicySpec = str | os.PathLike[str] | Policy
@@ -114,7 +115,7 @@ def analyse(
         for stream in container.streams:
             if pin_streams:
                 stream = msgspec.structs.replace(stream, data=memoryview(bytes(stream.data)))
-            let_go = _stream_release(release, stream) if source.mapped else None
+            let_go = _stream_release(release, stream, source.mapped)
             walked = _walk(stream, policy, recorded, let_go)
             late = _joblib_after_all(stream, walked)
             pure = _pure_python_reading(stream, walked, policy) if late is None else None
@@ -321,13 +322,21 @@ _EXPECTED_IN_SECONDARY = frozenset({"SL200", "SL201", "SL202"})
 
 
 def _stream_release(
-    release: Callable[[int, int], None] | None, stream: PickleStream
+    release: Callable[[int, int], None] | None, stream: PickleStream, file_mapped: bool
 ) -> Callable[[int, int], None] | None:
-    """``release`` (Source.release, in file offsets) in the offsets of a stream stored in the file."""
-    base = stream.file_offset
-    if release is None or base is None:
+    """How a scan lets go of a stream's pages it has read past, in the stream's offsets: ``release``
+    (Source.release, in file offsets) for a stream stored in a mapped file; for one that is all of
+    another mapping (the spilled output of a decompressor), that mapping's own. None: nothing
+    mapped, or a load (``release`` None), which keeps every page."""
+    if release is None:
         return None
-    return lambda start, end: release(base + start, base + end)
+    base = stream.file_offset
+    if base is not None:
+        return (lambda start, end: release(base + start, base + end)) if file_mapped else None
+    mapping = stream.data.obj
+    if isinstance(mapping, mmap.mmap) and stream.data.nbytes == len(mapping):
+        return lambda start, end: release_pages(mapping, start, end)
+    return None
 
 
 def _walk(

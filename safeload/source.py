@@ -77,16 +77,8 @@ class Source(msgspec.Struct):
     def release(self, start: int, end: int) -> None:
         """Drop the mapped pages wholly inside buffer[start:end] from this process's memory (the
         kernel keeps them in its page cache; a later read maps them again). No-op unless mapped."""
-        if not self.mapped or not hasattr(mmap_module, "MADV_DONTNEED"):
-            return
-        page = mmap_module.PAGESIZE
-        first = -(-start // page) * page
-        last = (min(end, self.size) // page) * page
-        if last > first:
-            try:
-                self._holders[0].madvise(mmap_module.MADV_DONTNEED, first, last - first)
-            except (OSError, ValueError):
-                pass  # memory stays in use, nothing else changes
+        if self.mapped:
+            release_pages(self._holders[0], start, end)
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
@@ -95,6 +87,20 @@ class Source(msgspec.Struct):
             # Hashed pages are not kept mapped: the scan faults in the few it reads again.
             self.release(start, start + _CHUNK)
         return digest.hexdigest()
+
+
+def release_pages(mapping: mmap_module.mmap, start: int, end: int) -> None:
+    """Source.release for any mapping of ours (a file, a decompressor's spilled output)."""
+    if not hasattr(mmap_module, "MADV_DONTNEED"):
+        return
+    page = mmap_module.PAGESIZE
+    first = -(-start // page) * page
+    try:
+        last = (min(end, len(mapping)) // page) * page
+        if last > first:
+            mapping.madvise(mmap_module.MADV_DONTNEED, first, last - first)
+    except (OSError, ValueError):
+        pass  # memory stays in use (or the mapping is closed), nothing else changes
 
 
 def describe(f: object) -> str:

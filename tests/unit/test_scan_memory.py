@@ -8,6 +8,7 @@ payloads of 1 MB on this project's VMs).
 
 from __future__ import annotations
 
+import gzip
 import mmap
 import pickle
 import subprocess
@@ -107,3 +108,21 @@ def test_scan_of_a_large_pickle_stays_within_a_window_of_memory(tmp_path: Path) 
     # The walk's and the replay's windows, a few folios each side: far under the file's 160 MB.
     assert int(grew) < 3 * RELEASE_EVERY // _MB, done.stdout
     assert safeload.scan(big).verdict is Verdict.SAFE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_scan_of_a_large_compressed_pickle_stays_within_a_window_of_memory(tmp_path: Path) -> None:
+    """The decompressed pickle goes to a temporary file past SPILL_AT and is mapped: the scan lets
+    go of that mapping's pages as it does of a file's."""
+    raw = tmp_path / "big.pkl"
+    big = tmp_path / "big.pkl.gz"
+    big.write_bytes(gzip.compress(_payloads_pickle(raw, 160), compresslevel=1))
+    small = tmp_path / "small.pkl"
+    small.write_bytes(pickle.dumps({"a": b"x" * (2 * _MB)}, protocol=4))
+    done = subprocess.run(
+        [sys.executable, "-c", _HWM, str(big), str(small)], capture_output=True, text=True, check=True
+    )
+    verdict, grew = done.stdout.split()
+    assert verdict == Verdict.SAFE.value
+    # SPILL_AT in memory while decompressing, then the two windows: far under the 160 MB.
+    assert int(grew) < 4 * RELEASE_EVERY // _MB, done.stdout
