@@ -333,7 +333,7 @@ def _stream_release(
     base = stream.file_offset
     if base is not None:
         return (lambda start, end: release(base + start, base + end)) if file_mapped else None
-    mapping = stream.data.obj
+    mapping = getattr(stream.data, "obj", None)
     if isinstance(mapping, mmap.mmap) and stream.data.nbytes == len(mapping):
         return lambda start, end: release_pages(mapping, start, end)
     return None

@@ -148,7 +148,9 @@ def _read_torch(
         "torch_opens": torch_opens,
     }
     meta.update(_records(buf, archive, prefix, ctx, result))
-    refusal = archive.miniz_refusal or _serialization_id_refusal(buf, archive, prefix, ctx, result)
+    # Read whatever miniz says of the archive: the record's CRC is a finding like any record's.
+    undecodable = _serialization_id_refusal(buf, archive, prefix, ctx, result)
+    refusal = archive.miniz_refusal or undecodable
     if refusal is not None:
         why, offset = refusal
         meta["torch_refuses"] = {
