@@ -71,7 +71,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
             if not named and _is_ref(path):
                 skipped.append(path)  # as the audit lists a Hugging Face cache's refs/main
                 continue
-            report = scan(path, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
+            # "-": one file piped in (an upload, a download); read once, to its end, bounded.
+            given = sys.stdin.buffer if path == "-" and named else path
+            report = scan(given, policy=policy, sha256=True if args.sha256 else None, regular_only=not named)
             if (not named or args.skip_non_model) and report.no_model_format:
                 skipped.append(path)
                 continue

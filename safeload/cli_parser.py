@@ -77,7 +77,9 @@ def _add_scan(sub: Any) -> None:
         "model format (by content) are skipped. A named file that is no known format gives exit 2, "
         "unless --skip-non-model.",
     )
-    scan.add_argument("paths", nargs="+", metavar="PATH")
+    scan.add_argument(
+        "paths", nargs="+", metavar="PATH", help="files and directories; - reads one file from standard input"
+    )
     _add_policy_args(scan)
     scan.add_argument(
         "--skip-non-model",

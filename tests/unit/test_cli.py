@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import pickle
@@ -36,6 +37,22 @@ def test_malicious_file_exits_1_and_explains(tmp_path: Path, marker: Path, capsy
     assert "UNSAFE" in out and "os.system" in out
     assert "very likely malicious" in out.lower()
     assert "system(" in out  # the decompiled explanation shows the call
+
+
+def test_dash_scans_one_file_from_standard_input(tmp_path: Path, marker: Path) -> None:
+    evil = system_payload(marker)
+    clean = pickle.dumps(OrderedDict(a=[1, 2.5]), protocol=4)
+    run = [sys.executable, "-m", "safeload", "scan", "-", "--format", "json", "--sha256"]
+    bad = subprocess.run(run, input=evil, capture_output=True, check=False)
+    assert bad.returncode == 1, bad.stderr
+    (report,) = json.loads(bad.stdout)["reports"]
+    assert report["path"] == "<stdin>" and report["verdict"] == "UNSAFE"
+    assert [g["name"] for g in report["streams"][0]["globals"]] == ["os.system"]
+    assert report["sha256"] == hashlib.sha256(evil).hexdigest()
+    good = subprocess.run(run[:5], input=clean, capture_output=True, check=False)
+    assert good.returncode == 0 and b"SAFE" in good.stdout
+    named = _write(tmp_path / "-", clean)  # a file of that name is still reachable as ./-
+    assert main(["scan", str(named)]) == 0
 
 
 def test_unsafe_wins_over_incomplete(tmp_path: Path, marker: Path) -> None:
