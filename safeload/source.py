@@ -179,15 +179,7 @@ def _from_path(
         if regular and use_mmap and 0 < info.st_size < read_below:
             data = _read_small(fd, info.st_size)
             if data is not None:
-                return Source(
-                    buffer=memoryview(data),
-                    path=path,
-                    size=len(data),
-                    mapped=False,
-                    opened=info,
-                    _holders=[data],
-                    _read_status=os.fstat(fd),
-                )
+                return _read_whole(data, memoryview(data), path, info, fd)
         if regular and use_mmap and info.st_size > 0:
             # Copy-on-write, as torch.load(mmap=True) maps: loaded tensors stay writable and writes
             # never reach the file.
@@ -212,20 +204,25 @@ def _from_path(
             else:
                 holder = _read_bounded(raw, max_bytes, path, None)
                 view = memoryview(holder)
-        return Source(
-            buffer=view,
-            path=path,
-            size=len(view),
-            mapped=False,
-            opened=info,
-            _holders=[holder],
-            _read_status=os.fstat(fd),
-        )
+        return _read_whole(holder, view, path, info, fd)
     except OSError as exc:
         raise ScanError(f"cannot read: {exc.strerror or exc}", path=path) from exc
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _read_whole(holder: object, view: memoryview, path: str, info: os.stat_result, fd: int) -> Source:
+    """A source read into memory from an open file, with the file's status right after the read."""
+    return Source(
+        buffer=view,
+        path=path,
+        size=len(view),
+        mapped=False,
+        opened=info,
+        _holders=[holder],
+        _read_status=os.fstat(fd),
+    )
 
 
 def _read_small(fd: int, size: int) -> bytes | None:
