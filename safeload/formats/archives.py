@@ -82,8 +82,15 @@ class MemoryReader(io.RawIOBase):
         return self._pos
 
 
+# Every byte int(field, 8) can accept (digits, sign, 0o prefix, underscores, ASCII whitespace):
+# a field with any other byte fails it, and the test of every zip or pickle then skips raising.
+_OCTAL_FIELD = b"\t\n\x0b\x0c\r +-01234567O_o"
+
+
 def _tar_checksum_ok(block: bytes) -> bool:
     field = block[148:156].split(b"\0", 1)[0].strip(b" ")
+    if field.translate(None, _OCTAL_FIELD):
+        return False
     try:
         stored = int(field, 8)
     except ValueError:
