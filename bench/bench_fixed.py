@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scan import make_legacy, make_torch_zip  # noqa: E402
 from common import OUT, TOOL_CWD, table, walker_build  # noqa: E402
 
-TOOLS = ("safeload", "picklescan")
 # Diagnostic variants of safeload (--diagnose): what each leaves out (see the module docstring).
 DIAGNOSTIC = ("no replay", "own format only", "no replay, own format only")
 
